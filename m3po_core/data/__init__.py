@@ -1,0 +1,1 @@
+"""Prompt sources: the synthetic image world and LLaVA-Instruct-150K."""

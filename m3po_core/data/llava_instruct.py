@@ -1,0 +1,112 @@
+"""Prompts from LLaVA-Instruct-150K's JSON format (e.g. ``llava_instruct_150k.json``).
+
+The file is a JSON list of records ``{"id", "image", "conversations": [{"from":
+"human"|"gpt", "value": ...}, ...]}``. Rule: each human turn followed by a gpt
+turn becomes one single-turn prompt (instruction = the human text, reference =
+the gpt answer); a human turn with no gpt answer is dropped. ``turns="first"``
+keeps the first pair of each conversation, ``turns="all"`` keeps every pair.
+prompt_id is f"{id}-t{k}" (k = the pair's index) in both modes, so a prompt keeps
+its id whichever mode loaded it. The ``<image>`` placeholder and the whitespace
+around it are removed from the instruction: the pipeline adds the model's own.
+Paths may be local or any fsspec URL (``s3://...``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import fsspec
+
+from m3po_core.errors import ConfigError, InputError
+
+SOURCE = "llava_instruct"
+TURN_MODES = ("first", "all")
+_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+
+
+def load_llava_instruct(
+    json_path: str,
+    image_root: str,
+    *,
+    max_prompts: int | None = None,
+    turns: str = "first",
+) -> list[dict]:
+    """Single-turn prompts in file order, at most ``max_prompts`` of them."""
+    if turns not in TURN_MODES:
+        raise ConfigError(f"turns: expected one of {TURN_MODES}, got {turns!r}")
+    records = _read_records(json_path)
+    prompts: list[dict] = []
+    for index, record in enumerate(records):
+        for k, (instruction, reference) in enumerate(_pairs(json_path, index, record)):
+            if max_prompts is not None and len(prompts) >= max_prompts:
+                return prompts
+            prompts.append(
+                {
+                    "prompt_id": f"{record['id']}-t{k}",
+                    "image": _join(image_root, record["image"]),
+                    "instruction": instruction,
+                    "reference": reference,
+                    "source": SOURCE,
+                    "kind": "open",
+                    "scene": None,
+                }
+            )
+            if turns == "first":
+                break
+    return prompts
+
+
+def check_images(prompts: list[dict]) -> None:
+    """Raise InputError naming the first prompt whose image file does not exist."""
+    for prompt in prompts:
+        fs, path = fsspec.core.url_to_fs(prompt["image"])
+        if not fs.exists(path):
+            raise InputError(
+                f"image not found: {prompt['image']} (prompt {prompt['prompt_id']})"
+            )
+
+
+def _read_records(json_path: str) -> list:
+    fs, path = fsspec.core.url_to_fs(json_path)
+    if not fs.exists(path):
+        raise InputError(f"{json_path}: file not found")
+    with fs.open(path, "rb") as file:
+        try:
+            records = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{json_path}: not valid JSON ({error})") from error
+    if not isinstance(records, list):
+        raise InputError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def _pairs(json_path: str, index: int, record: object) -> Iterator[tuple[str, str]]:
+    """(instruction, reference) for each human turn answered by a gpt turn."""
+    where = f"{json_path}: record {index}"
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object")
+    for key in ("id", "image", "conversations"):
+        if key not in record:
+            raise InputError(f"{where} (id {record.get('id')!r}): missing field {key!r}")
+    where = f"{where} (id {record['id']!r})"
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise InputError(f"{where}: field 'conversations' must be a non-empty list")
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise InputError(f"{where}: conversations[{j}] needs 'from' and 'value'")
+    if turns[0]["from"] != "human":
+        raise InputError(f"{where}: conversations[0] must be a human turn, got {turns[0]['from']!r}")
+    for j, (asked, answered) in enumerate(zip(turns, turns[1:])):
+        if asked["from"] != "human" or answered["from"] != "gpt":
+            continue
+        instruction = _IMAGE_PLACEHOLDER.sub(" ", str(asked["value"])).strip()
+        if not instruction:
+            raise InputError(f"{where}: conversations[{j}].value is empty without <image>")
+        yield instruction, str(answered["value"]).strip()
+
+
+def _join(image_root: str, name: str) -> str:
+    return f"{image_root.rstrip('/')}/{name}" if image_root else name

@@ -1,0 +1,436 @@
+"""A synthetic image world whose ground truth is known, deterministic from a seed.
+
+An image is a 2x2 grid; each cell holds at most one filled shape. A scene has
+1-3 objects with unique (colour, shape) pairs, and at least one shape that
+appears exactly once, so every scene supports colour questions.
+
+Text convention: all lowercase, words and punctuation separated by single
+spaces ("is there a red circle in the image ?"). A word-level tokenizer is
+built from ``vocabulary()`` and decodes by joining tokens with spaces, so every
+text here must round-trip through split/join.
+
+Held-out splits: the world is small (a few thousand layouts), so "val" and
+"eval" scenes may repeat an object layout seen in "sft" or "train"; excluding
+every seen layout would starve the held-out splits. What is guaranteed by
+construction is that splits draw from independent rngs derived from
+(seed, split), have disjoint scene_ids, and render with content seeds derived
+from the scene_id (pixel noise and shape jitter), so no held-out image is
+pixel-identical to a training image: the model can learn the world, not
+memorise images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from functools import cache
+from itertools import product
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from m3po_core.errors import ConfigError, InputError
+
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+SPLITS = ("sft", "train", "val", "eval")
+KINDS = (
+    "exist",
+    "colour",
+    "count",
+    "position",
+    "describe",
+    "colour_check",
+    "count_check",
+    "position_check",
+)
+YES_NO_KINDS = ("exist", "colour_check", "count_check", "position_check")
+POPE_CATEGORIES = ("random", "popular", "adversarial")
+# MME subtask -> the yes/no kind that asks it.
+MME_CATEGORIES = {
+    "existence": "exist",
+    "count": "count_check",
+    "position": "position_check",
+    "color": "colour_check",
+}
+
+ALL_PAIRS = tuple(product(COLOURS, SHAPES))  # every (colour, shape)
+MAX_OBJECTS = 3
+MAX_COUNT_ASKED = 4  # count_check may ask about 1..4 shapes
+
+_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+}
+_BACKGROUND = 215  # light grey
+_NOISE = 4  # +- per channel: makes every image unique without hiding shapes
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    scene_id: str
+    objects: tuple[SceneObject, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"scene_id": self.scene_id, "objects": [asdict(o) for o in self.objects]},
+            sort_keys=True,
+        )
+
+    @staticmethod
+    def from_json(text: str) -> Scene:
+        try:
+            data = json.loads(text)
+            objects = tuple(SceneObject(**o) for o in data["objects"])
+            return Scene(scene_id=data["scene_id"], objects=objects)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InputError(f"invalid scene JSON {text[:80]!r}: {error}") from error
+
+    def pairs(self) -> set[tuple[str, str]]:
+        return {(o.colour, o.shape) for o in self.objects}
+
+    def find(self, colour: str, shape: str) -> SceneObject | None:
+        return next((o for o in self.objects if (o.colour, o.shape) == (colour, shape)), None)
+
+    def unique_shapes(self) -> list[str]:
+        """Shapes appearing exactly once (those a colour question can name)."""
+        counts = Counter(o.shape for o in self.objects)
+        return [s for s in SHAPES if counts[s] == 1]
+
+    def colour_of(self, shape: str) -> str:
+        if shape not in self.unique_shapes():
+            raise ValueError(f"scene {self.scene_id} has no single {shape}")
+        return next(o.colour for o in self.objects if o.shape == shape)
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    # random.Random seeds from a str via SHA-512: stable across processes.
+    return random.Random("/".join([str(seed), *parts]))
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def make_scenes(seed: int, split: str, n: int) -> list[Scene]:
+    """``n`` scenes of ``split``, ids f"{split}-{i:05d}"; see the module docstring."""
+    if split not in SPLITS:
+        raise ConfigError(f"split: unknown split {split!r}; expected one of {SPLITS}")
+    rng = _rng(seed, "scenes", split)
+    return [_random_scene(rng, f"{split}-{i:05d}") for i in range(n)]
+
+
+def _random_scene(rng: random.Random, scene_id: str) -> Scene:
+    while True:
+        k = rng.randint(1, MAX_OBJECTS)
+        positions = rng.sample(POSITIONS, k)
+        pairs = rng.sample(ALL_PAIRS, k)
+        objects = tuple(
+            sorted(
+                (SceneObject(shape=s, colour=c, position=p) for (c, s), p in zip(pairs, positions)),
+                key=lambda o: POSITIONS.index(o.position),
+            )
+        )
+        scene = Scene(scene_id=scene_id, objects=objects)
+        if scene.unique_shapes():
+            return scene
+
+
+def render(scene: Scene, size: int = 64) -> Image.Image:
+    """RGB image: noisy light-grey background, each object filled in its cell."""
+    digest = hashlib.sha256(scene.scene_id.encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    noise = rng.integers(-_NOISE, _NOISE + 1, size=(size, size, 3))
+    image = Image.fromarray((_BACKGROUND + noise).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    cell = size / 2
+    for obj in scene.objects:
+        index = POSITIONS.index(obj.position)
+        side = cell * rng.uniform(0.6, 0.7)
+        centre_x = (index % 2 + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
+        centre_y = (index // 2 + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
+        left, top = centre_x - side / 2, centre_y - side / 2
+        right, bottom = left + side, top + side
+        fill = _RGB[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=fill)
+        else:
+            draw.polygon([(centre_x, top), (right, bottom), (left, bottom)], fill=fill)
+    return image
+
+
+# ---------------------------------------------------------------- text
+
+
+def _shapes_phrase(n: int) -> str:
+    return "one shape" if n == 1 else f"{NUMBER_WORDS[n]} shapes"
+
+
+def _there_are(n: int) -> str:
+    return f"there {'is' if n == 1 else 'are'} {_shapes_phrase(n)}"
+
+
+def caption(scene: Scene) -> str:
+    """E.g. "a red circle at the top left and a blue square at the bottom right ."."""
+    parts = [f"a {o.colour} {o.shape} at the {o.position}" for o in scene.objects]
+    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+    return listed + " ."
+
+
+def instruction_text(kind: str, params: dict) -> str:
+    """The instruction of ``kind`` with ``params`` (colour, shape, position, n)."""
+    p = params
+    if kind == "exist":
+        return f"is there a {p['colour']} {p['shape']} in the image ?"
+    if kind == "colour":
+        return f"what colour is the {p['shape']} ?"
+    if kind == "count":
+        return "how many shapes are there ?"
+    if kind == "position":
+        return f"where is the {p['colour']} {p['shape']} ?"
+    if kind == "describe":
+        return "describe the image briefly ."
+    if kind == "colour_check":
+        return f"is the {p['shape']} {p['colour']} ?"
+    if kind == "count_check":
+        verb = "is" if p["n"] == 1 else "are"
+        return f"{verb} there {_shapes_phrase(p['n'])} in the image ?"
+    if kind == "position_check":
+        return f"is the {p['colour']} {p['shape']} at the {p['position']} ?"
+    raise ValueError(f"unknown instruction kind {kind!r}")
+
+
+@cache
+def _instruction_table() -> dict[str, tuple[str, dict]]:
+    """Every possible instruction -> (kind, params): the world is finite."""
+    spaces = {
+        "exist": [{"colour": c, "shape": s} for c, s in ALL_PAIRS],
+        "colour": [{"shape": s} for s in SHAPES],
+        "count": [{}],
+        "position": [{"colour": c, "shape": s} for c, s in ALL_PAIRS],
+        "describe": [{}],
+        "colour_check": [{"colour": c, "shape": s} for c, s in ALL_PAIRS],
+        "count_check": [{"n": n} for n in range(len(NUMBER_WORDS))],
+        "position_check": [
+            {"colour": c, "shape": s, "position": p} for (c, s), p in product(ALL_PAIRS, POSITIONS)
+        ],
+    }
+    return {
+        instruction_text(kind, params): (kind, params)
+        for kind, space in spaces.items()
+        for params in space
+    }
+
+
+def parse_instruction(instruction: str) -> tuple[str, dict]:
+    """Inverse of ``instruction_text``; tolerates case and extra whitespace."""
+    normalised = " ".join(instruction.lower().split())
+    found = _instruction_table().get(normalised)
+    if found is None:
+        raise ValueError(f"instruction {instruction!r} matches no synthetic-world template")
+    kind, params = found
+    return kind, dict(params)
+
+
+def answer_text(scene: Scene, kind: str, params: dict) -> str:
+    """The canonical reference answer; ValueError if the question does not fit the scene."""
+    p = params
+    if kind == "exist":
+        if scene.find(p["colour"], p["shape"]):
+            return f"yes , there is a {p['colour']} {p['shape']} ."
+        return f"no , there is no {p['colour']} {p['shape']} ."
+    if kind == "colour":
+        return f"the {p['shape']} is {scene.colour_of(p['shape'])} ."
+    if kind == "count":
+        return f"{_there_are(len(scene.objects))} ."
+    if kind == "position":
+        return f"the {p['colour']} {p['shape']} is at the {_position_of(scene, p)} ."
+    if kind == "describe":
+        return caption(scene)
+    if kind == "colour_check":
+        true_colour = scene.colour_of(p["shape"])
+        yes_no = "yes" if p["colour"] == true_colour else "no"
+        return f"{yes_no} , the {p['shape']} is {true_colour} ."
+    if kind == "count_check":
+        n = len(scene.objects)
+        return f"{'yes' if p['n'] == n else 'no'} , {_there_are(n)} ."
+    if kind == "position_check":
+        true_position = _position_of(scene, p)
+        yes_no = "yes" if p["position"] == true_position else "no"
+        return f"{yes_no} , the {p['colour']} {p['shape']} is at the {true_position} ."
+    raise ValueError(f"unknown instruction kind {kind!r}")
+
+
+def _position_of(scene: Scene, params: dict) -> str:
+    obj = scene.find(params["colour"], params["shape"])
+    if obj is None:
+        raise ValueError(f"scene {scene.scene_id} has no {params['colour']} {params['shape']}")
+    return obj.position
+
+
+def reference_answer(scene: Scene, instruction: str) -> str:
+    kind, params = parse_instruction(instruction)
+    return answer_text(scene, kind, params)
+
+
+@cache
+def vocabulary() -> list[str]:
+    """Every token of any instruction, reference or caption (sorted)."""
+    # Scenes covering every object, position and true count 1..3.
+    singles = [
+        Scene("v", (SceneObject(s, c, p),)) for (c, s), p in product(ALL_PAIRS, POSITIONS)
+    ]
+    crowded = [
+        Scene("v", tuple(map(SceneObject, SHAPES[:k], COLOURS[:k], POSITIONS[:k]))) for k in (2, 3)
+    ]
+    texts = list(_instruction_table())
+    for scene in singles + crowded:
+        texts.append(caption(scene))
+        for kind, params in _instruction_table().values():
+            try:
+                texts.append(answer_text(scene, kind, params))
+            except ValueError:  # the question does not fit this scene
+                continue
+    return sorted({token for text in texts for token in text.split(" ")})
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random) -> dict:
+    """Question parameters for ``kind``; ``answer_yes`` picks the answer of yes/no kinds."""
+    obj = rng.choice(scene.objects)
+    if kind in ("exist", "position"):
+        if answer_yes or kind == "position":
+            return {"colour": obj.colour, "shape": obj.shape}
+        absent = [pair for pair in ALL_PAIRS if pair not in scene.pairs()]
+        colour, shape = rng.choice(absent)
+        return {"colour": colour, "shape": shape}
+    if kind in ("colour", "colour_check"):
+        shape = rng.choice(scene.unique_shapes())
+        if kind == "colour":
+            return {"shape": shape}
+        true_colour = scene.colour_of(shape)
+        if answer_yes:
+            return {"shape": shape, "colour": true_colour}
+        return {"shape": shape, "colour": rng.choice([c for c in COLOURS if c != true_colour])}
+    if kind in ("count", "describe"):
+        return {}
+    if kind == "count_check":
+        n = len(scene.objects)
+        wrong = [m for m in range(1, MAX_COUNT_ASKED + 1) if m != n]
+        return {"n": n if answer_yes else rng.choice(wrong)}
+    if kind == "position_check":
+        wrong = [p for p in POSITIONS if p != obj.position]
+        position = obj.position if answer_yes else rng.choice(wrong)
+        return {"colour": obj.colour, "shape": obj.shape, "position": position}
+    raise ValueError(f"unknown instruction kind {kind!r}")
+
+
+def make_prompts(
+    scenes: list[Scene], seed: int, kinds: tuple[str, ...] = KINDS, per_scene: int = 2
+) -> list[dict]:
+    """``per_scene`` prompts of distinct kinds per scene; yes/no kinds alternate yes, no."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"kinds: unknown instruction kinds {unknown}; expected some of {KINDS}")
+    asked: Counter[str] = Counter()  # per kind, so yes/no answers stay balanced
+    prompts = []
+    for scene in scenes:
+        rng = _rng(seed, "prompts", scene.scene_id)
+        for j, kind in enumerate(rng.sample(list(kinds), min(per_scene, len(kinds)))):
+            params = _sample_params(scene, kind, answer_yes=asked[kind] % 2 == 0, rng=rng)
+            asked[kind] += 1
+            prompts.append(
+                {
+                    "prompt_id": f"{scene.scene_id}-q{j}",
+                    "scene_id": scene.scene_id,
+                    "kind": kind,
+                    "instruction": instruction_text(kind, params),
+                    "reference": answer_text(scene, kind, params),
+                    "scene": scene.to_json(),
+                }
+            )
+    return prompts
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+
+def _exist_row(scene: Scene, colour: str, shape: str) -> dict:
+    return {
+        "scene_id": scene.scene_id,
+        "instruction": instruction_text("exist", {"colour": colour, "shape": shape}),
+        "answer": "yes" if scene.find(colour, shape) else "no",
+        "scene": scene.to_json(),
+    }
+
+
+def pope_questions(scenes: list[Scene], seed: int, train_scenes: list[Scene]) -> list[dict]:
+    """POPE-style existence questions: per image and category, every present object
+    (yes) and as many absent ones (no). Negatives: random = uniformly drawn absent
+    pairs; popular = the absent pairs most frequent in ``train_scenes``;
+    adversarial = absent pairs sharing a colour or a shape with a present object."""
+    frequency = Counter(pair for scene in train_scenes for pair in scene.pairs())
+    by_popularity = sorted(ALL_PAIRS, key=lambda pair: (-frequency[pair], ALL_PAIRS.index(pair)))
+    rows = []
+    for scene in scenes:
+        rng = _rng(seed, "pope", scene.scene_id)
+        present = [(o.colour, o.shape) for o in scene.objects]
+        absent = [pair for pair in ALL_PAIRS if pair not in present]
+        confusable = [
+            (c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)
+        ]
+        negatives = {
+            "random": rng.sample(absent, len(present)),
+            "popular": [pair for pair in by_popularity if pair in absent][: len(present)],
+            "adversarial": rng.sample(confusable, len(present)),
+        }
+        for category in POPE_CATEGORIES:
+            for m, (colour, shape) in enumerate(present + negatives[category]):
+                rows.append(
+                    {
+                        "question_id": f"{scene.scene_id}-{category}-{m}",
+                        "category": category,
+                        **_exist_row(scene, colour, shape),
+                    }
+                )
+    return rows
+
+
+def mme_questions(scenes: list[Scene], seed: int) -> list[dict]:
+    """MME-style pairs: per image and subtask one "yes" and one "no" question,
+    sharing ``question_id`` = scene_id (MME pairs share the image name)."""
+    rows = []
+    for scene in scenes:
+        rng = _rng(seed, "mme", scene.scene_id)
+        for category, kind in MME_CATEGORIES.items():
+            for answer in ("yes", "no"):
+                params = _sample_params(scene, kind, answer_yes=answer == "yes", rng=rng)
+                rows.append(
+                    {
+                        "question_id": scene.scene_id,
+                        "row_id": f"{scene.scene_id}-{category}-{answer}",
+                        "scene_id": scene.scene_id,
+                        "category": category,
+                        "instruction": instruction_text(kind, params),
+                        "answer": answer,
+                        "scene": scene.to_json(),
+                    }
+                )
+    return rows

@@ -1,0 +1,8 @@
+class M3POError(Exception):
+    """Base class for errors the pipeline reports to users."""
+
+class InputError(M3POError):
+    """Bad input data: the message names the file, row or field at fault."""
+
+class ConfigError(M3POError):
+    """Bad configuration: the message names the key at fault."""

@@ -1,0 +1,187 @@
+"""The report card: report.md, plots/*.png and a summary table, from what the run wrote."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from m3po_core.config import RunConfig
+from m3po_core.store import RunStore
+
+# (label, benchmark, key path) rows of the base-vs-trained table.
+HEADLINE = [
+    ("POPE accuracy", "pope", ("accuracy",)),
+    ("POPE precision", "pope", ("precision",)),
+    ("POPE recall", "pope", ("recall",)),
+    ("POPE F1", "pope", ("f1",)),
+    ("POPE yes-ratio", "pope", ("yes_ratio",)),
+    ("MME score", "mme", ("score",)),
+]
+
+
+def _get(d: dict[str, Any], bench: str, path: tuple[str, ...]) -> float:
+    v: Any = d.get(bench, {})
+    for p in path:
+        v = v.get(p, float("nan")) if isinstance(v, dict) else float("nan")
+    return float(v)
+
+
+def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    base, trained = metrics["base"], metrics["m3po"]
+    labels = list(HEADLINE)
+    for cat in sorted(base.get("mme", {}).get("categories", {})):
+        labels.append((f"MME {cat}", "mme", ("categories", cat, "score")))
+    for cat in sorted(base.get("pope", {}).get("per_category", {})):
+        labels.append((f"POPE {cat} accuracy", "pope", ("per_category", cat, "accuracy")))
+    for label, bench, path in labels:
+        b, t = _get(base, bench, path), _get(trained, bench, path)
+        rows.append({"metric": label, "base": b, "m3po": t, "delta": t - b})
+    return rows
+
+
+def _fmt(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| metric | base | m3po | delta |", "| --- | ---: | ---: | ---: |"]
+    out += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['m3po'])} | {'+' if r['delta'] >= 0 else ''}{_fmt(r['delta'])} |"
+            for r in rows]
+    return "\n".join(out)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def make_plots(store: RunStore, metrics: dict[str, Any], train_log: dict[str, Any], n_shards: int) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from m3po_core.stages import candidates_with_scores
+
+    written = []
+    rows = comparison_rows(metrics)[:6]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    pope_rows = [r for r in rows if r["metric"].startswith("POPE")]
+    x = np.arange(len(pope_rows))
+    axes[0].bar(x - 0.2, [r["base"] for r in pope_rows], 0.4, label="base")
+    axes[0].bar(x + 0.2, [r["m3po"] for r in pope_rows], 0.4, label="m3po")
+    axes[0].set_xticks(x, [r["metric"].replace("POPE ", "") for r in pope_rows])
+    axes[0].set_title("POPE (held out)")
+    axes[0].legend()
+    mme_rows = [r for r in comparison_rows(metrics) if r["metric"].startswith("MME ")]
+    x = np.arange(len(mme_rows))
+    axes[1].bar(x - 0.2, [r["base"] for r in mme_rows], 0.4, label="base")
+    axes[1].bar(x + 0.2, [r["m3po"] for r in mme_rows], 0.4, label="m3po")
+    axes[1].set_xticks(x, [r["metric"].replace("MME ", "") for r in mme_rows], rotation=20)
+    axes[1].set_title("MME-style score per subtask (held out)")
+    store.write_bytes("plots/base_vs_trained.png", _png(fig))
+    written.append("plots/base_vs_trained.png")
+    plt.close(fig)
+
+    pairs = store.read_table("pairs.parquet")
+    table = candidates_with_scores(store, n_shards)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    logp_col = store.read_json("pairs_stats.json").get("logp", "logp_mean")
+    ax.scatter(table.column(logp_col).to_numpy(), table.column("mas").to_numpy(zero_copy_only=False),
+               s=4, alpha=0.25, color="grey", label="candidates")
+    ax.scatter(pairs.column("logp_chosen").to_numpy(), pairs.column("mas_chosen").to_numpy(), s=10,
+               color="tab:green", label="chosen (argmax MAS)")
+    ax.scatter(pairs.column("logp_rejected").to_numpy(), pairs.column("mas_rejected").to_numpy(), s=10,
+               color="tab:red", label="rejected (argmax M3P-Score)")
+    ax.set_xlabel(f"log P ({logp_col})")
+    ax.set_ylabel("MAS")
+    ax.legend(fontsize=8)
+    ax.set_title("Candidates: MAS against the model's confidence")
+    store.write_bytes("plots/mas_vs_logp.png", _png(fig))
+    written.append("plots/mas_vs_logp.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].hist(pairs.column("mas_chosen").to_numpy() - pairs.column("mas_rejected").to_numpy(), bins=30)
+    axes[0].set_title("MAS gap (chosen - rejected)")
+    axes[1].hist(pairs.column("logp_chosen").to_numpy() - pairs.column("logp_rejected").to_numpy(), bins=30)
+    axes[1].set_title("log P gap (chosen - rejected)")
+    store.write_bytes("plots/pair_stats.png", _png(fig))
+    written.append("plots/pair_stats.png")
+    plt.close(fig)
+
+    hist = [h for h in train_log.get("history", []) if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] if "step" in h else i + 1 for i, h in enumerate(hist)], [h["loss"] for h in hist])
+    ax.set_xlabel("step")
+    ax.set_ylabel("DPO loss")
+    ax.set_title("LoRA-DPO training loss")
+    store.write_bytes("plots/dpo_loss.png", _png(fig))
+    written.append("plots/dpo_loss.png")
+    plt.close(fig)
+    return written
+
+
+def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str, Any]) -> tuple[str, list[dict]]:
+    """Write report.md and the plots; return the markdown and the comparison rows."""
+    metrics = store.read_json("metrics.json")
+    pair_stats = store.read_json("pairs_stats.json")
+    train_log = store.read_json("train_log.json")
+    rows = comparison_rows(metrics)
+    plots = make_plots(store, metrics, train_log, n_shards)
+    losses = [h["loss"] for h in train_log.get("history", []) if "loss" in h]
+    timings = info.get("timings", {})
+    total = sum(timings.values()) or float("nan")
+    verdict = []
+    for label, bench, path in (("POPE accuracy", "pope", ("accuracy",)), ("MME score", "mme", ("score",))):
+        b, t = _get(metrics["base"], bench, path), _get(metrics["m3po"], bench, path)
+        verdict.append(f"{label}: {'better' if t > b else 'not better'} ({_fmt(b)} -> {_fmt(t)})")
+    md = [
+        f"# M3PO report card: run `{store.run_id}`",
+        "",
+        f"Store: `{store.url()}` - config `{cfg.name}` - strategy `{cfg.selection.strategy}` "
+        f"(alpha={cfg.selection.alpha}, delta={cfg.selection.delta}, log P = {cfg.selection.logp})",
+        "",
+        "**Trained vs base:** " + "; ".join(verdict),
+        "",
+        "## Base model vs M3PO (held-out benchmarks)",
+        "",
+        markdown_table(rows),
+        "",
+        "## Data",
+        "",
+        f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; candidates per prompt: {cfg.sampling.n} "
+        f"(T={cfg.sampling.temperature}, top-p={cfg.sampling.top_p})",
+        f"- base policy: `{cfg.model.name}`" + (
+            f", warm-start held-out accuracy {info['base_quality']['accuracy']:.2f} "
+            f"(yes/no {info['base_quality']['yes_no_accuracy']:.2f}, chance 0.50)" if info.get("base_quality") else ""),
+        f"- CLIP: `{cfg.scoring.clip.name}`" + (
+            f", held-out retrieval top-1 {info['clip_quality']['retrieval_top1']:.2f} "
+            f"(chance {info['clip_quality']['retrieval_chance']:.2f})" if info.get("clip_quality") else ""),
+        f"- pairs made: {pair_stats['pairs']} of {pair_stats['groups']} prompts; skipped: "
+        f"{pair_stats['skipped_no_mas_gap']} with no MAS gap, {pair_stats['skipped_too_few']} with < 2 candidates",
+        f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}",
+        f"- DPO: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "- DPO: no steps",
+        "",
+        "## Stage wall time",
+        "",
+        "| stage | seconds | share |",
+        "| --- | ---: | ---: |",
+        *[f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in timings.items()],
+        "",
+        "## Plots",
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+    ]
+    text = "\n".join(md)
+    store.write_bytes("report.md", text.encode())
+    store.write_json("report_info.json", json.loads(json.dumps(info, default=str)))
+    return text, rows

@@ -1,0 +1,59 @@
+"""Candidate sampling: one interface, backends side by side.
+
+- `transformers_backend.TransformersSampler`: HF `generate`, runs anywhere (the demo, CPU tests).
+
+Every backend returns, per prompt, `n` `Candidate`s whose log-probabilities are the raw
+(untempered, unfiltered) model log-probabilities of the sampled tokens taken from the generation
+itself: log P(R | I, Q) under the base model, the confidence term of the M3P-Score (paper 3.4).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 32
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    token_ids: list[int]     # as sampled, EOS included when emitted (it is part of P(R | I, Q))
+    logp_sum: float
+    logp_mean: float
+    n_tokens: int
+    finish_reason: str       # "stop" | "length"
+    seed: int
+
+
+class Sampler(Protocol):
+    name: str
+
+    def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
+               seed: int) -> list[list[Candidate]]: ...
+
+    def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str],
+               max_new_tokens: int) -> list[str]: ...
+
+
+def batch_seed(base_seed: int, prompt_ids: Sequence[str]) -> int:
+    """A batch's seed depends on its prompts, not on how prompts were cut into shards or workers."""
+    digest = hashlib.sha256(f"{base_seed}:{'|'.join(prompt_ids)}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def make_sampler(backend: str, model, processor) -> Sampler:
+    if backend == "transformers":
+        from m3po_core.sampling.transformers_backend import TransformersSampler
+
+        return TransformersSampler(model, processor)
+    raise ValueError(f"unknown sampling backend {backend!r}")

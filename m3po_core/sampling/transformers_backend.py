@@ -1,0 +1,78 @@
+"""HF transformers sampling backend: batched `generate` with per-token raw log-probabilities.
+
+`output_logits=True` returns the model's logits before any processor or warper (temperature,
+top-p), so log_softmax of them at the sampled token is the raw log-probability: no second pass.
+It keeps one logits row per step and sequence, fine for small vocabularies and batches; the vLLM
+backend is the one for LLaVA-1.5 at scale.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from m3po_core.models import encode_prompts
+from m3po_core.sampling import Candidate, SamplingParams
+
+
+class TransformersSampler:
+    name = "transformers"
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.eos_id = processor.tokenizer.eos_token_id
+        self.pad_id = processor.tokenizer.pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _inputs(self, images, instructions):
+        return {k: v.to(self.device) for k, v in encode_prompts(self.processor, images, instructions).items()}
+
+    @torch.no_grad()
+    def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
+               seed: int) -> list[list[Candidate]]:
+        inputs = self._inputs(images, instructions)
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            **inputs, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
+            max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
+            output_logits=True, return_dict_in_generate=True, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        prompt_len = inputs["input_ids"].shape[1]
+        tokens = out.sequences[:, prompt_len:]                                  # (B*n, T)
+        logits = torch.stack(out.logits, dim=1).float()                        # (B*n, T, V), raw
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        # Keep tokens up to and including the first EOS; later positions are padding.
+        is_eos = tokens == self.eos_id
+        after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+        keep = ~after_eos
+        lengths = keep.sum(dim=1)
+        logp_sum = (token_logp * keep).sum(dim=1)
+        stopped = is_eos.any(dim=1)
+        results: list[list[Candidate]] = []
+        for i in range(len(instructions)):
+            row: list[Candidate] = []
+            for j in range(params.n):
+                k = i * params.n + j
+                n_tok = int(lengths[k])
+                ids = tokens[k, :n_tok].tolist()
+                text_ids = ids[:-1] if stopped[k] else ids
+                row.append(Candidate(
+                    text=self.processor.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+                    token_ids=ids, logp_sum=float(logp_sum[k]), logp_mean=float(logp_sum[k]) / max(n_tok, 1),
+                    n_tokens=n_tok, finish_reason="stop" if stopped[k] else "length", seed=seed,
+                ))
+            results.append(row)
+        return results
+
+    @torch.no_grad()
+    def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
+        inputs = self._inputs(images, instructions)
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]

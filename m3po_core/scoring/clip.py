@@ -1,0 +1,290 @@
+"""CLIP image-text similarity for the Multimodal Alignment Score, built on open_clip.
+
+Real models come from open_clip by architecture name and pretrained tag or
+checkpoint path; tests and CPU demos use "m3po-tiny-clip", a small architecture
+registered with open_clip here and trained from scratch by ``train_tiny_clip``.
+"""
+
+import functools
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+TINY_CLIP = "m3po-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {
+        "image_size": 64, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2
+    },
+    # No hf_tokenizer_name: open_clip uses its SimpleTokenizer, whose BPE vocab
+    # ships inside the package, so nothing is downloaded.
+    "text_cfg": {
+        "context_length": 32,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+    },
+}
+
+# File names open_clip's "local-dir:" loader looks for.
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_FILE = "open_clip_pytorch_model.bin"
+M3PO_INFO_FILE = "m3po_clip.json"
+
+
+def normalise(cos: np.ndarray | float) -> np.ndarray | float:
+    """Map cosine similarity from [-1, 1] to [0, 1] as (cos + 1) / 2."""
+    return (cos + 1) / 2
+
+
+@functools.cache
+def register_tiny_clip() -> None:
+    """Make "m3po-tiny-clip" an open_clip architecture name (once per process).
+
+    open_clip registers configs from JSON files named after the architecture,
+    so the config is written to a private temporary directory first.
+    """
+    config_file = Path(tempfile.mkdtemp(prefix="m3po-open-clip-")) / f"{TINY_CLIP}.json"
+    config_file.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config_file)
+
+
+class ClipScorer:
+    """An open_clip model with its preprocessing and tokenizer, scoring image-text pairs."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        *,
+        arch: str,
+        model_cfg: dict,
+        device: str = "cpu",
+        batch_size: int = 256,
+        metrics: dict | None = None,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.model_cfg = model_cfg
+        self.device = device
+        self.batch_size = batch_size
+        self.metrics = metrics or {}
+        # Counted so benchmarks can show each prompt's image is encoded once.
+        self.n_image_encodes = 0
+        self.n_text_encodes = 0
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        return self.model.visual.image_size
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Unit-norm image embeddings, shape (len(images), embed_dim)."""
+        self.model.eval()
+        features = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            pixels = torch.stack([self.preprocess(image) for image in batch])
+            features.append(self.model.encode_image(pixels.to(self.device), normalize=True))
+            self.n_image_encodes += len(batch)
+        return torch.cat(features)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings, shape (len(texts), embed_dim).
+
+        Texts longer than the model's context are truncated by the tokenizer
+        for now (a later change scores long texts in chunks).
+        """
+        self.model.eval()
+        features = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start : start + self.batch_size])
+            tokens = self.tokenizer(batch).to(self.device)
+            features.append(self.model.encode_text(tokens, normalize=True))
+            self.n_text_encodes += len(batch)
+        return torch.cat(features)
+
+    def score(
+        self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]
+    ) -> list[np.ndarray]:
+        """Cosine similarity of image i with each of texts[i], one array per prompt.
+
+        Each image is encoded once; the texts of all prompts are encoded
+        together in batches of ``batch_size``.
+        """
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
+        image_features = self.encode_images(images)
+        all_texts = [text for prompt_texts in texts for text in prompt_texts]
+        text_features = self.encode_texts(all_texts) if all_texts else None
+        similarities = []
+        start = 0
+        for image_feature, prompt_texts in zip(image_features, texts):
+            end = start + len(prompt_texts)
+            if start == end:
+                similarities.append(np.zeros(0, dtype=np.float32))
+            else:
+                cos = text_features[start:end] @ image_feature
+                similarities.append(cos.cpu().numpy())
+            start = end
+        return similarities
+
+    def save(self, directory: str | Path) -> Path:
+        """Write weights and configs so ``load_clip(directory)`` reloads offline.
+
+        The layout is open_clip's own "local-dir:" layout plus ``m3po_clip.json``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        open_clip_config = {
+            "model_cfg": self.model_cfg,
+            "preprocess_cfg": open_clip.get_model_preprocess_cfg(self.model),
+        }
+        (directory / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(open_clip_config, indent=2))
+        torch.save(self.model.state_dict(), directory / OPEN_CLIP_WEIGHTS_FILE)
+        info = {"arch": self.arch, "image_size": self.image_size, "metrics": self.metrics}
+        (directory / M3PO_INFO_FILE).write_text(json.dumps(info, indent=2))
+        return directory
+
+
+def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipScorer:
+    """Load a CLIP scorer.
+
+    ``name`` is an open_clip architecture (e.g. "ViT-L-14", or "m3po-tiny-clip")
+    with ``pretrained`` an open_clip tag (downloaded by open_clip, so it needs
+    hub access) or a local checkpoint path; or ``name`` is a directory written
+    by ``ClipScorer.save`` (``pretrained`` is then ignored).
+    """
+    register_tiny_clip()
+    directory = Path(name)
+    if name not in open_clip.list_models() and directory.is_dir():
+        open_clip_name = f"local-dir:{directory}"
+        info_file = directory / M3PO_INFO_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        arch = info.get("arch", directory.name)
+        metrics = info.get("metrics", {})
+        pretrained = None
+    else:
+        open_clip_name, arch, metrics = name, name, {}
+    model_cfg = open_clip.get_model_config(open_clip_name)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip architecture or directory: {name!r}")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        open_clip_name, pretrained=pretrained, device=device
+    )
+    return ClipScorer(
+        model,
+        preprocess,
+        open_clip.get_tokenizer(open_clip_name),
+        arch=arch,
+        model_cfg=model_cfg,
+        device=device,
+        metrics=metrics,
+    )
+
+
+def train_tiny_clip(
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    heldout_images: Sequence[Image.Image] | None = None,
+    heldout_captions: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[ClipScorer, dict]:
+    """Train "m3po-tiny-clip" from scratch on CPU with open_clip's ClipLoss.
+
+    Returns the scorer and metrics ``{"steps", "final_loss", "retrieval_top1",
+    "retrieval_chance", "retrieval_batch", "retrieval_split"}``. Retrieval is
+    image-to-text top-1 accuracy within batches of ``batch_size`` held-out
+    pairs (the training pairs when no held-out set is given); since captions of
+    the same scene layout repeat, a hit means the top caption string equals
+    the true one.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    log = log or (lambda message: None)
+    torch.manual_seed(seed)
+    scorer = load_clip(TINY_CLIP)
+    model = scorer.model.train()
+    pixels = torch.stack([scorer.preprocess(image) for image in images])
+    tokens = scorer.tokenizer(list(captions))
+
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    sampler = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(images))
+    started = time.monotonic()
+    loss = torch.tensor(float("nan"))
+    for step in range(1, steps + 1):
+        batch = torch.randperm(len(images), generator=sampler)[:batch_size]
+        image_features, text_features, logit_scale = model(pixels[batch], tokens[batch])
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            # As in open_clip's training loop: keep the temperature at most 100.
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == steps:
+            log(f"tiny CLIP step {step}/{steps}: loss {loss.item():.3f} "
+                f"({time.monotonic() - started:.0f}s)")
+    model.eval()
+
+    if heldout_images is None or heldout_captions is None:
+        eval_images, eval_captions, split = images, captions, "train"
+    else:
+        eval_images, eval_captions, split = heldout_images, heldout_captions, "heldout"
+    retrieval_batch = min(batch_size, len(eval_images))
+    metrics = {
+        "steps": steps,
+        "final_loss": loss.item(),
+        "retrieval_top1": retrieval_top1(scorer, eval_images, eval_captions, retrieval_batch),
+        "retrieval_chance": 1 / retrieval_batch,
+        "retrieval_batch": retrieval_batch,
+        "retrieval_split": split,
+    }
+    log(f"tiny CLIP {split} retrieval top-1 {metrics['retrieval_top1']:.3f} "
+        f"(chance {metrics['retrieval_chance']:.3f})")
+    scorer.metrics = metrics
+    return scorer, metrics
+
+
+def retrieval_top1(
+    scorer: ClipScorer,
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    batch_size: int,
+) -> float:
+    """Image-to-text top-1 accuracy within consecutive batches of pairs.
+
+    A hit is a top caption whose string equals the image's own caption, so
+    duplicate captions in a batch are not counted as misses.
+    """
+    hits = 0
+    for start in range(0, len(images), batch_size):
+        batch_captions = list(captions[start : start + batch_size])
+        similarity = scorer.encode_images(images[start : start + batch_size]) @ (
+            scorer.encode_texts(batch_captions).T
+        )
+        best = similarity.argmax(dim=1).tolist()
+        hits += sum(batch_captions[j] == truth for j, truth in zip(best, batch_captions))
+    return hits / len(images)

@@ -1,0 +1,314 @@
+"""Judges rate a response to an (image, instruction) on three axes in [0, 1].
+
+``Judge`` is the one interface; ``ReferenceJudge`` rates synthetic-world
+responses exactly, against the scene graph the image was rendered from.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+from m3po_core.data.synthetic import (
+    COLOURS,
+    NUMBER_WORDS,
+    POSITIONS,
+    SHAPES,
+    YES_NO_KINDS,
+    Scene,
+    answer_text,
+    parse_instruction,
+)
+from m3po_core.errors import InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+ACCURACY_WEIGHT = 0.6
+RELEVANCE_WEIGHT = 0.2
+ADHERENCE_WEIGHT = 0.2
+MAX_LENGTH_RATIO = 2.0  # responses longer than this times the reference lose adherence
+REPEAT_NGRAM = 5  # a repeated 5-gram means the model is looping (no reference repeats one)
+_COUNT_KINDS = ("count", "count_check")  # kinds answered without naming an object
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    prompt_id: str
+    instruction: str
+    response: str
+    image: Image.Image | None = None
+    meta: dict | None = None  # reference judge: {"scene": scene_json, "kind": ..., "reference": ...}
+
+
+@dataclass(frozen=True)
+class JudgeScore:
+    relevance: float  # visual relevance in [0,1]
+    accuracy: float  # semantic accuracy in [0,1]
+    adherence: float  # instruction adherence in [0,1]
+    overall: float  # ACCURACY/RELEVANCE/ADHERENCE_WEIGHT-weighted mean in [0,1]
+
+
+def weighted_score(relevance: float, accuracy: float, adherence: float) -> JudgeScore:
+    overall = (
+        ACCURACY_WEIGHT * accuracy + RELEVANCE_WEIGHT * relevance + ADHERENCE_WEIGHT * adherence
+    )
+    return JudgeScore(relevance=relevance, accuracy=accuracy, adherence=adherence, overall=overall)
+
+
+class Judge(Protocol):
+    name: str
+
+    def score(self, items: Sequence[JudgeItem]) -> list[JudgeScore | None]:
+        """One score per item; None where the judge could not rate (never invented)."""
+        ...
+
+
+# ---------------------------------------------------------------- reading a response
+
+
+@dataclass
+class _Mention:
+    """An object named in a response: "red circle" or "circle is (not) red"."""
+
+    colour: str
+    shape: str
+    negated: bool  # "no red circle", "not a red circle", "circle is not red"
+    position: str | None = None  # a position phrase following the mention
+
+
+@dataclass
+class _Reading:
+    tokens: list[str]
+    mentions: list[_Mention] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)
+    loose_positions: list[str] = field(default_factory=list)  # not attached to a mention
+    bare_colours: list[str] = field(default_factory=list)  # colour words outside mentions
+    numbers: list[int] = field(default_factory=list)
+
+
+def _tokenize(text: str) -> list[str]:
+    return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+
+
+def _read(tokens: list[str]) -> _Reading:
+    reading = _Reading(tokens)
+    in_mention: set[int] = set()
+    padded = tokens + ["", "", ""]  # lookahead without bounds checks
+    for i, token in enumerate(tokens):
+        if token in COLOURS and padded[i + 1] in SHAPES:
+            negated = any(t in ("no", "not") for t in tokens[max(0, i - 2) : i])
+            reading.mentions.append(_Mention(token, padded[i + 1], negated))
+            in_mention.add(i)
+        elif token in SHAPES and padded[i + 1] == "is":
+            negated = padded[i + 2] == "not"
+            colour = padded[i + 3] if negated else padded[i + 2]
+            if colour in COLOURS:
+                reading.mentions.append(_Mention(colour, token, negated))
+                in_mention.add(i + 3 if negated else i + 2)
+        elif f"{token} {padded[i + 1]}" in POSITIONS:
+            position = f"{token} {padded[i + 1]}"
+            reading.positions.append(position)
+            if reading.mentions and reading.mentions[-1].position is None:
+                reading.mentions[-1].position = position
+            else:
+                reading.loose_positions.append(position)
+        elif token in NUMBER_WORDS:
+            reading.numbers.append(NUMBER_WORDS.index(token))
+    reading.bare_colours = [t for i, t in enumerate(tokens) if t in COLOURS and i not in in_mention]
+    return reading
+
+
+def _stated(about_subject: set, loose: list) -> set:
+    """Values stated about the asked subject plus those said of nothing in particular."""
+    return about_subject | set(loose)
+
+
+def _open_accuracy(stated: set, true_value) -> float:
+    # Hedging over several values splits the credit.
+    return 1.0 / len(stated) if true_value in stated else 0.0
+
+
+def _check_accuracy(
+    said_yes: bool,
+    truth_yes: bool,
+    asked,
+    affirmed: set,
+    denied: set,
+    is_true: Callable[[object], bool],
+) -> float:
+    if said_yes != truth_yes:
+        return 0.0
+    consistent = (affirmed <= {asked} and asked not in denied) if said_yes else asked not in affirmed
+    if not consistent:  # "yes , there is no red circle ."
+        return 0.0
+    facts_right = all(map(is_true, affirmed)) and not any(map(is_true, denied))
+    return 1.0 if facts_right else 0.5
+
+
+class ReferenceJudge:
+    """Rates a free-text response against the scene graph in ``meta["scene"]``.
+
+    The instruction is parsed back into its kind and parameters; the response
+    is read tolerantly (case, punctuation spacing, garbage around the answer).
+
+    accuracy — is the asked fact right:
+      * yes/no kinds (exist, *_check): the first "yes"/"no" must be right (else 0);
+        the explanation after it must not contradict it ("yes , there is no red
+        circle ." is 0); if it states a wrong fact that does not contradict the
+        answer ("no , the circle is green ." when it is blue) it is 0.5, else 1;
+      * colour / count / position: 1 if the only value stated for the asked
+        object is right, 1/k if the right one is among k hedged values, else 0;
+      * describe: F1 of the (colour, shape, position) triples stated vs the scene.
+    relevance — of the objects mentioned, the fraction whose stated presence is
+      true: "red circle" claims presence, "no red circle" claims absence, so
+      echoing the question in a correct "no , there is no red circle ." is fine.
+      With no object mentioned: 1 for count questions (they need none), else 0.
+    adherence — form × style. form (0/1): yes/no first for yes/no kinds, a colour
+      word / number word / position phrase for colour / count / position, an
+      object for describe. style: mean of ends with ".", at most
+      MAX_LENGTH_RATIO × the reference's length, no repeated REPEAT_NGRAM-gram.
+    overall = ACCURACY_WEIGHT·accuracy + RELEVANCE_WEIGHT·relevance
+      + ADHERENCE_WEIGHT·adherence. The reference answer scores 1.0; an empty
+      response scores 0 everywhere.
+
+    Raises InputError naming the prompt_id when meta has no scene or the
+    instruction is not a synthetic-world question about that scene.
+    """
+
+    name = "reference"
+
+    def score(self, items: Sequence[JudgeItem]) -> list[JudgeScore | None]:
+        return [self._score_one(item) for item in items]
+
+    def _score_one(self, item: JudgeItem) -> JudgeScore:
+        scene_json = (item.meta or {}).get("scene")
+        if not scene_json:
+            raise InputError(f"prompt {item.prompt_id}: the reference judge needs meta['scene']")
+        scene = Scene.from_json(scene_json)
+        try:
+            kind, params = parse_instruction(item.instruction)
+            reference = answer_text(scene, kind, params)
+        except ValueError as error:
+            raise InputError(f"prompt {item.prompt_id}: {error}") from error
+        tokens = _tokenize(item.response)
+        if not tokens:
+            return weighted_score(0.0, 0.0, 0.0)
+        reading = _read(tokens)
+        return weighted_score(
+            relevance=_relevance(reading, scene, kind),
+            accuracy=_accuracy(reading, scene, kind, params, reference),
+            adherence=_adherence(reading, kind, reference),
+        )
+
+
+def _relevance(reading: _Reading, scene: Scene, kind: str) -> float:
+    if not reading.mentions:
+        return 1.0 if kind in _COUNT_KINDS else 0.0
+    present = scene.pairs()
+    true = [((m.colour, m.shape) in present) != m.negated for m in reading.mentions]
+    return sum(true) / len(true)
+
+
+def _accuracy(reading: _Reading, scene: Scene, kind: str, params: dict, reference: str) -> float:
+    if kind in YES_NO_KINDS:
+        return _yes_no_accuracy(reading, scene, kind, params, reference)
+    if kind == "describe":
+        stated = {(m.colour, m.shape, m.position) for m in reading.mentions if not m.negated}
+        truth = {(o.colour, o.shape, o.position) for o in scene.objects}
+        hits = len(stated & truth)
+        if not hits:
+            return 0.0
+        precision, recall = hits / len(stated), hits / len(truth)
+        return 2 * precision * recall / (precision + recall)
+    affirmed = [m for m in reading.mentions if not m.negated]
+    if kind == "colour":
+        colours = {m.colour for m in affirmed if m.shape == params["shape"]}
+        return _open_accuracy(
+            _stated(colours, reading.bare_colours), scene.colour_of(params["shape"])
+        )
+    if kind == "count":
+        return _open_accuracy(set(reading.numbers), len(scene.objects))
+    # position
+    asked = (params["colour"], params["shape"])
+    positions = {m.position for m in affirmed if (m.colour, m.shape) == asked and m.position}
+    return _open_accuracy(
+        _stated(positions, reading.loose_positions), scene.find(*asked).position
+    )
+
+
+def _yes_no_accuracy(
+    reading: _Reading, scene: Scene, kind: str, params: dict, reference: str
+) -> float:
+    answers = [i for i, t in enumerate(reading.tokens) if t in ("yes", "no")]
+    if not answers:
+        return 0.0
+    said_yes = reading.tokens[answers[0]] == "yes"
+    truth_yes = reference.startswith("yes")
+    # The explanation is what follows the yes/no word.
+    explanation = _read(reading.tokens[answers[0] + 1 :])
+    affirmed = [m for m in explanation.mentions if not m.negated]
+    denied = [m for m in explanation.mentions if m.negated]
+    if kind == "exist":
+        asked = (params["colour"], params["shape"])
+        return _check_accuracy(
+            said_yes,
+            truth_yes,
+            asked,
+            {(m.colour, m.shape) for m in affirmed if (m.colour, m.shape) == asked},
+            {(m.colour, m.shape) for m in denied if (m.colour, m.shape) == asked},
+            lambda pair: pair in scene.pairs(),
+        )
+    if kind == "colour_check":
+        shape = params["shape"]
+        of_shape = {m.colour for m in affirmed if m.shape == shape}
+        return _check_accuracy(
+            said_yes,
+            truth_yes,
+            params["colour"],
+            _stated(of_shape, explanation.bare_colours),
+            {m.colour for m in denied if m.shape == shape},
+            lambda colour: colour == scene.colour_of(shape),
+        )
+    if kind == "count_check":
+        return _check_accuracy(
+            said_yes,
+            truth_yes,
+            params["n"],
+            set(explanation.numbers),
+            set(),
+            lambda n: n == len(scene.objects),
+        )
+    # position_check
+    pair = (params["colour"], params["shape"])
+    of_pair = {m.position for m in affirmed if (m.colour, m.shape) == pair and m.position}
+    return _check_accuracy(
+        said_yes,
+        truth_yes,
+        params["position"],
+        _stated(of_pair, explanation.loose_positions),
+        set(),
+        lambda position: position == scene.find(*pair).position,
+    )
+
+
+def _adherence(reading: _Reading, kind: str, reference: str) -> float:
+    tokens = reading.tokens
+    if kind in YES_NO_KINDS:
+        form = tokens[0] in ("yes", "no")
+    elif kind == "colour":
+        form = any(t in COLOURS for t in tokens)
+    elif kind == "count":
+        form = bool(reading.numbers)
+    elif kind == "position":
+        form = bool(reading.positions)
+    else:  # describe
+        form = any(not m.negated for m in reading.mentions)
+    ngrams = [tuple(tokens[i : i + REPEAT_NGRAM]) for i in range(len(tokens) - REPEAT_NGRAM + 1)]
+    style = (
+        tokens[-1] == ".",
+        len(tokens) <= MAX_LENGTH_RATIO * len(reference.split(" ")),
+        len(set(ngrams)) == len(ngrams),
+    )
+    return float(form) * sum(style) / len(style)

@@ -1,0 +1,74 @@
+"""The Multimodal Alignment Score (paper 3.3).
+
+    MAS = clip_weight * (cos(image, response) + 1) / 2  +  judge_weight * judge.overall
+
+Both parts lie in [0, 1] (`clip.normalise`, the judge's documented overall score), so the weights
+say how much each counts; they default to 0.2 / 0.8 because the CLIP similarity sees the image
+but not the instruction (it cannot tell a right "yes" from a wrong one), while the judge rates
+visual relevance, semantic accuracy and instruction adherence. The paper does not give weights.
+A candidate the judge could not rate gets no MAS (null) and takes part in no pair.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from m3po_core import schema
+from m3po_core.config import ScoringConfig
+from m3po_core.scoring.clip import ClipScorer, normalise
+
+
+def make_judge(name: str):
+    if name == "reference":
+        from m3po_core.scoring.judge import ReferenceJudge
+
+        return ReferenceJudge()
+    raise ValueError(f"unknown judge {name!r}")
+
+
+def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.Image], candidates: pa.Table,
+                     clip: ClipScorer, cfg: ScoringConfig) -> pa.Table:
+    """Score one shard: each prompt's image encoded once, its candidates batched."""
+    from m3po_core.scoring.judge import JudgeItem
+
+    by_prompt = {p["prompt_id"]: i for i, p in enumerate(prompts)}
+    pid = candidates.column("prompt_id").to_pylist()
+    texts = candidates.column("text").to_pylist()
+    missing = sorted(set(pid) - set(by_prompt))
+    if missing:
+        raise ValueError(f"candidates reference prompts not in the shard: {missing[:5]}")
+    # Group candidate rows by prompt, in prompt order, for one image encode per prompt.
+    rows_of = [[] for _ in prompts]
+    for r, p in enumerate(pid):
+        rows_of[by_prompt[p]].append(r)
+    sims = clip.score(images, [[texts[r] for r in rows] for rows in rows_of])
+    clip_col = np.empty(len(pid))
+    for rows, s in zip(rows_of, sims):
+        clip_col[rows] = s
+
+    judge = make_judge(cfg.judge)
+    items = []
+    for r, p in enumerate(pid):
+        prompt = prompts[by_prompt[p]]
+        items.append(JudgeItem(prompt_id=p, instruction=prompt["instruction"], response=texts[r],
+                               image=images[by_prompt[p]],
+                               meta={"scene": prompt.get("scene"), "kind": prompt.get("kind"),
+                                     "reference": prompt.get("reference")}))
+    rated = judge.score(items)
+    nan = float("nan")
+    parts = {k: np.array([getattr(s, k) if s is not None else nan for s in rated], dtype=float)
+             for k in ("overall", "relevance", "accuracy", "adherence")}
+    mas = cfg.clip_weight * normalise(clip_col) + cfg.judge_weight * parts["overall"]
+    return pa.table({
+        "prompt_id": pa.array(pid, pa.string()),
+        "cand_idx": candidates.column("cand_idx"),
+        "clip": clip_col,
+        "judge": pa.array(parts["overall"], from_pandas=True),
+        "judge_relevance": pa.array(parts["relevance"], from_pandas=True),
+        "judge_accuracy": pa.array(parts["accuracy"], from_pandas=True),
+        "judge_adherence": pa.array(parts["adherence"], from_pandas=True),
+        "mas": pa.array(mas, from_pandas=True),
+    }, schema=schema.SCORES)

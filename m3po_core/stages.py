@@ -1,0 +1,493 @@
+"""The pipeline's stages as plain functions over a `RunStore`: what the Prefect tasks wrap.
+
+Each stage reads the previous stage's Parquet and writes its own; nothing passes between stages
+in memory. A shard's cache key is built from what decides its content (the input's content hash,
+the stage's configuration section, the stage's code version), and a shard complete under its key
+is skipped: a re-run recomputes only what changed or failed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from m3po_core import schema
+from m3po_core.config import RunConfig, fingerprint, stage_config
+from m3po_core.errors import InputError
+from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, open_url
+
+log = logging.getLogger("m3po.stages")
+
+# Bump a stage's version when its code changes what it writes: it is part of the cache key.
+CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 1, "pairs": 1,
+                "train": 1, "evaluate": 1}
+
+# One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
+# resource, and HF sampling seeds torch's global generator.
+DEVICE_LOCK = threading.RLock()
+_MODELS: dict[tuple, Any] = {}
+
+
+def stage_key(cfg: RunConfig, stage: str, *inputs: Any) -> str:
+    return fingerprint({"stage": stage, "version": CODE_VERSION[stage], "config": stage_config(cfg, stage),
+                        "inputs": list(inputs)})
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    stage: str
+    shard: int
+    rows: int
+    cached: bool
+    seconds: float
+
+
+# -------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_image(url: str, where: str) -> Image.Image:
+    """Open an image by URL; a missing or undecodable file is an InputError naming it and `where`."""
+    try:
+        with open_url(url) as f:
+            img = Image.open(io.BytesIO(f.read()))
+            img.load()
+        return img.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{url}: image file not found ({where})") from None
+    except Exception as e:  # PIL raises several types for corrupt data
+        raise InputError(f"{url}: cannot decode image ({where}): {e}") from None
+
+
+def _validate_prompts(rows: list[dict[str, Any]], where: str) -> None:
+    for i, r in enumerate(rows):
+        if not (r.get("instruction") or "").strip():
+            raise InputError(f"{where} row {i} (prompt_id {r.get('prompt_id')!r}): empty instruction")
+        if not r.get("image"):
+            raise InputError(f"{where} row {i} (prompt_id {r.get('prompt_id')!r}): no image reference")
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------------------------------
+# Stage 1: prompts (and, for the synthetic world, the held-out benchmarks)
+
+
+def prepare_prompts(cfg: RunConfig, store: RunStore) -> int:
+    """Write the prompts table in shards; returns the number of shards. Cached as a whole."""
+    key = stage_key(cfg, "prompts")
+    marker = "prompts/_stage.json"
+    if store.exists(marker) and store.read_json(marker).get("key") == key:
+        return store.read_json(marker)["n_shards"]
+
+    data = cfg.data
+    if data.source == "synthetic":
+        rows = _synthetic_prompts(cfg, store)
+    else:
+        from m3po_core.data.llava_instruct import load_llava_instruct
+
+        if not data.path or not data.image_root:
+            raise InputError("data.source=llava_instruct needs data.path (the JSON file) and data.image_root")
+        rows = load_llava_instruct(data.path, data.image_root, max_prompts=data.max_prompts, turns=data.turns)
+    if data.max_prompts is not None:
+        rows = rows[: data.max_prompts]
+    _validate_prompts(rows, f"prompts from {data.source}")
+    if not rows:
+        raise InputError(f"data source {data.source!r} produced no prompts")
+    n_shards = 0
+    for n_shards, start in enumerate(range(0, len(rows), data.shard_size), start=1):
+        chunk = rows[start: start + data.shard_size]
+        table = pa.Table.from_pylist([{c: r.get(c) for c in schema.PROMPTS.names} for r in chunk], schema.PROMPTS)
+        store.publish_shard("prompts", n_shards - 1, table, schema.PROMPTS, key)
+    store.write_json(marker, {"key": key, "n_shards": n_shards, "n_prompts": len(rows)})
+    return n_shards
+
+
+def _synthetic_prompts(cfg: RunConfig, store: RunStore) -> list[dict[str, Any]]:
+    from m3po_core.data import synthetic as world
+
+    w = cfg.data.world
+    train = world.make_scenes(cfg.seed, "train", w.n_train_scenes)
+    rows = world.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene)
+    for s in train:
+        store.write_bytes(f"images/{s.scene_id}.png", _png(world.render(s, w.image_size)))
+    for r in rows:
+        r["image"] = store.url(f"images/{r['scene_id']}.png")
+        r["source"] = "synthetic"
+    _synthetic_benchmarks(cfg, store, train)
+    return rows
+
+
+def _synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None:
+    from m3po_core.data import synthetic as world
+
+    w = cfg.data.world
+    held_out = world.make_scenes(cfg.seed, "eval", w.n_eval_scenes)
+    for s in held_out:
+        store.write_bytes(f"eval/images/{s.scene_id}.png", _png(world.render(s, w.image_size)))
+    for name, questions in (("pope", world.pope_questions(held_out, cfg.seed, train_scenes)),
+                            ("mme", world.mme_questions(held_out, cfg.seed))):
+        recs = [{"question_id": q["question_id"], "row_id": q.get("row_id", q["question_id"]),
+                 "category": q["category"], "instruction": q["instruction"], "answer": q["answer"],
+                 "image": store.url(f"eval/images/{q['scene_id']}.png")} for q in questions]
+        store.write_table(f"eval/{name}.parquet", pa.Table.from_pylist(recs))
+
+
+def read_prompts_shard(store: RunStore, shard: int) -> list[dict[str, Any]]:
+    return store.read_table(RunStore.shard_rel("prompts", shard)).to_pylist()
+
+
+def load_shard_images(rows: list[dict[str, Any]], shard: int) -> list[Image.Image]:
+    return [load_image(r["image"], f"prompts shard {shard} row {i}, prompt_id {r['prompt_id']!r}")
+            for i, r in enumerate(rows)]
+
+
+# -------------------------------------------------------------------------------------------------
+# Models built here: the tiny LLaVA base policy and the tiny CLIP
+
+
+def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info) -> str:
+    """The base policy's location: a hub name/path as given, or the tiny LLaVA built, warm-started
+    and kept under `{root}/_models/` so later runs reuse it."""
+    from m3po_core import models
+
+    if cfg.model.name != models.TINY_NAME:
+        return cfg.model.name
+    from m3po_core.data import synthetic as world
+
+    key = stage_key(cfg, "base_model", world.vocabulary())
+    rel = f"_models/tiny-llava-{key}"
+    if not store.dir_complete(rel, shared=True):
+        import tempfile
+
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        w, m = cfg.data.world, cfg.model
+        model, processor = models.build_tiny_llava(world.vocabulary(), seed=m.seed)
+        model.to(models.pick_device(m.device))
+        scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes)
+        rows = world.make_prompts(scenes, cfg.seed, per_scene=4)
+        images = {s.scene_id: world.render(s, w.image_size) for s in scenes}
+        t0 = time.time()
+        losses = models.supervised_warm_start(
+            model, processor, [images[r["scene_id"]] for r in rows], [r["instruction"] for r in rows],
+            [r["reference"] for r in rows], steps=m.sft_steps, batch_size=m.sft_batch_size, lr=m.sft_lr,
+            seed=m.seed, log_fn=log_fn)
+        quality = _measure_base_accuracy(cfg, model, processor)
+        log_fn(f"tiny LLaVA warm-started in {time.time() - t0:.0f}s: held-out judge accuracy "
+               f"{quality['accuracy']:.2f} (yes/no questions {quality['yes_no_accuracy']:.2f}, chance 0.50)")
+        with tempfile.TemporaryDirectory() as tmp:
+            models.save_vlm(model, processor, tmp)
+            with open(f"{tmp}/m3po_warm_start.json", "w") as f:
+                json.dump({"key": key, "final_loss": losses[-1], "losses": losses, **quality}, f)
+            store.put_dir(tmp, rel, shared=True)
+    return store.local_dir(rel, shared=True)
+
+
+def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]:
+    """Greedy answers on a validation split (never the evaluation split) scored by the reference judge."""
+    from m3po_core.data import synthetic as world
+    from m3po_core.sampling.transformers_backend import TransformersSampler
+    from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
+
+    scenes = world.make_scenes(cfg.seed, "val", 48)
+    rows = world.make_prompts(scenes, cfg.seed, per_scene=4)
+    imgs = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in scenes}
+    sampler = TransformersSampler(model, processor)
+    answers: list[str] = []
+    for i in range(0, len(rows), 64):
+        chunk = rows[i: i + 64]
+        answers += sampler.greedy([imgs[r["scene_id"]] for r in chunk], [r["instruction"] for r in chunk], 32)
+    items = [JudgeItem(r["prompt_id"], r["instruction"], a, meta={"scene": r["scene"], "kind": r["kind"],
+                                                                  "reference": r["reference"]})
+             for r, a in zip(rows, answers)]
+    acc = np.array([s.accuracy for s in ReferenceJudge().score(items)])
+    yes_no = np.array([r["kind"] in ("exist", "colour_check", "count_check", "position_check") for r in rows])
+    return {"accuracy": float(acc.mean()), "yes_no_accuracy": float(acc[yes_no].mean()), "n_val": len(rows)}
+
+
+def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info) -> str:
+    """The CLIP encoder's location: trained here for `m3po-tiny-clip`, else the open_clip name."""
+    c = cfg.scoring.clip
+    if c.name != "m3po-tiny-clip":
+        return c.name
+    from m3po_core.data import synthetic as world
+    from m3po_core.scoring.clip import train_tiny_clip
+
+    key = stage_key(cfg, "clip")
+    rel = f"_models/tiny-clip-{key}"
+    if not store.dir_complete(rel, shared=True):
+        import tempfile
+
+        w = cfg.data.world
+        scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes)
+        val = world.make_scenes(cfg.seed, "val", 128)
+        with DEVICE_LOCK:
+            scorer, metrics = train_tiny_clip(
+                [world.render(s, w.image_size) for s in scenes], [world.caption(s) for s in scenes],
+                steps=c.train_steps, batch_size=c.train_batch_size, seed=cfg.seed,
+                heldout_images=[world.render(s, w.image_size) for s in val],
+                heldout_captions=[world.caption(s) for s in val], log=log_fn)
+        log_fn(f"tiny CLIP: held-out retrieval top-1 {metrics['retrieval_top1']:.2f} "
+               f"(chance {metrics['retrieval_chance']:.2f})")
+        with tempfile.TemporaryDirectory() as tmp:
+            scorer.save(tmp)
+            store.put_dir(tmp, rel, shared=True)
+    return store.local_dir(rel, shared=True)
+
+
+def _cached(key: tuple, build: Callable[[], Any]) -> Any:
+    """Load a model once per process (a worker serves many shards with one copy)."""
+    with DEVICE_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = build()
+        return _MODELS[key]
+
+
+def get_vlm(cfg: RunConfig, model_ref: str):
+    from m3po_core.models import load_vlm
+
+    return _cached(("vlm", model_ref, cfg.model.device, cfg.model.dtype),
+                   lambda: load_vlm(model_ref, cfg.model.device, cfg.model.dtype))
+
+
+def get_clip(cfg: RunConfig, clip_ref: str):
+    from m3po_core.scoring.clip import load_clip
+
+    return _cached(("clip", clip_ref, cfg.scoring.clip.pretrained),
+                   lambda: load_clip(clip_ref, cfg.scoring.clip.pretrained,
+                                     "cuda" if cfg.model.device in ("auto", "cuda") and _has_cuda() else "cpu"))
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# -------------------------------------------------------------------------------------------------
+# Sharded stages: sampling and scoring
+
+
+def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callable[[], pa.Table],
+               table_schema: pa.Schema) -> ShardResult:
+    """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure."""
+    t0 = time.time()
+    if store.shard_done(stage, shard, key):
+        entry = store.shard_entry(stage, shard)
+        return ShardResult(stage, shard, entry["rows"], True, 0.0)
+    store.mark_shard(stage, shard, RUNNING, key)
+    try:
+        table = compute()
+        entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=time.time() - t0)
+    except BaseException as e:  # KeyboardInterrupt too: the manifest must say the shard is not done
+        store.mark_shard(stage, shard, FAILED, key, error=f"{type(e).__name__}: {e}")
+        raise
+    return ShardResult(stage, shard, entry["rows"], False, time.time() - t0)
+
+
+def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:
+    from m3po_core.sampling import SamplingParams, batch_seed, make_sampler
+
+    s = cfg.sampling
+    prompts_entry = store.shard_entry("prompts", shard)
+    key = stage_key(cfg, "candidates", prompts_entry["sha256"], model_ref)
+
+    def compute() -> pa.Table:
+        rows = read_prompts_shard(store, shard)
+        _validate_prompts(rows, f"prompts shard {shard}")
+        images = load_shard_images(rows, shard)
+        model, processor = get_vlm(cfg, model_ref)
+        sampler = make_sampler(s.backend, model, processor)
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                max_new_tokens=s.max_new_tokens, seed=s.seed)
+        out: dict[str, list] = {c: [] for c in schema.CANDIDATES.names}
+        for start in range(0, len(rows), s.batch_prompts):
+            batch = rows[start: start + s.batch_prompts]
+            seed = batch_seed(s.seed, [r["prompt_id"] for r in batch])
+            with DEVICE_LOCK:
+                cands = sampler.sample(images[start: start + len(batch)], [r["instruction"] for r in batch],
+                                       params, seed)
+            for r, row_cands in zip(batch, cands):
+                for j, c in enumerate(row_cands):
+                    for col, val in (("prompt_id", r["prompt_id"]), ("cand_idx", j), ("text", c.text),
+                                     ("token_ids", c.token_ids), ("logp_sum", c.logp_sum),
+                                     ("logp_mean", c.logp_mean), ("n_tokens", c.n_tokens),
+                                     ("finish_reason", c.finish_reason), ("sampler", sampler.name),
+                                     ("seed", c.seed)):
+                        out[col].append(val)
+        return pa.table(out, schema=schema.CANDIDATES)
+
+    return _run_shard(store, "candidates", shard, key, compute, schema.CANDIDATES)
+
+
+def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> ShardResult:
+    from m3po_core.scoring.mas import score_candidates
+
+    cand_entry = store.shard_entry("candidates", shard)
+    if not cand_entry or cand_entry.get("state") != COMPLETE:
+        raise RuntimeError(f"scores shard {shard}: candidates shard {shard} is not complete")
+    key = stage_key(cfg, "scores", cand_entry["sha256"], clip_ref)
+
+    def compute() -> pa.Table:
+        rows = read_prompts_shard(store, shard)
+        images = load_shard_images(rows, shard)
+        cands = store.read_table(RunStore.shard_rel("candidates", shard))
+        clip = get_clip(cfg, clip_ref)
+        with DEVICE_LOCK:
+            return score_candidates(rows, images, cands, clip, cfg.scoring)
+
+    return _run_shard(store, "scores", shard, key, compute, schema.SCORES)
+
+
+# -------------------------------------------------------------------------------------------------
+# Selection, training, evaluation
+
+
+def candidates_with_scores(store: RunStore, n_shards: int) -> pa.Table:
+    cands = store.read_stage("candidates", n_shards)
+    scores = store.read_stage("scores", n_shards)
+    return cands.join(scores, ["prompt_id", "cand_idx"], join_type="inner").sort_by(
+        [("prompt_id", "ascending"), ("cand_idx", "ascending")])
+
+
+def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
+    """pairs.parquet (+ pairs_stats.json) from every candidate and score shard."""
+    from m3po_core.selection import select_pairs
+
+    sel = cfg.selection
+    inputs = [store.shard_entry(st, i)["sha256"] for st in ("candidates", "scores") for i in range(n_shards)]
+    key = stage_key(cfg, "pairs", inputs)
+    if store.exists("pairs_stats.json") and store.read_json("pairs_stats.json").get("key") == key \
+            and store.exists("pairs.parquet"):
+        return store.read_json("pairs_stats.json")
+    table = candidates_with_scores(store, n_shards)
+    chosen_pairs, stats = select_pairs(table.append_column("logp", table.column(sel.logp)), alpha=sel.alpha,
+                                       delta=sel.delta, strategy=sel.strategy, seed=sel.seed)
+    prompts = store.read_stage("prompts", n_shards).select(["prompt_id", "image", "instruction"])
+    by_key = {(p, c): (t, ids) for p, c, t, ids in zip(*(table.column(n).to_pylist() for n in
+                                                          ("prompt_id", "cand_idx", "text", "token_ids")))}
+    pairs = chosen_pairs.join(prompts, "prompt_id").sort_by("prompt_id")
+    pid, ci, ri = (pairs.column(n).to_pylist() for n in ("prompt_id", "chosen_idx", "rejected_idx"))
+    for name, idx in (("chosen", ci), ("rejected", ri)):
+        looked_up = [by_key[(p, i)] for p, i in zip(pid, idx)]
+        pairs = pairs.append_column(name, pa.array([t for t, _ in looked_up], pa.string()))
+        pairs = pairs.append_column(f"{name}_token_ids", pa.array([ids for _, ids in looked_up],
+                                                                  pa.list_(pa.int32())))
+    info = store.write_table("pairs.parquet", pairs, schema.PAIRS)
+    result = {"key": key, **stats.as_dict(), "sha256": info["sha256"], "strategy": sel.strategy,
+              "alpha": sel.alpha, "delta": sel.delta, "logp": sel.logp,
+              "mean_mas_gap": _mean(pairs, "mas_chosen", "mas_rejected"),
+              "mean_logp_gap": _mean(pairs, "logp_chosen", "logp_rejected")}
+    store.write_json("pairs_stats.json", result)
+    return result
+
+
+def _mean(t: pa.Table, a: str, b: str) -> float:
+    if t.num_rows == 0:
+        return float("nan")
+    return float(np.mean(t.column(a).to_numpy() - t.column(b).to_numpy()))
+
+
+def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """LoRA-DPO on pairs.parquet; the adapter lands in `adapter/`, the log in `train_log.json`."""
+    import tempfile
+
+    from m3po_core.models import load_vlm
+    from m3po_core.training import pairs_dataset, train_lora_dpo
+
+    pairs_sha = store.read_json("pairs_stats.json")["sha256"]
+    key = stage_key(cfg, "train", pairs_sha, model_ref)
+    if store.dir_complete("adapter") and store.exists("train_log.json") \
+            and store.read_json("train_log.json").get("key") == key:
+        return store.read_json("train_log.json")
+    pairs = store.read_table("pairs.parquet").to_pylist()
+    if not pairs:
+        raise InputError(f"{store.url('pairs.parquet')}: no preference pairs to train on")
+    images = [load_image(p["image"], f"pairs.parquet row {i}, prompt_id {p['prompt_id']!r}")
+              for i, p in enumerate(pairs)]
+    t0 = time.time()
+    with DEVICE_LOCK:
+        model, processor = load_vlm(model_ref, cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
+        dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
+        with tempfile.TemporaryDirectory() as tmp:
+            history = train_lora_dpo(model, processor, dataset, cfg.training, tmp, log_fn=log_fn)
+            store.put_dir(tmp, "adapter")
+    result = {"key": key, "pairs": len(pairs), "seconds": time.time() - t0, "history": history}
+    store.write_json("train_log.json", result)
+    return result
+
+
+def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Greedy answers of the base model and of base + adapter on the held-out benchmarks; metrics.json."""
+    from m3po_core.evaluation import mme, pope
+
+    train_key = store.read_json("train_log.json")["key"]
+    key = stage_key(cfg, "evaluate", train_key, model_ref)
+    if store.exists("metrics.json") and store.read_json("metrics.json").get("key") == key:
+        return store.read_json("metrics.json")
+    scorers = {"pope": pope.score, "mme": mme.score}
+    unknown = [b for b in cfg.evaluation.benchmarks if b not in scorers]
+    if unknown:
+        raise InputError(f"evaluation.benchmarks: unknown benchmark(s) {unknown}; available: {sorted(scorers)}")
+    metrics: dict[str, Any] = {"key": key}
+    for model_name in ("base", "m3po"):
+        model, processor = _eval_model(cfg, store, model_ref, model_name)
+        from m3po_core.sampling.transformers_backend import TransformersSampler
+
+        sampler = TransformersSampler(model, processor)
+        metrics[model_name] = {}
+        for bench in cfg.evaluation.benchmarks:
+            questions = store.read_table(f"eval/{bench}.parquet").to_pylist()
+            images: dict[str, Image.Image] = {}
+            preds: list[str] = []
+            bs = cfg.evaluation.batch_size
+            for i in range(0, len(questions), bs):
+                chunk = questions[i: i + bs]
+                for q in chunk:
+                    if q["image"] not in images:
+                        images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
+                with DEVICE_LOCK:
+                    preds += sampler.greedy([images[q["image"]] for q in chunk], [q["instruction"] for q in chunk],
+                                            cfg.evaluation.max_new_tokens)
+            records = [{**q, "prediction": p, "model": model_name, "benchmark": bench}
+                       for q, p in zip(questions, preds)]
+            store.write_table(f"eval/predictions-{model_name}-{bench}.parquet",
+                              pa.Table.from_pylist([{c: r.get(c) for c in schema.PREDICTIONS.names} for r in records],
+                                                   schema.PREDICTIONS), schema.PREDICTIONS)
+            metrics[model_name][bench] = scorers[bench](records)
+            log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[model_name][bench]))
+    store.write_json("metrics.json", metrics)
+    return metrics
+
+
+def _headline(bench: str, m: dict[str, Any]) -> str:
+    if bench == "pope":
+        return f"accuracy {m['accuracy']:.3f} f1 {m['f1']:.3f} yes-ratio {m['yes_ratio']:.2f}"
+    return f"score {m['score']:.1f}"
+
+
+def _eval_model(cfg: RunConfig, store: RunStore, model_ref: str, which: str):
+    if which == "base":
+        return get_vlm(cfg, model_ref)
+    from peft import PeftModel
+
+    from m3po_core.models import load_vlm
+
+    model, processor = load_vlm(model_ref, cfg.model.device, cfg.model.dtype)
+    model = PeftModel.from_pretrained(model, store.local_dir("adapter")).merge_and_unload()
+    model.eval()
+    return model, processor

@@ -1,0 +1,215 @@
+"""A run's layout in object storage: `{root}/{run_id}/` on any fsspec URL.
+
+Layout:
+    prompts/shard-00000.parquet ...      candidates/shard-*.parquet    scores/shard-*.parquet
+    {stage}/_manifest/shard-00000.json   one record per shard: state, key, rows, sha256, error
+    pairs.parquet  metrics.json  report.md  plots/*.png  adapter/  eval/...
+    {root}/_models/{name}-{fingerprint}/  models built here (tiny LLaVA, tiny CLIP), shared by runs
+
+Writes are atomic: a file is written aside under a temporary name and then moved into place, so a
+reader sees the whole file or none. A shard's manifest record is written after its file, one record
+per shard so that workers on different machines never write the same object.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+log = logging.getLogger("m3po.store")
+T = TypeVar("T")
+
+COMPLETE, FAILED, RUNNING = "complete", "failed", "running"
+
+
+def _retry(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
+    """Retry transient storage errors (network, throttling) with backoff; not missing files."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError as e:
+            if i == attempts - 1:
+                raise
+            log.warning("storage error on %s (%s); retrying", what, e)
+            time.sleep(0.5 * 2**i)
+    raise AssertionError("unreachable")
+
+
+class RunStore:
+    def __init__(self, root: str, run_id: str):
+        if not run_id or "/" in run_id:
+            raise ValueError(f"run id {run_id!r} must be a non-empty name without '/'")
+        self.root = str(root).rstrip("/")
+        self.run_id = run_id
+        self.fs, root_path = url_to_fs(self.root)
+        if self.is_local:
+            root_path = os.path.abspath(root_path)
+        self._root_path = root_path.rstrip("/")
+        self.base = f"{self._root_path}/{run_id}"
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        return "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def shared_path(self, rel: str) -> str:
+        """A path beside the runs, for artefacts that many runs share (models built here)."""
+        return f"{self._root_path}/{rel}"
+
+    def url(self, rel: str = "", shared: bool = False) -> str:
+        p = self.shared_path(rel) if shared else self.path(rel)
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
+    def exists(self, rel: str) -> bool:
+        return _retry(lambda: self.fs.exists(self.path(rel)), rel)
+
+    # -- atomic files --------------------------------------------------------------------------
+    def _put_bytes(self, full: str, data: bytes) -> None:
+        parent = full.rsplit("/", 1)[0]
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{full.rsplit('/', 1)[1]}"
+
+        def put() -> None:
+            self.fs.makedirs(parent, exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, full)  # a rename on local disks; object stores publish on completion
+
+        try:
+            _retry(put, full)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._put_bytes(self.path(rel), data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return _retry(lambda: self.fs.cat_file(self.path(rel)), rel)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_table(self, rel: str, table: pa.Table, schema: pa.Schema | None = None) -> dict[str, Any]:
+        """Write a Parquet file atomically; returns its row count and content hash."""
+        if schema is not None:
+            table = table.select(schema.names).cast(schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        self.write_bytes(rel, data)
+        return {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+
+    def read_table(self, rel: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+    # -- shards and their manifest -------------------------------------------------------------
+    @staticmethod
+    def shard_rel(stage: str, shard: int) -> str:
+        return f"{stage}/shard-{shard:05d}.parquet"
+
+    @staticmethod
+    def _entry_rel(stage: str, shard: int) -> str:
+        return f"{stage}/_manifest/shard-{shard:05d}.json"
+
+    def shard_entry(self, stage: str, shard: int) -> dict[str, Any] | None:
+        try:
+            return self.read_json(self._entry_rel(stage, shard))
+        except FileNotFoundError:
+            return None
+
+    def manifest(self, stage: str) -> list[dict[str, Any]]:
+        """Every shard record of a stage, in shard order."""
+        pattern = self.path(f"{stage}/_manifest/shard-*.json")
+        files = sorted(_retry(lambda: self.fs.glob(pattern), pattern))
+        return [json.loads(_retry(lambda f=f: self.fs.cat_file(f), f)) for f in files]
+
+    def shard_done(self, stage: str, shard: int, key: str) -> bool:
+        """Complete under this cache key, and its file is there with the recorded hash."""
+        entry = self.shard_entry(stage, shard)
+        if not entry or entry.get("state") != COMPLETE or entry.get("key") != key:
+            return False
+        try:
+            data = self.read_bytes(self.shard_rel(stage, shard))
+        except FileNotFoundError:
+            return False
+        return hashlib.sha256(data).hexdigest() == entry.get("sha256")
+
+    def publish_shard(self, stage: str, shard: int, table: pa.Table, schema: pa.Schema, key: str,
+                      **extra: Any) -> dict[str, Any]:
+        info = self.write_table(self.shard_rel(stage, shard), table, schema)
+        entry = {"stage": stage, "shard": shard, "state": COMPLETE, "key": key, **info, **extra,
+                 "finished_at": time.time()}
+        self.write_json(self._entry_rel(stage, shard), entry)
+        return entry
+
+    def mark_shard(self, stage: str, shard: int, state: str, key: str, **extra: Any) -> None:
+        self.write_json(self._entry_rel(stage, shard),
+                        {"stage": stage, "shard": shard, "state": state, "key": key, **extra, "at": time.time()})
+
+    def read_stage(self, stage: str, n_shards: int | None = None) -> pa.Table:
+        """All complete shards of a stage as one table (in shard order)."""
+        entries = [e for e in self.manifest(stage) if e["state"] == COMPLETE]
+        if n_shards is not None:
+            missing = sorted(set(range(n_shards)) - {e["shard"] for e in entries})
+            if missing:
+                raise RuntimeError(f"{self.url(stage)}: shards {missing} are not complete")
+            entries = [e for e in entries if e["shard"] < n_shards]
+        return pa.concat_tables([self.read_table(self.shard_rel(stage, e["shard"])) for e in entries])
+
+    # -- directories (model checkpoints) -------------------------------------------------------
+    def put_dir(self, local_dir: str | Path, rel: str, shared: bool = False) -> None:
+        """Publish a local directory; a `_COMPLETE` marker written last says it is whole."""
+        dest = self.shared_path(rel) if shared else self.path(rel)
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)
+        self.fs.makedirs(dest, exist_ok=True)
+        for p in sorted(Path(local_dir).rglob("*")):
+            if p.is_file():
+                target = f"{dest}/{p.relative_to(local_dir).as_posix()}"
+                _retry(lambda p=p, t=target: self.fs.put_file(str(p), t), target)
+        self._put_bytes(f"{dest}/_COMPLETE", b"")
+
+    def dir_complete(self, rel: str, shared: bool = False) -> bool:
+        dest = self.shared_path(rel) if shared else self.path(rel)
+        return _retry(lambda: self.fs.exists(f"{dest}/_COMPLETE"), dest)
+
+    def local_dir(self, rel: str, shared: bool = False) -> str:
+        """A local path holding the directory: itself on a local store, a cached copy otherwise."""
+        src = self.shared_path(rel) if shared else self.path(rel)
+        if self.is_local:
+            return src
+        cache = Path(os.environ.get("M3PO_CACHE", Path(tempfile.gettempdir()) / "m3po-cache"))
+        local = cache / hashlib.sha256(self.fs.unstrip_protocol(src).encode()).hexdigest()[:16]
+        if not (local / "_COMPLETE").exists():
+            tmp = Path(f"{local}.tmp-{uuid.uuid4().hex}")
+            _retry(lambda: self.fs.get(src + "/", str(tmp), recursive=True), src)
+            shutil.rmtree(local, ignore_errors=True)
+            tmp.rename(local)
+        return str(local)
+
+
+def open_url(url: str, mode: str = "rb"):
+    """Open any fsspec URL (image files referenced by the prompts table)."""
+    return fsspec.open(url, mode)

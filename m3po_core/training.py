@@ -1,0 +1,115 @@
+"""LoRA-DPO on the selected pairs through TRL's `DPOTrainer` and PEFT (paper 3.6, 4.1).
+
+The reference model is the base model with the adapters disabled (TRL does this for a PEFT model
+when `ref_model=None`), so only one copy of the weights is held.
+
+Tokens: TRL's own vision collator re-tokenises the response *text*; decoding and re-encoding is
+not always the identity (BPE merges, leading spaces), so the policy could be trained on tokens
+it never sampled. `SampledTokensCollator` instead feeds the prompt exactly as the sampler encoded
+it (`models.encode_prompts`) and the completions as the sampler's own token ids, EOS included.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from m3po_core.config import TrainingConfig
+from m3po_core.models import encode_prompts
+
+log = logging.getLogger("m3po.training")
+
+
+@dataclass
+class SampledTokensCollator:
+    """Batches of [chosen..., rejected...] with prompt tokens from the processor and completion
+    tokens as sampled; the layout TRL's DPO loss expects (input_ids, attention_mask,
+    completion_mask, pixel_values)."""
+
+    processor: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from trl.trainer.utils import flush_left, pad
+
+        images = [ex["images"][0] for ex in examples] * 2
+        instructions = [ex["instruction"] for ex in examples] * 2
+        prompts = encode_prompts(self.processor, images, instructions)
+        completions = [list(ex["chosen_token_ids"]) for ex in examples] + \
+                      [list(ex["rejected_token_ids"]) for ex in examples]
+        pad_id = self.processor.tokenizer.pad_token_id
+        comp_ids = pad([torch.tensor(c, dtype=torch.long) for c in completions], padding_value=pad_id)
+        comp_mask = pad([torch.ones(len(c), dtype=torch.long) for c in completions], padding_value=0)
+        input_ids = torch.cat([prompts["input_ids"], comp_ids], dim=1)
+        attention_mask = torch.cat([prompts["attention_mask"], comp_mask], dim=1)
+        completion_mask = torch.cat([torch.zeros_like(prompts["attention_mask"]), comp_mask], dim=1)
+        attention_mask, input_ids, completion_mask = flush_left(attention_mask, input_ids, completion_mask)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+                "pixel_values": prompts["pixel_values"]}
+
+
+def pairs_dataset(images: Sequence[Image.Image], instructions: Sequence[str], pairs: list[dict[str, Any]]):
+    """A `datasets.Dataset` in TRL's vision preference format (prompt/chosen/rejected/images),
+    plus the sampled token ids the collator uses."""
+    from datasets import Dataset
+
+    from m3po_core.models import prompt_text
+
+    return Dataset.from_dict({
+        "images": [[im] for im in images],
+        "instruction": list(instructions),
+        "prompt": [prompt_text(q) for q in instructions],
+        "chosen": [p["chosen"] for p in pairs],
+        "rejected": [p["rejected"] for p in pairs],
+        "chosen_token_ids": [p["chosen_token_ids"] for p in pairs],
+        "rejected_token_ids": [p["rejected_token_ids"] for p in pairs],
+    })
+
+
+def train_lora_dpo(
+    model, processor, dataset, cfg: TrainingConfig, output_dir: str,
+    log_fn: Callable[[str], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train LoRA adapters with DPO; saves the adapter to `output_dir`; returns TRL's log history."""
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,          # TRL/transformers 5: a float < 1 is a ratio of all steps
+        num_train_epochs=cfg.epochs,
+        lr_scheduler_type="linear",
+        beta=cfg.beta,
+        seed=cfg.seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,            # the collator needs the token-id columns
+        max_length=None,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if log_fn and logs and "loss" in logs and (state.global_step % 10 == 0 or state.global_step == state.max_steps):
+                log_fn(f"DPO step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                       f"reward acc {logs.get('rewards/accuracies', float('nan')):.2f}")
+
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
+                         processing_class=processor, peft_config=lora,
+                         data_collator=SampledTokensCollator(processor), callbacks=[Progress()])
+    trainer.remove_callback(PrinterCallback)  # progress goes through log_fn, not print()
+    trainer.train()
+    trainer.model.save_pretrained(output_dir)
+    return [dict(h) for h in trainer.state.log_history]

@@ -1,0 +1,69 @@
+"""One task per stage function of `m3po_core.stages`.
+
+Caching is the store's, not Prefect's: a shard complete in the manifest under its cache key is
+skipped by the stage function itself, which also works for shards that ran on another worker or
+in an earlier flow run. Prefect's own result cache is therefore off (`NO_CACHE`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from m3po_core import stages
+from m3po_core.config import RunConfig
+from m3po_core.stages import ShardResult
+from m3po_core.store import RunStore
+
+
+def _info(msg: str) -> None:
+    get_run_logger().info(msg)
+
+
+@task(name="prepare-prompts", cache_policy=NO_CACHE)
+def prepare_prompts(cfg: RunConfig, store: RunStore) -> int:
+    n = stages.prepare_prompts(cfg, store)
+    _info(f"prompts: {n} shards at {store.url('prompts')}")
+    return n
+
+
+@task(name="base-model", cache_policy=NO_CACHE)
+def ensure_base_model(cfg: RunConfig, store: RunStore) -> str:
+    return stages.ensure_base_model(cfg, store, log_fn=_info)
+
+
+@task(name="clip-encoder", cache_policy=NO_CACHE)
+def ensure_clip(cfg: RunConfig, store: RunStore) -> str:
+    return stages.ensure_clip(cfg, store, log_fn=_info)
+
+
+@task(name="sample-shard", task_run_name="sample-shard-{shard:05d}", cache_policy=NO_CACHE)
+def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:
+    result = stages.sample_shard(cfg, store, shard, model_ref)
+    _info(f"candidates shard {shard}: {result.rows} rows " + ("(cached)" if result.cached else f"in {result.seconds:.1f}s"))
+    return result
+
+
+@task(name="score-shard", task_run_name="score-shard-{shard:05d}", cache_policy=NO_CACHE)
+def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> ShardResult:
+    result = stages.score_shard(cfg, store, shard, clip_ref)
+    _info(f"scores shard {shard}: {result.rows} rows " + ("(cached)" if result.cached else f"in {result.seconds:.1f}s"))
+    return result
+
+
+@task(name="select-pairs", cache_policy=NO_CACHE)
+def select_pairs(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
+    stats = stages.select(cfg, store, n_shards)
+    _info(f"pairs: {stats['pairs']} of {stats['groups']} prompts ({stats['skipped_no_mas_gap']} without MAS gap)")
+    return stats
+
+
+@task(name="train-lora-dpo", cache_policy=NO_CACHE)
+def train(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
+    return stages.train(cfg, store, model_ref, log_fn=_info)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
+    return stages.evaluate(cfg, store, model_ref, log_fn=_info)
