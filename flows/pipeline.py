@@ -17,7 +17,7 @@ from m3po_core.store import RunStore
 from flows import stages
 
 
-@flow(name="m3po-pipeline", flow_run_name="m3po-{run_id}", log_prints=True)
+@flow(name="m3po-pipeline", flow_run_name="m3po-{run_id}")
 def m3po_pipeline(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
     cfg, store = config_from_dict(config), RunStore(root, run_id)
     logger = get_run_logger()

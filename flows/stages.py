@@ -52,7 +52,7 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
     return sorted(results, key=lambda r: r.shard)
 
 
-@flow(name="m3po-generate", flow_run_name="generate-{run_id}", log_prints=True)
+@flow(name="m3po-generate", flow_run_name="generate-{run_id}")
 def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
     cfg, store = _open(config, root, run_id)
     n_shards = t.prepare_prompts(cfg, store)
@@ -62,7 +62,7 @@ def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
             "computed": sum(not r.cached for r in results)}
 
 
-@flow(name="m3po-score", flow_run_name="score-{run_id}", log_prints=True)
+@flow(name="m3po-score", flow_run_name="score-{run_id}")
 def score(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
     cfg, store = _open(config, root, run_id)
     clip_ref = t.ensure_clip(cfg, store)

@@ -358,10 +358,17 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
 
 
 def candidates_with_scores(store: RunStore, n_shards: int) -> pa.Table:
-    cands = store.read_stage("candidates", n_shards)
-    scores = store.read_stage("scores", n_shards)
-    return cands.join(scores, ["prompt_id", "cand_idx"], join_type="inner").sort_by(
-        [("prompt_id", "ascending"), ("cand_idx", "ascending")])
+    """Candidates with their scores, one row per (prompt_id, cand_idx), in that order."""
+    order = [("prompt_id", "ascending"), ("cand_idx", "ascending")]
+    cands = store.read_stage("candidates", n_shards).sort_by(order)
+    scores = store.read_stage("scores", n_shards).sort_by(order)
+    # Arrow's hash join cannot carry list columns (token_ids): align by sorted keys instead.
+    for k in ("prompt_id", "cand_idx"):
+        if not cands.column(k).equals(scores.column(k)):
+            raise RuntimeError(f"{store.url()}: candidates and scores do not cover the same (prompt_id, cand_idx)")
+    for name in scores.column_names[2:]:
+        cands = cands.append_column(name, scores.column(name))
+    return cands
 
 
 def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
@@ -407,7 +414,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     import tempfile
 
     from m3po_core.models import load_vlm
-    from m3po_core.training import pairs_dataset, train_lora_dpo
+    from m3po_core.training import PairsDataset, train_lora_dpo
 
     pairs_sha = store.read_json("pairs_stats.json")["sha256"]
     key = stage_key(cfg, "train", pairs_sha, model_ref)
@@ -422,7 +429,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     t0 = time.time()
     with DEVICE_LOCK:
         model, processor = load_vlm(model_ref, cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
-        dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
+        dataset = PairsDataset(images, [p["instruction"] for p in pairs], pairs)
         with tempfile.TemporaryDirectory() as tmp:
             history = train_lora_dpo(model, processor, dataset, cfg.training, tmp, log_fn=log_fn)
             store.put_dir(tmp, "adapter")

@@ -50,22 +50,26 @@ class SampledTokensCollator:
                 "pixel_values": prompts["pixel_values"]}
 
 
-def pairs_dataset(images: Sequence[Image.Image], instructions: Sequence[str], pairs: list[dict[str, Any]]):
-    """A `datasets.Dataset` in TRL's vision preference format (prompt/chosen/rejected/images),
-    plus the sampled token ids the collator uses."""
-    from datasets import Dataset
+class PairsDataset(torch.utils.data.Dataset):
+    """Rows in TRL's vision preference format (images/prompt/chosen/rejected) plus the sampled
+    token ids the collator uses. A plain torch dataset: `datasets` would hash (pickle) every image
+    to fingerprint it, for nothing, since vision data is collated on the fly."""
 
-    from m3po_core.models import prompt_text
+    def __init__(self, images: Sequence[Image.Image], instructions: Sequence[str], pairs: Sequence[dict[str, Any]]):
+        from m3po_core.models import prompt_text
 
-    return Dataset.from_dict({
-        "images": [[im] for im in images],
-        "instruction": list(instructions),
-        "prompt": [prompt_text(q) for q in instructions],
-        "chosen": [p["chosen"] for p in pairs],
-        "rejected": [p["rejected"] for p in pairs],
-        "chosen_token_ids": [p["chosen_token_ids"] for p in pairs],
-        "rejected_token_ids": [p["rejected_token_ids"] for p in pairs],
-    })
+        if not (len(images) == len(instructions) == len(pairs)):
+            raise ValueError("images, instructions and pairs must have the same length")
+        self.rows = [{"images": [im], "instruction": q, "prompt": prompt_text(q), "chosen": p["chosen"],
+                      "rejected": p["rejected"], "chosen_token_ids": list(p["chosen_token_ids"]),
+                      "rejected_token_ids": list(p["rejected_token_ids"])}
+                     for im, q, p in zip(images, instructions, pairs)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return dict(self.rows[i])
 
 
 def train_lora_dpo(

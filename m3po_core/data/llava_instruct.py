@@ -78,7 +78,8 @@ def _read_records(json_path: str) -> list:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InputError(f"{json_path}: not valid JSON ({error})") from error
     if not isinstance(records, list):
-        raise InputError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
+        kind = type(records).__name__
+        raise InputError(f"{json_path}: expected a JSON list of records, got a {kind}")
     return records
 
 
@@ -98,7 +99,8 @@ def _pairs(json_path: str, index: int, record: object) -> Iterator[tuple[str, st
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise InputError(f"{where}: conversations[{j}] needs 'from' and 'value'")
     if turns[0]["from"] != "human":
-        raise InputError(f"{where}: conversations[0] must be a human turn, got {turns[0]['from']!r}")
+        speaker = turns[0]["from"]
+        raise InputError(f"{where}: conversations[0] must be a human turn, got {speaker!r}")
     for j, (asked, answered) in enumerate(zip(turns, turns[1:])):
         if asked["from"] != "human" or answered["from"] != "gpt":
             continue

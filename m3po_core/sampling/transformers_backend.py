@@ -24,6 +24,13 @@ class TransformersSampler:
         self.processor = processor
         self.eos_id = processor.tokenizer.eos_token_id
         self.pad_id = processor.tokenizer.pad_token_id
+        # Never sample the image placeholder, padding or BOS: a response holding `<image>` would not
+        # line up with the image features when trained on. Suppression acts on the processed
+        # logits only; the stored log-probabilities stay raw.
+        tok = processor.tokenizer
+        image_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+        self.suppress = sorted({i for i in (image_id, tok.pad_token_id, tok.bos_token_id)
+                                if i is not None and i != tok.unk_token_id and i != self.eos_id})
 
     @property
     def device(self) -> torch.device:
@@ -41,6 +48,7 @@ class TransformersSampler:
             **inputs, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
             max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
             output_logits=True, return_dict_in_generate=True, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress,
         )
         prompt_len = inputs["input_ids"].shape[1]
         tokens = out.sequences[:, prompt_len:]                                  # (B*n, T)
@@ -73,6 +81,6 @@ class TransformersSampler:
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
         inputs = self._inputs(images, instructions)
         out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -129,16 +129,15 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
         image_features = self.encode_images(images)
         all_texts = [text for prompt_texts in texts for text in prompt_texts]
-        text_features = self.encode_texts(all_texts) if all_texts else None
+        if all_texts:
+            text_features = self.encode_texts(all_texts)
+        else:
+            text_features = image_features.new_zeros(0, image_features.shape[1])
         similarities = []
         start = 0
         for image_feature, prompt_texts in zip(image_features, texts):
             end = start + len(prompt_texts)
-            if start == end:
-                similarities.append(np.zeros(0, dtype=np.float32))
-            else:
-                cos = text_features[start:end] @ image_feature
-                similarities.append(cos.cpu().numpy())
+            similarities.append((text_features[start:end] @ image_feature).cpu().numpy())
             start = end
         return similarities
 
@@ -219,6 +218,8 @@ def train_tiny_clip(
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     log = log or (lambda message: None)
     torch.manual_seed(seed)
     scorer = load_clip(TINY_CLIP)
@@ -232,7 +233,6 @@ def train_tiny_clip(
     sampler = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(images))
     started = time.monotonic()
-    loss = torch.tensor(float("nan"))
     for step in range(1, steps + 1):
         batch = torch.randperm(len(images), generator=sampler)[:batch_size]
         image_features, text_features, logit_scale = model(pixels[batch], tokens[batch])

@@ -39,7 +39,8 @@ class JudgeItem:
     instruction: str
     response: str
     image: Image.Image | None = None
-    meta: dict | None = None  # reference judge: {"scene": scene_json, "kind": ..., "reference": ...}
+    # The reference judge reads meta["scene"] (Scene.to_json()); other keys are ignored.
+    meta: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,10 @@ def _check_accuracy(
 ) -> float:
     if said_yes != truth_yes:
         return 0.0
-    consistent = (affirmed <= {asked} and asked not in denied) if said_yes else asked not in affirmed
+    if said_yes:
+        consistent = affirmed <= {asked} and asked not in denied
+    else:
+        consistent = asked not in affirmed
     if not consistent:  # "yes , there is no red circle ."
         return 0.0
     facts_right = all(map(is_true, affirmed)) and not any(map(is_true, denied))

@@ -1,0 +1,87 @@
+"""Tiny open_clip model: offline creation, training, scoring and save/reload."""
+
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m3po_core.data.synthetic import caption, make_scenes, render
+from m3po_core.scoring.clip import TINY_CLIP, load_clip, normalise, train_tiny_clip
+
+
+def synthetic_pairs(split: str, n: int) -> tuple[list[Image.Image], list[str]]:
+    scenes = make_scenes(seed=0, split=split, n=n)
+    return [render(scene) for scene in scenes], [caption(scene) for scene in scenes]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple:
+    images, captions = synthetic_pairs("train", 600)
+    heldout_images, heldout_captions = synthetic_pairs("val", 128)
+    logged: list[str] = []
+    scorer, metrics = train_tiny_clip(
+        images,
+        captions,
+        steps=120,
+        batch_size=32,
+        heldout_images=heldout_images,
+        heldout_captions=heldout_captions,
+        log=logged.append,
+    )
+    return scorer, metrics, logged
+
+
+def test_tiny_clip_is_created_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    scorer = load_clip(TINY_CLIP)
+    assert scorer.image_size == (64, 64)
+    assert scorer.tokenizer(["a red circle"]).shape == (1, 32)
+
+
+def test_training_beats_chance(trained: tuple) -> None:
+    _, metrics, logged = trained
+    assert metrics["steps"] == 120
+    assert metrics["retrieval_batch"] == 32
+    assert metrics["retrieval_chance"] == pytest.approx(1 / 32)
+    assert metrics["retrieval_split"] == "heldout"
+    assert metrics["retrieval_top1"] > 2 * metrics["retrieval_chance"]
+    assert np.isfinite(metrics["final_loss"])
+    assert any("step 50/120" in line for line in logged)
+
+
+def test_score_encodes_each_image_once_and_matches_one_by_one(trained: tuple) -> None:
+    scorer = trained[0]
+    images, captions = synthetic_pairs("eval", 3)
+    texts = [[captions[0], "a blue square at the top left ."], [], captions]
+    images_before, texts_before = scorer.n_image_encodes, scorer.n_text_encodes
+
+    similarities = scorer.score(images, texts)
+
+    assert scorer.n_image_encodes - images_before == 3
+    assert scorer.n_text_encodes - texts_before == 5  # 2 + 0 + 3 texts
+    assert [len(s) for s in similarities] == [2, 0, 3]
+    for image, prompt_texts, batched in zip(images, texts, similarities):
+        one_by_one = [scorer.score([image], [[text]])[0][0] for text in prompt_texts]
+        np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+        assert np.all(np.abs(batched) <= 1 + 1e-6)
+
+
+def test_save_and_reload_gives_identical_scores(trained: tuple, tmp_path) -> None:
+    scorer, metrics, _ = trained
+    images, captions = synthetic_pairs("eval", 4)
+    texts = [[true_caption, "a green triangle at the bottom right ."] for true_caption in captions]
+
+    reloaded = load_clip(str(scorer.save(tmp_path / "tiny-clip")))
+
+    assert reloaded.arch == TINY_CLIP
+    assert reloaded.metrics == metrics
+    for original, again in zip(scorer.score(images, texts), reloaded.score(images, texts)):
+        np.testing.assert_array_equal(original, again)
+
+
+def test_normalise_maps_cosine_to_unit_interval() -> None:
+    np.testing.assert_allclose(normalise(np.array([-1.0, 0.0, 1.0])), [0.0, 0.5, 1.0])
