@@ -53,7 +53,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Warm start of tiny-llava only: a short supervised run on the synthetic world's `sft` split
     # that makes a base policy which is partly right (its accuracy is measured and reported).
-    sft_steps: int = 250
+    sft_steps: int = 1000
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     seed: int = 0

@@ -414,7 +414,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     import tempfile
 
     from m3po_core.models import load_vlm
-    from m3po_core.training import PairsDataset, train_lora_dpo
+    from m3po_core.training import pairs_dataset, train_lora_dpo
 
     pairs_sha = store.read_json("pairs_stats.json")["sha256"]
     key = stage_key(cfg, "train", pairs_sha, model_ref)
@@ -429,7 +429,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     t0 = time.time()
     with DEVICE_LOCK:
         model, processor = load_vlm(model_ref, cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
-        dataset = PairsDataset(images, [p["instruction"] for p in pairs], pairs)
+        dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
         with tempfile.TemporaryDirectory() as tmp:
             history = train_lora_dpo(model, processor, dataset, cfg.training, tmp, log_fn=log_fn)
             store.put_dir(tmp, "adapter")

@@ -50,26 +50,24 @@ class SampledTokensCollator:
                 "pixel_values": prompts["pixel_values"]}
 
 
-class PairsDataset(torch.utils.data.Dataset):
-    """Rows in TRL's vision preference format (images/prompt/chosen/rejected) plus the sampled
-    token ids the collator uses. A plain torch dataset: `datasets` would hash (pickle) every image
-    to fingerprint it, for nothing, since vision data is collated on the fly."""
+def pairs_dataset(images: Sequence[Image.Image], instructions: Sequence[str], pairs: Sequence[dict[str, Any]]):
+    """A `datasets.Dataset` in TRL's vision preference format (images/prompt/chosen/rejected), plus
+    the sampled token ids that `SampledTokensCollator` feeds."""
+    from datasets import Dataset
 
-    def __init__(self, images: Sequence[Image.Image], instructions: Sequence[str], pairs: Sequence[dict[str, Any]]):
-        from m3po_core.models import prompt_text
+    from m3po_core.models import prompt_text
 
-        if not (len(images) == len(instructions) == len(pairs)):
-            raise ValueError("images, instructions and pairs must have the same length")
-        self.rows = [{"images": [im], "instruction": q, "prompt": prompt_text(q), "chosen": p["chosen"],
-                      "rejected": p["rejected"], "chosen_token_ids": list(p["chosen_token_ids"]),
-                      "rejected_token_ids": list(p["rejected_token_ids"])}
-                     for im, q, p in zip(images, instructions, pairs)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return dict(self.rows[i])
+    if not (len(images) == len(instructions) == len(pairs)):
+        raise ValueError("images, instructions and pairs must have the same length")
+    return Dataset.from_dict({
+        "images": [[im] for im in images],
+        "instruction": list(instructions),
+        "prompt": [prompt_text(q) for q in instructions],
+        "chosen": [p["chosen"] for p in pairs],
+        "rejected": [p["rejected"] for p in pairs],
+        "chosen_token_ids": [list(p["chosen_token_ids"]) for p in pairs],
+        "rejected_token_ids": [list(p["rejected_token_ids"]) for p in pairs],
+    })
 
 
 def train_lora_dpo(
@@ -101,8 +99,11 @@ def train_lora_dpo(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    # Adapters on the language model's projections only, as LLaVA's LoRA recipes do: the vision
+    # tower has modules of the same names (q_proj, ...) that must stay frozen.
+    target = rf".*language_model.*\.({'|'.join(cfg.lora_target_modules)})"
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+                      target_modules=target, task_type="CAUSAL_LM")
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -1,0 +1,45 @@
+import pytest
+
+from m3po_core.config import RunConfig, load_config, stage_config
+from m3po_core.errors import ConfigError
+
+
+def test_demo_config_loads_with_paper_selection_defaults():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.selection.alpha, cfg.selection.delta, cfg.sampling.n) == (0.5, 0.1, 32)
+    assert cfg.training.batch_size == 8 and cfg.training.warmup_ratio == 0.05 and cfg.training.epochs == 1
+
+
+def test_overrides_are_typed_from_yaml():
+    cfg = load_config(None, ["sampling.n=4", "selection.alpha=0", "training.lora_target_modules=[q_proj, v_proj]"])
+    assert cfg.sampling.n == 4 and cfg.selection.alpha == 0.0
+    assert cfg.training.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("override,named", [
+    ("sampling.temprature=0.5", "sampling.temprature"),
+    ("nosuch.key=1", "nosuch"),
+    ("sampling.n=many", "sampling.n"),
+    ("selection.strategy=best", "selection.strategy"),
+    ("data.world.image_size=1.5", "data.world.image_size"),
+])
+def test_bad_keys_and_types_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling:\n  n: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_stage_sections_change_only_their_stage():
+    a, b = load_config(), load_config(None, ["selection.alpha=0.25"])
+    assert stage_config(a, "pairs") != stage_config(b, "pairs")
+    for stage in ("prompts", "candidates", "scores", "train"):
+        assert stage_config(a, stage) == stage_config(b, stage)
