@@ -111,6 +111,10 @@ class TrainingConfig:
     """LoRA-DPO through TRL (paper 3.6, 4.1: batch 8, lr 5e-5, warm-up 5 %, 1 epoch; beta not given)."""
 
     beta: float = 0.1
+    # TRL loss types, summed with `loss_weights`. The paper's DPO is ["sigmoid"]; ["sigmoid", "sft"]
+    # adds the chosen answers' NLL (RPO), which keeps a small policy from drifting off its samples.
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[list[float]] = None
     learning_rate: float = 5e-5
     batch_size: int = 8
     warmup_ratio: float = 0.05
@@ -243,13 +247,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         _set_dotted(tree, *parse_override(item))
     try:
-        return _build(RunConfig, tree)
+        return config_from_dict(tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    return _build(RunConfig, tree)
+    return validate(_build(RunConfig, tree))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks across sections and of value ranges, each naming the key at fault."""
+    positive = {"sampling.n": cfg.sampling.n, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
+                "sampling.batch_prompts": cfg.sampling.batch_prompts, "data.shard_size": cfg.data.shard_size,
+                "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")
+    if cfg.sampling.temperature <= 0 or not 0 < cfg.sampling.top_p <= 1:
+        raise ConfigError("configuration keys 'sampling.temperature' (> 0) and 'sampling.top_p' (0, 1]: "
+                          f"got {cfg.sampling.temperature}, {cfg.sampling.top_p}")
+    if cfg.selection.alpha < 0 or cfg.selection.delta < 0:
+        raise ConfigError(f"configuration keys 'selection.alpha' and 'selection.delta' must be >= 0")
+    if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
+        raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
+                          f"scene graphs; data.source={cfg.data.source!r} needs a model judge")
+    return cfg
 
 
 def fingerprint(obj: Any) -> str:

@@ -88,6 +88,8 @@ def train_lora_dpo(
         num_train_epochs=cfg.epochs,
         lr_scheduler_type="linear",
         beta=cfg.beta,
+        loss_type=list(cfg.loss_type),
+        loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
         seed=cfg.seed,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         logging_steps=1,

@@ -43,3 +43,14 @@ def test_stage_sections_change_only_their_stage():
     assert stage_config(a, "pairs") != stage_config(b, "pairs")
     for stage in ("prompts", "candidates", "scores", "train"):
         assert stage_config(a, stage) == stage_config(b, stage)
+
+
+@pytest.mark.parametrize("override,named", [
+    ("sampling.n=0", "sampling.n"),
+    ("sampling.top_p=1.5", "sampling.top_p"),
+    ("selection.alpha=-1", "selection.alpha"),
+    ("data.source=llava_instruct", "scoring.judge"),
+])
+def test_values_out_of_range_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])

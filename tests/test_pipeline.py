@@ -1,0 +1,145 @@
+"""The whole DAG as Prefect flows on the ephemeral API, a local directory as the store."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from m3po_core import stages
+from m3po_core.config import load_config
+from m3po_core.errors import M3POError
+from m3po_core.selection import m3p_score
+from m3po_core.store import RunStore
+
+TINY = Path(__file__).parent / "tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(root):
+    from flows.pipeline import m3po_pipeline
+
+    cfg = load_config(TINY)
+    result = m3po_pipeline(config=cfg.to_dict(), root=root, run_id="t1")
+    return cfg, RunStore(root, "t1"), result
+
+
+def test_run_writes_every_table_and_the_report(finished_run):
+    cfg, store, result = finished_run
+    base = Path(store.path(""))
+    cands = pq.read_table(base / "candidates" / "shard-00000.parquet")
+    assert {"prompt_id", "cand_idx", "text", "logp_sum", "logp_mean", "n_tokens"} <= set(cands.column_names)
+    scores = pq.read_table(base / "scores" / "shard-00000.parquet")
+    assert {"prompt_id", "cand_idx", "clip", "judge", "mas"} <= set(scores.column_names)
+    pairs = pq.read_table(base / "pairs.parquet")
+    assert {"prompt_id", "chosen_idx", "rejected_idx", "mas_chosen", "mas_rejected", "logp_chosen",
+            "logp_rejected", "m3p_score", "strategy"} <= set(pairs.column_names)
+    metrics = json.loads((base / "metrics.json").read_text())
+    for model in ("base", "m3po"):
+        assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(metrics[model]["pope"])
+        assert "score" in metrics[model]["mme"]
+    assert cands.num_rows == 8 * cfg.sampling.n
+    manifest = store.manifest("candidates")
+    assert [e["state"] for e in manifest] == ["complete"] * 3
+    report = (base / "report.md").read_text()
+    assert "| POPE accuracy |" in report and "MME score" in report
+    for plot in ("base_vs_trained", "mas_vs_logp", "pair_stats", "dpo_loss"):
+        assert (base / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (base / "adapter" / "adapter_config.json").exists()
+
+
+def test_pairs_agree_with_equations_recomputed_from_the_run(finished_run):
+    cfg, store, _ = finished_run
+    table = stages.candidates_with_scores(store, 3).to_pylist()
+    pairs = store.read_table("pairs.parquet").to_pylist()
+    assert pairs
+    by_prompt = {}
+    for r in table:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    a, d = cfg.selection.alpha, cfg.selection.delta
+    for p in pairs:
+        group = sorted(by_prompt[p["prompt_id"]], key=lambda r: r["cand_idx"])
+        w = max(group, key=lambda r: (r["mas"], -r["cand_idx"]))                       # eq. 1
+        worse = [r for r in group if r["mas"] < w["mas"]]
+        s = {r["cand_idx"]: m3p_score(w["mas"], r["mas"], w["logp_mean"], r["logp_mean"], a, d) for r in worse}
+        l = max(worse, key=lambda r: (s[r["cand_idx"]], -r["cand_idx"]))             # eq. 2-3
+        assert (p["chosen_idx"], p["rejected_idx"]) == (w["cand_idx"], l["cand_idx"])
+        assert p["m3p_score"] == pytest.approx(s[l["cand_idx"]])
+        assert p["chosen"] == w["text"] and p["rejected"] == l["text"]
+        assert p["chosen_token_ids"] == w["token_ids"]
+
+
+def test_cli_rerun_recomputes_nothing(finished_run, root):
+    store = finished_run[1]
+    stamp = {p: p.stat().st_mtime_ns for p in Path(store.path("")).rglob("*.parquet")}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--root", root,
+                          "--run-id", "t1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| POPE accuracy |" in out.stdout
+    info = store.read_json("report_info.json")
+    assert info["computed_shards"] == {"candidates": 0, "scores": 0}
+    assert {p: p.stat().st_mtime_ns for p in Path(store.path("")).rglob("*.parquet")} == stamp
+
+
+def test_cli_names_a_bad_configuration_key(root):
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--root", root,
+                          "--set", "sampling.temprature=2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "sampling.temprature" in out.stderr
+
+
+def test_a_broken_image_fails_its_shard_only_and_a_rerun_recomputes_just_it(root, finished_run):
+    from flows.pipeline import m3po_pipeline
+    from m3po_core.data import synthetic as world
+
+    cfg = load_config(TINY)
+    store = RunStore(root, "t2")
+    n_shards = stages.prepare_prompts(cfg, store)
+    victim = stages.read_prompts_shard(store, 1)[0]
+    image_path = Path(victim["image"])
+    good = image_path.read_bytes()
+    image_path.write_bytes(b"not a png")
+    with pytest.raises(M3POError) as err:
+        m3po_pipeline(config=cfg.to_dict(), root=root, run_id="t2")
+    msg = str(err.value)
+    assert "shard 1" in msg and str(image_path) in msg
+    entries = {e["shard"]: e for e in store.manifest("candidates")}
+    assert entries[1]["state"] == "failed" and str(image_path) in entries[1]["error"]
+    assert entries[0]["state"] == entries[2]["state"] == "complete"
+    assert not Path(store.path(RunStore.shard_rel("candidates", 1))).exists()
+    assert not list(Path(store.path("")).rglob(".tmp-*"))
+    done = {i: entries[i]["finished_at"] for i in (0, 2)}
+
+    image_path.write_bytes(good)  # repair, run again: only shard 1 is sampled
+    result = m3po_pipeline(config=cfg.to_dict(), root=root, run_id="t2")
+    assert result["info"]["computed_shards"]["candidates"] == 1
+    entries = {e["shard"]: e for e in store.manifest("candidates")}
+    assert all(entries[i]["state"] == "complete" for i in range(n_shards))
+    assert {i: entries[i]["finished_at"] for i in (0, 2)} == done
+
+
+def test_empty_instruction_is_named(root):
+    from m3po_core.errors import InputError
+    import pyarrow as pa
+    from m3po_core import schema
+
+    cfg = load_config(TINY)
+    store = RunStore(root, "t3")
+    n = stages.prepare_prompts(cfg, store)
+    rows = stages.read_prompts_shard(store, 0)
+    rows[2]["instruction"] = "  "
+    store.publish_shard("prompts", 0, pa.Table.from_pylist(rows, schema.PROMPTS), schema.PROMPTS,
+                        key=store.shard_entry("prompts", 0)["key"])
+    with pytest.raises(InputError, match=r"prompts shard 0 row 2 .*empty instruction"):
+        stages.sample_shard(cfg, store, 0, "unused-model")
+    assert store.shard_entry("candidates", 0)["state"] == "failed"
+    assert not Path(store.path(RunStore.shard_rel("candidates", 0))).exists()
