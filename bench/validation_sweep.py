@@ -23,7 +23,7 @@ from m3po_core.store import RunStore
 from m3po_core.training import pairs_dataset, train_lora_dpo
 
 
-def val_benchmarks(cfg, n_scenes=120):
+def val_benchmarks(cfg, n_scenes=200):
     sft = world.make_scenes(cfg.seed, "sft", cfg.data.world.n_sft_scenes)
     val = world.make_scenes(cfg.seed, "val", n_scenes)
     images = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in val}
@@ -40,7 +40,13 @@ def score(model, processor, images, benches, max_new_tokens):
             preds += sampler.greedy([images[q["scene_id"]] for q in chunk], [q["instruction"] for q in chunk],
                                     max_new_tokens)
         recs = [{**q, "prediction": p} for q, p in zip(qs, preds)]
-        out[name] = pope.score(recs)["accuracy"] if name == "pope" else mme.score(recs)["score"]
+        if name == "pope":
+            m = pope.score(recs)
+            out["pope"], out["yes_ratio"] = m["accuracy"], m["yes_ratio"]
+        else:
+            m = mme.score(recs)
+            out["mme"] = m["score"]
+            out["mme_sub"] = " ".join(f"{c[:5]}={v['score']:.0f}" for c, v in sorted(m["categories"].items()))
     return out
 
 
@@ -59,8 +65,8 @@ def main():
     pair_images = [stages.load_image(p["image"], "pairs.parquet") for p in pairs]
     images, benches = val_benchmarks(cfg)
     base = score(*models.load_vlm(model_ref), images, benches, cfg.evaluation.max_new_tokens)
-    print(f"{'setting':<70} {'val POPE acc':>12} {'val MME':>8}")
-    print(f"{'base model':<70} {base['pope']:>12.3f} {base['mme']:>8.1f}")
+    print(f"{'setting':<60} {'POPE acc':>8} {'yes':>5} {'MME':>6}  MME subtasks (validation split)")
+    print(f"{'base model':<60} {base['pope']:>8.3f} {base['yes_ratio']:>5.2f} {base['mme']:>6.1f}  {base['mme_sub']}")
     for spec in args.tries:
         overrides = {}
         for item in spec.split(",") if "[" not in spec else _split(spec):
@@ -73,7 +79,7 @@ def main():
                            tcfg.training, d)
         model.eval()  # PEFT injected the trained adapters into `model` itself
         got = score(model, processor, images, benches, cfg.evaluation.max_new_tokens)
-        print(f"{spec:<70} {got['pope']:>12.3f} {got['mme']:>8.1f}")
+        print(f"{spec:<60} {got['pope']:>8.3f} {got['yes_ratio']:>5.2f} {got['mme']:>6.1f}  {got['mme_sub']}", flush=True)
 
 
 def _split(spec):

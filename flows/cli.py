@@ -50,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from flows.pipeline import m3po_pipeline
     from m3po_core.report import markdown_table
 
+    from prefect import tags
+
     t0 = time.time()
     try:
-        result = m3po_pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
+        with tags(f"run:{run_id}", f"config:{cfg.name}", f"strategy:{cfg.selection.strategy}"):
+            result = m3po_pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
     except M3POError as e:
         print(f"\nm3po: run {run_id!r} failed: {e}", file=sys.stderr)
         return 1

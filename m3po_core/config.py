@@ -185,6 +185,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"configuration key '{key}': expected a mapping, got {value!r}")
         return _build(tp, value, key)
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads `5e-5` (no dot) as a string: YAML 1.1's float rule
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"configuration key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -286,14 +291,18 @@ def fingerprint(obj: Any) -> str:
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The part of the configuration that decides a stage's output: what goes into its cache key."""
     d = cfg.to_dict()
+    world = d["data"]["world"]
     sections = {
         "prompts": {"seed": d["seed"], "data": d["data"]},
-        "base_model": {"seed": d["seed"], "model": d["model"], "world": d["data"]["world"]},
-        "clip": {"seed": d["seed"], "clip": d["scoring"]["clip"], "world": d["data"]["world"]},
+        # models built here depend on the warm-start split only, not on the prompt/eval split sizes
+        "base_model": {"seed": d["seed"], "model": d["model"], "sft_scenes": world["n_sft_scenes"],
+                       "image_size": world["image_size"]},
+        "clip": {"seed": d["seed"], "clip": d["scoring"]["clip"], "sft_scenes": world["n_sft_scenes"],
+                 "image_size": world["image_size"]},
         "candidates": {"sampling": d["sampling"]},
         "scores": {"scoring": d["scoring"]},
         "pairs": {"selection": d["selection"]},
         "train": {"training": d["training"]},
-        "evaluate": {"evaluation": d["evaluation"], "world": d["data"]["world"], "seed": d["seed"]},
+        "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"]},
     }
     return sections[stage]
