@@ -23,3 +23,12 @@ def world_batch():
     prompts = world.make_prompts(scenes, 0, per_scene=1)
     images = {s.scene_id: world.render(s, 64) for s in scenes}
     return [images[p["scene_id"]] for p in prompts], [p["instruction"] for p in prompts]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    """A throwaway Prefect API (temporary database) for the session, stopped before pytest exits."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
