@@ -32,21 +32,58 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", default=None, help="run name under the root (default: the config's name)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a configuration key, e.g. --set sampling.n=16 (repeatable)")
+    rerun = sub.add_parser("rerun-failed", help="run a run again with its stored configuration: only the "
+                                                 "shards and stages that are not complete are computed")
+    rerun.add_argument("run_id")
+    rerun.add_argument("--root", default="./m3po-runs")
+    status = sub.add_parser("status", help="each stage's shards of a run: complete, failed (with the error), running")
+    status.add_argument("run_id")
+    status.add_argument("--root", default="./m3po-runs")
     return p
+
+
+def _status(root: str, run_id: str) -> int:
+    from m3po_core.store import RunStore
+
+    store = RunStore(root, run_id)
+    if not store.exists("prompts/_stage.json"):
+        print(f"m3po: no run {run_id!r} under {root}", file=sys.stderr)
+        return 2
+    n = store.read_json("prompts/_stage.json")["n_shards"]
+    for stage in ("candidates", "scores"):
+        entries = {e["shard"]: e for e in store.manifest(stage)}
+        states = [entries.get(i, {}).get("state", "missing") for i in range(n)]
+        print(f"{stage:<11} " + " ".join(f"{s}={states.count(s)}" for s in dict.fromkeys(states)))
+        for i in range(n):
+            if states[i] == "failed":
+                print(f"  shard {i}: {entries[i].get('error')}")
+    for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md"):
+        print(f"{name:<20} {'done' if store.exists(name) else 'not yet'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from m3po_core.config import load_config
+    from m3po_core.config import config_from_dict, load_config
     from m3po_core.errors import M3POError
+    from m3po_core.store import RunStore
 
+    if args.command == "status":
+        return _status(args.root, args.run_id)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.command == "rerun-failed":
+            store = RunStore(args.root, args.run_id)
+            if not store.exists("config.json"):
+                print(f"m3po: {store.url('config.json')} not found: no run {args.run_id!r} to re-run", file=sys.stderr)
+                return 2
+            cfg, run_id = config_from_dict(store.read_json("config.json")), args.run_id
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_id = args.run_id or cfg.name
     except M3POError as e:
         print(f"m3po: {e}", file=sys.stderr)
         return 2
-    run_id = args.run_id or cfg.name
     from flows.pipeline import m3po_pipeline
     from m3po_core.report import markdown_table
 

@@ -20,6 +20,7 @@ from flows import stages
 @flow(name="m3po-pipeline", flow_run_name="m3po-{run_id}")
 def m3po_pipeline(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
     cfg, store = config_from_dict(config), RunStore(root, run_id)
+    store.write_json("config.json", cfg.to_dict())  # what `m3po rerun-failed` runs again
     logger = get_run_logger()
     timings: dict[str, float] = {}
 

@@ -119,9 +119,15 @@ def test_a_broken_image_fails_its_shard_only_and_a_rerun_recomputes_just_it(root
     assert not list(Path(store.path("")).rglob(".tmp-*"))
     done = {i: entries[i]["finished_at"] for i in (0, 2)}
 
-    image_path.write_bytes(good)  # repair, run again: only shard 1 is sampled
-    result = m3po_pipeline(config=cfg.to_dict(), root=root, run_id="t2")
-    assert result["info"]["computed_shards"]["candidates"] == 1
+    status = subprocess.run([sys.executable, "-m", "flows.cli", "status", "t2", "--root", root],
+                            capture_output=True, text=True, timeout=120)
+    assert "failed=1" in status.stdout and str(image_path) in status.stdout
+
+    image_path.write_bytes(good)  # repair, re-run the failed: only shard 1 is sampled
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "rerun-failed", "t2", "--root", root],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert store.read_json("report_info.json")["computed_shards"]["candidates"] == 1
     entries = {e["shard"]: e for e in store.manifest("candidates")}
     assert all(entries[i]["state"] == "complete" for i in range(n_shards))
     assert {i: entries[i]["finished_at"] for i in (0, 2)} == done

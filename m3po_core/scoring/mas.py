@@ -26,6 +26,12 @@ def make_judge(name: str):
         from m3po_core.scoring.judge import ReferenceJudge
 
         return ReferenceJudge()
+    if name.startswith("openai:"):
+        import os
+
+        from m3po_core.scoring.openai_judge import OpenAIJudge
+
+        return OpenAIJudge(model=name.removeprefix("openai:"), base_url=os.environ.get("M3PO_JUDGE_BASE_URL"))
     raise ValueError(f"unknown judge {name!r}")
 
 
