@@ -174,7 +174,6 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
 
         import torch
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         w, m = cfg.data.world, cfg.model
         model, processor = models.build_tiny_llava(world.vocabulary(), seed=m.seed)
         model.to(models.pick_device(m.device))
