@@ -11,15 +11,21 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from m3po_core.config import config_from_dict
+from m3po_core import stages as stages_lib
+from m3po_core.config import config_from_dict, load_config
 from m3po_core.report import build_report
 from m3po_core.store import RunStore
 from flows import stages
 
 
 @flow(name="m3po-pipeline", flow_run_name="m3po-{run_id}")
-def m3po_pipeline(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
-    cfg, store = config_from_dict(config), RunStore(root, run_id)
+def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs", run_id: str = "demo",
+                  config_file: str | None = None) -> dict[str, Any]:
+    """`config` (a full run configuration) or `config_file` (a YAML path on the worker; default
+    configs/demo.yaml): deployments and schedules pass a file, `m3po run` the loaded config."""
+    cfg = config_from_dict(config) if config is not None else load_config(config_file)
+    config = cfg.to_dict()
+    store = RunStore(root, run_id)
     store.write_json("config.json", cfg.to_dict())  # what `m3po rerun-failed` runs again
     logger = get_run_logger()
     timings: dict[str, float] = {}
@@ -38,7 +44,8 @@ def m3po_pipeline(config: dict[str, Any], root: str, run_id: str) -> dict[str, A
 
     info = {"timings": timings, "n_prompts": store.read_json("prompts/_stage.json")["n_prompts"],
             "computed_shards": {"candidates": gen["computed"], "scores": sc["computed"]}}
-    info.update(_model_quality(gen["model_ref"], sc["clip_ref"]))
+    info.update(_model_quality(stages_lib.resolve_model(store, gen["model_ref"]),
+                               stages_lib.resolve_model(store, sc["clip_ref"])))
     markdown, rows = build_report(cfg, store, gen["n_shards"], info)
     key = f"m3po-{run_id}".lower().replace("_", "-")
     create_markdown_artifact(markdown, key=f"{key}-report", description="M3PO report card")

@@ -27,29 +27,70 @@ def _open(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, Ru
 
 
 def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str) -> list[ShardResult]:
-    """Run a shard task over every shard; progress as shards finish; fail naming the failed shards
-    only after every other shard finished (their results stay in the store)."""
+    """Run every shard, in this process (tasks) or as flow runs of the shard deployment; progress
+    as shards finish; fail naming the failed shards only after every other shard finished (their
+    results stay in the store, and a re-run skips them)."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=f"{store.run_id}-{stage}-progress".lower().replace("_", "-"),
                                         description=f"{stage} shards finished")
-    futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)), **{
-        "model_ref" if stage == "candidates" else "clip_ref": unmapped(ref)})
-    results: list[ShardResult] = []
-    failed: dict[int, str] = {}
-    shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
-    for done, fut in enumerate(as_completed(futures), start=1):
-        shard = shard_of[fut.task_run_id]
-        try:
-            results.append(fut.result())
-        except Exception as e:
-            failed[shard] = f"{type(e).__name__}: {e}"
-            logger.error(f"{stage} shard {shard} failed: {failed[shard]}")
-        update_progress_artifact(progress, 100.0 * done / n_shards)
+    ref_name = "model_ref" if stage == "candidates" else "clip_ref"
+    if cfg.execution.shards == "deployment":
+        outcomes = _shards_as_deployments(cfg, store, n_shards, ref_name, ref, stage, progress)
+    else:
+        outcomes = {}
+        futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)),
+                              **{ref_name: unmapped(ref)})
+        shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
+        for done, fut in enumerate(as_completed(futures), start=1):
+            try:
+                outcomes[shard_of[fut.task_run_id]] = fut.result()
+            except Exception as e:
+                outcomes[shard_of[fut.task_run_id]] = f"{type(e).__name__}: {e}"
+            update_progress_artifact(progress, 100.0 * done / n_shards)
+    failed = {s: o for s, o in sorted(outcomes.items()) if isinstance(o, str)}
+    for shard, msg in failed.items():
+        logger.error(f"{stage} shard {shard} failed: {msg}")
     if failed:
-        detail = "; ".join(f"shard {s}: {msg}" for s, msg in sorted(failed.items()))
+        detail = "; ".join(f"shard {s}: {msg}" for s, msg in failed.items())
         raise M3POError(f"{stage}: {len(failed)} of {n_shards} shards failed ({detail}). Finished shards are kept; "
-                        f"fix the input and run again to recompute only these.")
-    return sorted(results, key=lambda r: r.shard)
+                        f"fix the input and run `m3po rerun-failed {store.run_id}` to recompute only these.")
+    return [outcomes[s] for s in range(n_shards)]
+
+
+def _shards_as_deployments(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str, stage: str,
+                           progress) -> dict[int, ShardResult | str]:
+    """One flow run per shard on the shard deployment's work pool (any number of GPU workers share
+    them); poll until all are final. A shard's failure is read back from the store's manifest."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    name = cfg.execution.sample_deployment if stage == "candidates" else cfg.execution.score_deployment
+    started = time.time()
+    runs = {}
+    for shard in range(n_shards):
+        params = {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
+        runs[shard] = run_deployment(name, parameters=params, timeout=0, tags=[f"run:{store.run_id}", f"shard:{shard}"]).id
+    outcomes: dict[int, ShardResult | str] = {}
+    with get_client(sync_client=True) as client:
+        while len(outcomes) < n_shards:
+            for shard, run_id in runs.items():
+                if shard in outcomes:
+                    continue
+                state = client.read_flow_run(run_id).state
+                if state is None or not state.is_final():
+                    continue
+                entry = store.shard_entry(stage, shard) or {}
+                if state.is_completed() and entry.get("state") == "complete":
+                    cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
+                    outcomes[shard] = ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
+                else:
+                    outcomes[shard] = entry.get("error") or f"flow run {run_id} ended {state.type.value}: {state.message}"
+                update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
+            if len(outcomes) < n_shards:
+                time.sleep(cfg.execution.poll_seconds)
+    return outcomes
 
 
 @flow(name="m3po-generate", flow_run_name="generate-{run_id}")

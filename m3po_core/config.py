@@ -138,6 +138,20 @@ class EvaluationConfig:
 
 
 @dataclass
+class ExecutionConfig:
+    """Where the sampling and scoring shards run. Not part of any cache key: it changes where
+    shards are computed, not what they hold."""
+
+    # in_process: tasks of the parent flow run (the embedded default); deployment: one flow run
+    # per shard of the shard deployments, on their work pool (see deployments/prefect.yaml)
+    shards: Literal["in_process", "deployment"] = "in_process"
+    sample_deployment: str = "m3po-sample-shard/m3po-sample-shard"
+    score_deployment: str = "m3po-score-shard/m3po-score-shard"
+    poll_seconds: float = 2.0
+    gpu_concurrency_limit: str = "m3po-gpu"   # global concurrency limit each shard flow run holds
+
+
+@dataclass
 class RunConfig:
     name: str = "m3po"
     seed: int = 0
@@ -148,6 +162,7 @@ class RunConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -158,9 +158,19 @@ def load_shard_images(rows: list[dict[str, Any]], shard: int) -> list[Image.Imag
 # Models built here: the tiny LLaVA base policy and the tiny CLIP
 
 
+STORE_REF = "store:"
+
+
+def resolve_model(store: RunStore, ref: str) -> str:
+    """A local path or hub name for a model reference. `store:_models/...` references name models
+    built here, kept beside the runs: every worker resolves them to its own local copy, so cache
+    keys (which contain the reference) agree across machines."""
+    return store.local_dir(ref[len(STORE_REF):], shared=True) if ref.startswith(STORE_REF) else ref
+
+
 def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info) -> str:
-    """The base policy's location: a hub name/path as given, or the tiny LLaVA built, warm-started
-    and kept under `{root}/_models/` so later runs reuse it."""
+    """A reference to the base policy: a hub name/path as given, or the tiny LLaVA built,
+    warm-started and kept under `{root}/_models/` so later runs reuse it."""
     from m3po_core import models
 
     if cfg.model.name != models.TINY_NAME:
@@ -193,7 +203,7 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
             with open(f"{tmp}/m3po_warm_start.json", "w") as f:
                 json.dump({"key": key, "final_loss": losses[-1], "losses": losses, **quality}, f)
             store.put_dir(tmp, rel, shared=True)
-    return store.local_dir(rel, shared=True)
+    return STORE_REF + rel
 
 
 def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]:
@@ -219,7 +229,7 @@ def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]
 
 
 def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info) -> str:
-    """The CLIP encoder's location: trained here for `m3po-tiny-clip`, else the open_clip name."""
+    """A reference to the CLIP encoder: trained here for `m3po-tiny-clip`, else the open_clip name."""
     c = cfg.scoring.clip
     if c.name != "m3po-tiny-clip":
         return c.name
@@ -245,7 +255,7 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
         with tempfile.TemporaryDirectory() as tmp:
             scorer.save(tmp)
             store.put_dir(tmp, rel, shared=True)
-    return store.local_dir(rel, shared=True)
+    return STORE_REF + rel
 
 
 def _cached(key: tuple, build: Callable[[], Any]) -> Any:
@@ -256,18 +266,18 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
         return _MODELS[key]
 
 
-def get_vlm(cfg: RunConfig, model_ref: str):
+def get_vlm(cfg: RunConfig, store: RunStore, model_ref: str):
     from m3po_core.models import load_vlm
 
     return _cached(("vlm", model_ref, cfg.model.device, cfg.model.dtype),
-                   lambda: load_vlm(model_ref, cfg.model.device, cfg.model.dtype))
+                   lambda: load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype))
 
 
-def get_clip(cfg: RunConfig, clip_ref: str):
+def get_clip(cfg: RunConfig, store: RunStore, clip_ref: str):
     from m3po_core.scoring.clip import load_clip
 
     return _cached(("clip", clip_ref, cfg.scoring.clip.pretrained),
-                   lambda: load_clip(clip_ref, cfg.scoring.clip.pretrained,
+                   lambda: load_clip(resolve_model(store, clip_ref), cfg.scoring.clip.pretrained,
                                      "cuda" if cfg.model.device in ("auto", "cuda") and _has_cuda() else "cpu"))
 
 
@@ -309,7 +319,7 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
         rows = read_prompts_shard(store, shard)
         _validate_prompts(rows, f"prompts shard {shard}")
         images = load_shard_images(rows, shard)
-        model, processor = get_vlm(cfg, model_ref)
+        model, processor = get_vlm(cfg, store, model_ref)
         sampler = make_sampler(s.backend, model, processor)
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=s.seed)
@@ -345,7 +355,7 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         rows = read_prompts_shard(store, shard)
         images = load_shard_images(rows, shard)
         cands = store.read_table(RunStore.shard_rel("candidates", shard))
-        clip = get_clip(cfg, clip_ref)
+        clip = get_clip(cfg, store, clip_ref)
         with DEVICE_LOCK:
             return score_candidates(rows, images, cands, clip, cfg.scoring)
 
@@ -427,7 +437,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
               for i, p in enumerate(pairs)]
     t0 = time.time()
     with DEVICE_LOCK:
-        model, processor = load_vlm(model_ref, cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
+        model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
         dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
         with tempfile.TemporaryDirectory() as tmp:
             history = train_lora_dpo(model, processor, dataset, cfg.training, tmp, log_fn=log_fn)
@@ -488,12 +498,12 @@ def _headline(bench: str, m: dict[str, Any]) -> str:
 
 def _eval_model(cfg: RunConfig, store: RunStore, model_ref: str, which: str):
     if which == "base":
-        return get_vlm(cfg, model_ref)
+        return get_vlm(cfg, store, model_ref)
     from peft import PeftModel
 
     from m3po_core.models import load_vlm
 
-    model, processor = load_vlm(model_ref, cfg.model.device, cfg.model.dtype)
+    model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)
     model = PeftModel.from_pretrained(model, store.local_dir("adapter")).merge_and_unload()
     model.eval()
     return model, processor

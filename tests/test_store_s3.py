@@ -12,28 +12,8 @@ from m3po_core.store import COMPLETE, RunStore
 
 
 @pytest.fixture(scope="module")
-def s3_root(tmp_path_factory):
-    import os
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                              "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="m3po")
-    yield "s3://m3po/runs"  # s3fs reads AWS_ENDPOINT_URL through botocore's configuration chain
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def s3_root(s3_server):
+    return "s3://m3po/runs"
 
 
 def table(n=4):
