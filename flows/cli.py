@@ -14,7 +14,7 @@ import warnings
 
 def _quiet_libraries() -> None:
     # Route our loggers into Prefect's run logs; keep library chatter out of the terminal.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "m3po")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "m3po,transformers,trl,peft")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the ephemeral server
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
