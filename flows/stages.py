@@ -9,7 +9,8 @@ so it can run alone, as a subflow of the pipeline, or as a deployment.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -61,8 +62,6 @@ def _shards_as_deployments(cfg: RunConfig, store: RunStore, n_shards: int, ref_n
                            progress) -> dict[int, ShardResult | str]:
     """One flow run per shard on the shard deployment's work pool (any number of GPU workers share
     them); poll until all are final. A shard's failure is read back from the store's manifest."""
-    import time
-
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 

@@ -459,11 +459,11 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     unknown = [b for b in cfg.evaluation.benchmarks if b not in scorers]
     if unknown:
         raise InputError(f"evaluation.benchmarks: unknown benchmark(s) {unknown}; available: {sorted(scorers)}")
+    from m3po_core.sampling.transformers_backend import TransformersSampler
+
     metrics: dict[str, Any] = {"key": key}
     for model_name in ("base", "m3po"):
         model, processor = _eval_model(cfg, store, model_ref, model_name)
-        from m3po_core.sampling.transformers_backend import TransformersSampler
-
         sampler = TransformersSampler(model, processor)
         metrics[model_name] = {}
         for bench in cfg.evaluation.benchmarks:
