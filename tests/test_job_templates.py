@@ -91,7 +91,6 @@ def test_gpu_image_pins_and_cuda_base():
                 if "==" in line and not line.startswith("#"))
     assert pins["torch"] == "2.14.0" and pins["torchvision"] == "0.29.0" and pins["vllm"] == "0.33.0"
     assert pins["prefect"] == "3.8.8"
-    assert 'vllm = ["vllm==0.33.0"]' in (REPO / "pyproject.toml").read_text()
     dockerfile = (REPO / "docker/Dockerfile").read_text()
     base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu\d+\.\d+", dockerfile, re.M)
     assert base, "the image builds on an official CUDA runtime image"
