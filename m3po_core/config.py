@@ -63,13 +63,18 @@ class ModelConfig:
 class SamplingConfig:
     """Candidate generation (paper 3.2: N = 32, nucleus sampling at moderate temperature)."""
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "openai"] = "transformers"
     n: int = 32
     temperature: float = 0.9
     top_p: float = 0.95
     max_new_tokens: int = 48
     batch_prompts: int = 8              # prompts per generate() call (each with n samples)
     seed: int = 0
+    # backend "openai": an OpenAI-compatible server, e.g. `vllm serve llava-hf/llava-1.5-7b-hf`
+    base_url: Optional[str] = None      # e.g. http://gpu-host:8000/v1
+    served_model: Optional[str] = None  # the server's model name (default: model.name)
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    concurrency: int = 8                # requests in flight
 
 
 @dataclass
@@ -88,7 +93,13 @@ class ScoringConfig:
     """MAS = clip_weight * (cos + 1) / 2 + judge_weight * judge.overall  (paper 3.3, weights ours)."""
 
     clip: ClipConfig = field(default_factory=ClipConfig)
-    judge: Literal["reference"] = "reference"
+    # "reference" (the synthetic world's scene-graph judge) or "openai:<model>" (any OpenAI-compatible
+    # vision model: OpenAI, or a vLLM-served open VLM at judge_base_url)
+    judge: str = "reference"
+    judge_base_url: Optional[str] = None
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    judge_candidates_per_call: int = 1        # >1: rate several candidates of a prompt in one request
+    judge_concurrency: int = 8
     clip_weight: float = 0.2
     judge_weight: float = 0.8
 
@@ -289,6 +300,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"got {cfg.sampling.temperature}, {cfg.sampling.top_p}")
     if cfg.selection.alpha < 0 or cfg.selection.delta < 0:
         raise ConfigError(f"configuration keys 'selection.alpha' and 'selection.delta' must be >= 0")
+    if cfg.scoring.judge != "reference" and not cfg.scoring.judge.startswith("openai:"):
+        raise ConfigError(f"configuration key 'scoring.judge': {cfg.scoring.judge!r} is neither 'reference' "
+                          "nor 'openai:<model>'")
+    if cfg.sampling.backend == "openai" and not cfg.sampling.base_url:
+        raise ConfigError("configuration key 'sampling.base_url': the openai sampling backend needs the "
+                          "server's URL (e.g. http://host:8000/v1)")
     if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
         raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
                           f"scene graphs; data.source={cfg.data.source!r} needs a model judge")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -180,7 +183,6 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
     key = stage_key(cfg, "base_model", world.vocabulary())
     rel = f"_models/tiny-llava-{key}"
     if not store.dir_complete(rel, shared=True):
-        import tempfile
 
         import torch
 
@@ -239,7 +241,6 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
     key = stage_key(cfg, "clip")
     rel = f"_models/tiny-clip-{key}"
     if not store.dir_complete(rel, shared=True):
-        import tempfile
 
         w = cfg.data.world
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes)
@@ -271,6 +272,30 @@ def get_vlm(cfg: RunConfig, store: RunStore, model_ref: str):
 
     return _cached(("vlm", model_ref, cfg.model.device, cfg.model.dtype),
                    lambda: load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype))
+
+
+def get_sampler(cfg: RunConfig, store: RunStore, model_ref: str):
+    """The configured sampling backend, built once per process."""
+    s = cfg.sampling
+    if s.backend == "openai":
+        from m3po_core.sampling.openai_backend import OpenAICompatibleSampler
+
+        return _cached(("openai-sampler", s.base_url, s.served_model or model_ref),
+                       lambda: OpenAICompatibleSampler(model=s.served_model or model_ref, base_url=s.base_url,
+                                                       api_key_env=s.api_key_env, concurrency=s.concurrency))
+    from m3po_core.sampling import make_sampler
+
+    return make_sampler(s.backend, *get_vlm(cfg, store, model_ref))
+
+
+def get_judge(cfg: RunConfig, store: RunStore):
+    """The configured judge, built once per process; a model judge caches its ratings beside the runs
+    (or in the local cache for a remote store)."""
+    from m3po_core.scoring.mas import make_judge
+
+    cache = store.shared_path("_judge_cache") if store.is_local else \
+        str(Path(os.environ.get("M3PO_CACHE", Path(tempfile.gettempdir()) / "m3po-cache")) / "judge")
+    return _cached(("judge", fingerprint(cfg.scoring)), lambda: make_judge(cfg.scoring, cache_dir=cache))
 
 
 def get_clip(cfg: RunConfig, store: RunStore, clip_ref: str):
@@ -309,7 +334,7 @@ def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Calla
 
 
 def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:
-    from m3po_core.sampling import SamplingParams, batch_seed, make_sampler
+    from m3po_core.sampling import SamplingParams, batch_seed
 
     s = cfg.sampling
     prompts_entry = store.shard_entry("prompts", shard)
@@ -319,8 +344,7 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
         rows = read_prompts_shard(store, shard)
         _validate_prompts(rows, f"prompts shard {shard}")
         images = load_shard_images(rows, shard)
-        model, processor = get_vlm(cfg, store, model_ref)
-        sampler = make_sampler(s.backend, model, processor)
+        sampler = get_sampler(cfg, store, model_ref)
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=s.seed)
         out: dict[str, list] = {c: [] for c in schema.CANDIDATES.names}
@@ -356,8 +380,9 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         images = load_shard_images(rows, shard)
         cands = store.read_table(RunStore.shard_rel("candidates", shard))
         clip = get_clip(cfg, store, clip_ref)
+        judge = get_judge(cfg, store)
         with DEVICE_LOCK:
-            return score_candidates(rows, images, cands, clip, cfg.scoring)
+            return score_candidates(rows, images, cands, clip, cfg.scoring, judge=judge)
 
     return _run_shard(store, "scores", shard, key, compute, schema.SCORES)
 
@@ -420,7 +445,6 @@ def _mean(t: pa.Table, a: str, b: str) -> float:
 
 def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
     """LoRA-DPO on pairs.parquet; the adapter lands in `adapter/`, the log in `train_log.json`."""
-    import tempfile
 
     from m3po_core.models import load_vlm
     from m3po_core.training import pairs_dataset, train_lora_dpo

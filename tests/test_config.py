@@ -58,3 +58,13 @@ def test_stage_sections_change_only_their_stage():
 def test_values_out_of_range_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_backends_are_selected_and_checked():
+    cfg = load_config(None, ["scoring.judge=openai:gpt-4o", "sampling.backend=openai",
+                             "sampling.base_url=http://127.0.0.1:8000/v1"])
+    assert cfg.scoring.judge == "openai:gpt-4o" and cfg.sampling.backend == "openai"
+    with pytest.raises(ConfigError, match=r"sampling\.base_url"):
+        load_config(None, ["sampling.backend=openai"])
+    with pytest.raises(ConfigError, match=r"scoring\.judge"):
+        load_config(None, ["scoring.judge=gpt-4o"])

@@ -260,6 +260,7 @@ def test_score_works_from_a_thread_and_inside_a_running_loop(server: FakeOpenAIS
 
 
 def test_make_judge_builds_the_openai_judge(server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("M3PO_JUDGE_BASE_URL", server.base_url)
-    built = make_judge("openai:gpt-4o")
+    from m3po_core.config import ScoringConfig
+
+    built = make_judge(ScoringConfig(judge="openai:gpt-4o", judge_base_url=server.base_url))
     assert isinstance(built, OpenAIJudge) and built.name == "openai:gpt-4o" and built.base_url == server.base_url

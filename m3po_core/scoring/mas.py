@@ -21,22 +21,23 @@ from m3po_core.config import ScoringConfig
 from m3po_core.scoring.clip import ClipScorer, normalise
 
 
-def make_judge(name: str):
-    if name == "reference":
+def make_judge(cfg: ScoringConfig, cache_dir: str | None = None):
+    """The judge a scoring configuration names; `cache_dir` keeps a model judge's ratings."""
+    if cfg.judge == "reference":
         from m3po_core.scoring.judge import ReferenceJudge
 
         return ReferenceJudge()
-    if name.startswith("openai:"):
-        import os
-
+    if cfg.judge.startswith("openai:"):
         from m3po_core.scoring.openai_judge import OpenAIJudge
 
-        return OpenAIJudge(model=name.removeprefix("openai:"), base_url=os.environ.get("M3PO_JUDGE_BASE_URL"))
-    raise ValueError(f"unknown judge {name!r}")
+        return OpenAIJudge(model=cfg.judge.removeprefix("openai:"), base_url=cfg.judge_base_url,
+                           api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
+                           candidates_per_call=cfg.judge_candidates_per_call, cache_dir=cache_dir)
+    raise ValueError(f"unknown judge {cfg.judge!r}")
 
 
 def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.Image], candidates: pa.Table,
-                     clip: ClipScorer, cfg: ScoringConfig) -> pa.Table:
+                     clip: ClipScorer, cfg: ScoringConfig, judge=None) -> pa.Table:
     """Score one shard: each prompt's image encoded once, its candidates batched."""
     from m3po_core.scoring.judge import JudgeItem
 
@@ -55,7 +56,7 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
     for rows, s in zip(rows_of, sims):
         clip_col[rows] = s
 
-    judge = make_judge(cfg.judge)
+    judge = judge or make_judge(cfg)
     items = []
     for r, p in enumerate(pid):
         prompt = prompts[by_prompt[p]]
