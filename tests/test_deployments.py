@@ -52,10 +52,18 @@ def prefect_stack(tmp_path_factory, s3_server):
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", "m3po-gpu", "--limit", "4"], env=env, cwd=REPO,
                               stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
     yield {"url": url, "logs": logs, "env": env}
-    worker.terminate()
-    server.terminate()
-    worker.wait(30)
-    server.wait(30)
+    for proc in (worker, server):
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still shutting down (a worker may wait on its flow runs)."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
 
 
 def test_demo_deployment_fans_shards_out_as_flow_runs_on_s3(prefect_stack, s3_server):
