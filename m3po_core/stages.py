@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,16 @@ CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scor
 # resource, and HF sampling seeds torch's global generator.
 DEVICE_LOCK = threading.RLock()
 _MODELS: dict[tuple, Any] = {}
+_waited = threading.local()  # seconds this thread spent queueing for the device in the current shard
+
+
+@contextmanager
+def device_slot():
+    """Hold the device; the time spent waiting for it is not the shard's compute time."""
+    t0 = time.time()
+    with DEVICE_LOCK:
+        _waited.seconds = getattr(_waited, "seconds", 0.0) + time.time() - t0
+        yield
 
 
 def stage_key(cfg: RunConfig, stage: str, *inputs: Any) -> str:
@@ -261,7 +272,7 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
 
 def _cached(key: tuple, build: Callable[[], Any]) -> Any:
     """Load a model once per process (a worker serves many shards with one copy)."""
-    with DEVICE_LOCK:
+    with device_slot():
         if key not in _MODELS:
             _MODELS[key] = build()
         return _MODELS[key]
@@ -324,13 +335,16 @@ def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Calla
         entry = store.shard_entry(stage, shard)
         return ShardResult(stage, shard, entry["rows"], True, 0.0)
     store.mark_shard(stage, shard, RUNNING, key)
+    _waited.seconds = 0.0
     try:
         table = compute()
-        entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=time.time() - t0)
+        wall = time.time() - t0
+        entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=wall - _waited.seconds,
+                                    wall_seconds=wall)
     except BaseException as e:  # KeyboardInterrupt too: the manifest must say the shard is not done
         store.mark_shard(stage, shard, FAILED, key, error=f"{type(e).__name__}: {e}")
         raise
-    return ShardResult(stage, shard, entry["rows"], False, time.time() - t0)
+    return ShardResult(stage, shard, entry["rows"], False, entry["seconds"])
 
 
 def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:
@@ -351,7 +365,7 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
         for start in range(0, len(rows), s.batch_prompts):
             batch = rows[start: start + s.batch_prompts]
             seed = batch_seed(s.seed, [r["prompt_id"] for r in batch])
-            with DEVICE_LOCK:
+            with device_slot():
                 cands = sampler.sample(images[start: start + len(batch)], [r["instruction"] for r in batch],
                                        params, seed)
             for r, row_cands in zip(batch, cands):
@@ -381,7 +395,7 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         cands = store.read_table(RunStore.shard_rel("candidates", shard))
         clip = get_clip(cfg, store, clip_ref)
         judge = get_judge(cfg, store)
-        with DEVICE_LOCK:
+        with device_slot():
             return score_candidates(rows, images, cands, clip, cfg.scoring, judge=judge)
 
     return _run_shard(store, "scores", shard, key, compute, schema.SCORES)

@@ -41,14 +41,14 @@ def ensure_clip(cfg: RunConfig, store: RunStore) -> str:
 @task(name="sample-shard", task_run_name="sample-shard-{shard:05d}", cache_policy=NO_CACHE)
 def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:
     result = stages.sample_shard(cfg, store, shard, model_ref)
-    _info(f"candidates shard {shard}: {result.rows} rows " + ("(cached)" if result.cached else f"in {result.seconds:.1f}s"))
+    _info(f"candidates shard {shard}: {result.rows} rows " + ("(cached)" if result.cached else f"computed in {result.seconds:.1f}s"))
     return result
 
 
 @task(name="score-shard", task_run_name="score-shard-{shard:05d}", cache_policy=NO_CACHE)
 def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> ShardResult:
     result = stages.score_shard(cfg, store, shard, clip_ref)
-    _info(f"scores shard {shard}: {result.rows} rows " + ("(cached)" if result.cached else f"in {result.seconds:.1f}s"))
+    _info(f"scores shard {shard}: {result.rows} rows " + ("(cached)" if result.cached else f"computed in {result.seconds:.1f}s"))
     return result
 
 
