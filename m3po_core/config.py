@@ -309,6 +309,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
         raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
                           f"scene graphs; data.source={cfg.data.source!r} needs a model judge")
+    unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme")]
+    if unknown:
+        raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme")
+    if cfg.data.source != "synthetic" and cfg.evaluation.benchmarks:
+        raise ConfigError("configuration key 'evaluation.benchmarks': held-out benchmarks are built from the "
+                          "synthetic world only (public POPE/MME loaders are not wired in yet)")
     return cfg
 
 
@@ -320,6 +326,20 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """A section minus settings that change how fast, not what (concurrency, batch sizes, key names)."""
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
+    """Only the selection settings the strategy reads."""
+    if sel["strategy"] == "mas_gap":
+        return _without(sel, "alpha", "seed")          # mas_gap is alpha = 0; no randomness
+    if sel["strategy"] == "m3po":
+        return _without(sel, "seed")
+    return sel
+
+
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The part of the configuration that decides a stage's output: what goes into its cache key."""
     d = cfg.to_dict()
@@ -329,12 +349,13 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         # models built here depend on the warm-start split only, not on the prompt/eval split sizes
         "base_model": {"seed": d["seed"], "model": d["model"], "sft_scenes": world["n_sft_scenes"],
                        "image_size": world["image_size"]},
-        "clip": {"seed": d["seed"], "clip": d["scoring"]["clip"], "sft_scenes": world["n_sft_scenes"],
+        "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
                  "image_size": world["image_size"]},
-        "candidates": {"sampling": d["sampling"]},
-        "scores": {"scoring": d["scoring"]},
-        "pairs": {"selection": d["selection"]},
-        "train": {"training": d["training"]},
+        "candidates": {"sampling": _without(d["sampling"], "concurrency", "api_key_env"), "dtype": d["model"]["dtype"]},
+        "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip"),
+                   "clip": _without(d["scoring"]["clip"], "batch_size")},
+        "pairs": {"selection": _selection_key(d["selection"])},
+        "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
         "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"]},
     }
     return sections[stage]

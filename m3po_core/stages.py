@@ -82,7 +82,11 @@ def load_image(url: str, where: str) -> Image.Image:
 
 
 def _validate_prompts(rows: list[dict[str, Any]], where: str) -> None:
+    first_row: dict[str, int] = {}
     for i, r in enumerate(rows):
+        if r.get("prompt_id") in first_row:
+            raise InputError(f"{where} row {i}: prompt_id {r['prompt_id']!r} repeats row {first_row[r['prompt_id']]}")
+        first_row[r.get("prompt_id")] = i
         if not (r.get("instruction") or "").strip():
             raise InputError(f"{where} row {i} (prompt_id {r.get('prompt_id')!r}): empty instruction")
         if not r.get("image"):
@@ -444,7 +448,7 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
                                                                   pa.list_(pa.int32())))
     info = store.write_table("pairs.parquet", pairs, schema.PAIRS)
     result = {"key": key, **stats.as_dict(), "sha256": info["sha256"], "strategy": sel.strategy,
-              "alpha": sel.alpha, "delta": sel.delta, "logp": sel.logp,
+              "alpha": 0.0 if sel.strategy == "mas_gap" else sel.alpha, "delta": sel.delta, "logp": sel.logp,
               "mean_mas_gap": _mean(pairs, "mas_chosen", "mas_rejected"),
               "mean_logp_gap": _mean(pairs, "logp_chosen", "logp_rejected")}
     store.write_json("pairs_stats.json", result)
@@ -471,6 +475,9 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     pairs = store.read_table("pairs.parquet").to_pylist()
     if not pairs:
         raise InputError(f"{store.url('pairs.parquet')}: no preference pairs to train on")
+    empty = [i for i, p in enumerate(pairs) if not p["chosen_token_ids"] or not p["rejected_token_ids"]]
+    if empty:  # e.g. a server that ignored return_tokens_as_token_ids: DPO would learn nothing
+        raise InputError(f"{store.url('pairs.parquet')} rows {empty[:10]}: responses without sampled token ids")
     images = [load_image(p["image"], f"pairs.parquet row {i}, prompt_id {p['prompt_id']!r}")
               for i, p in enumerate(pairs)]
     t0 = time.time()

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -52,8 +53,9 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
 
 class RunStore:
     def __init__(self, root: str, run_id: str):
-        if not run_id or "/" in run_id:
-            raise ValueError(f"run id {run_id!r} must be a non-empty name without '/'")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id or ""):
+            # it names a folder, flow runs and Prefect artifact keys (letters, digits, dashes)
+            raise ValueError(f"run id {run_id!r} must be a non-empty name of letters, digits, '_' and '-'")
         self.root = str(root).rstrip("/")
         self.run_id = run_id
         self.fs, root_path = url_to_fs(self.root)
@@ -189,7 +191,8 @@ class RunStore:
             if p.is_file():
                 target = f"{dest}/{p.relative_to(local_dir).as_posix()}"
                 _retry(lambda p=p, t=target: self.fs.put_file(str(p), t), target)
-        self._put_bytes(f"{dest}/_COMPLETE", b"")
+        # a fresh token per publication: cached local copies compare it to notice a newer version
+        self._put_bytes(f"{dest}/_COMPLETE", uuid.uuid4().hex.encode())
 
     def dir_complete(self, rel: str, shared: bool = False) -> bool:
         dest = self.shared_path(rel) if shared else self.path(rel)
@@ -202,7 +205,8 @@ class RunStore:
             return src
         cache = Path(os.environ.get("M3PO_CACHE", Path(tempfile.gettempdir()) / "m3po-cache"))
         local = cache / hashlib.sha256(self.fs.unstrip_protocol(src).encode()).hexdigest()[:16]
-        if not (local / "_COMPLETE").exists():
+        token = _retry(lambda: self.fs.cat_file(f"{src}/_COMPLETE"), src)
+        if not (local / "_COMPLETE").exists() or (local / "_COMPLETE").read_bytes() != token:
             tmp = Path(f"{local}.tmp-{uuid.uuid4().hex}")
             _retry(lambda: self.fs.get(src + "/", str(tmp), recursive=True), src)
             shutil.rmtree(local, ignore_errors=True)

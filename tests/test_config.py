@@ -68,3 +68,14 @@ def test_backends_are_selected_and_checked():
         load_config(None, ["sampling.backend=openai"])
     with pytest.raises(ConfigError, match=r"scoring\.judge"):
         load_config(None, ["scoring.judge=gpt-4o"])
+
+
+def test_cache_keys_ignore_speed_settings_but_not_content_settings():
+    base = load_config()
+    same = load_config(None, ["sampling.concurrency=64", "scoring.judge_concurrency=2", "scoring.clip.batch_size=8"])
+    for stage in ("candidates", "scores", "clip"):
+        assert stage_config(base, stage) == stage_config(same, stage), stage
+    assert stage_config(base, "candidates") != stage_config(load_config(None, ["model.dtype=bfloat16"]), "candidates")
+    ablation = load_config(None, ["selection.strategy=mas_gap"])
+    assert stage_config(ablation, "pairs") == stage_config(
+        load_config(None, ["selection.strategy=mas_gap", "selection.alpha=0.9"]), "pairs")

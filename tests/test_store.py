@@ -63,5 +63,6 @@ def test_manifest_records_failures(tmp_path):
 
 
 def test_run_id_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="run id"):
-        RunStore(str(tmp_path), "a/b")
+    for bad in ("a/b", "exp1.v2", ""):  # it names a folder, flow runs and Prefect artifact keys
+        with pytest.raises(ValueError, match="run id"):
+            RunStore(str(tmp_path), bad)

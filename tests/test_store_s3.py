@@ -53,3 +53,14 @@ def test_images_and_model_dirs_roundtrip_through_s3(s3_root, tmp_path, monkeypat
     local = store.local_dir("_models/m", shared=True)
     assert (tmp_path / "cache") in __import__("pathlib").Path(local).parents
     assert open(f"{local}/sub/w.bin", "rb").read() == b"\x00" * 10
+
+
+def test_a_republished_directory_replaces_the_cached_local_copy(s3_root, tmp_path, monkeypatch):
+    store = RunStore(s3_root, "r3")
+    monkeypatch.setenv("M3PO_CACHE", str(tmp_path / "cache"))
+    for version in (b"v1", b"v2"):  # e.g. an adapter retrained under the same run
+        src = tmp_path / f"adapter-{version.decode()}"
+        src.mkdir()
+        (src / "weights.bin").write_bytes(version)
+        store.put_dir(src, "adapter")
+        assert open(f"{store.local_dir('adapter')}/weights.bin", "rb").read() == version
