@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tags(f"run:{run_id}", f"config:{cfg.name}", f"strategy:{cfg.selection.strategy}"):
             result = m3po_pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
-    except M3POError as e:
-        print(f"\nm3po: run {run_id!r} failed: {e}", file=sys.stderr)
+    except Exception as e:  # Prefect has logged the traceback; end with one line naming the cause
+        kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
+        print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`)",
+              file=sys.stderr)
         return 1
     from m3po_core.report import comparison_rows
 
