@@ -18,6 +18,7 @@ from m3po_core import models, stages
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.data import synthetic as world
 from m3po_core.evaluation import mme, pope
+from m3po_core.sampling import greedy_batched
 from m3po_core.sampling.transformers_backend import TransformersSampler
 from m3po_core.store import RunStore
 from m3po_core.training import pairs_dataset, train_lora_dpo
@@ -34,11 +35,8 @@ def score(model, processor, images, benches, max_new_tokens):
     sampler = TransformersSampler(model, processor)
     out = {}
     for name, qs in benches.items():
-        preds = []
-        for i in range(0, len(qs), 64):
-            chunk = qs[i:i + 64]
-            preds += sampler.greedy([images[q["scene_id"]] for q in chunk], [q["instruction"] for q in chunk],
-                                    max_new_tokens)
+        preds = greedy_batched(sampler, [images[q["scene_id"]] for q in qs], [q["instruction"] for q in qs],
+                               max_new_tokens, batch_size=64)
         recs = [{**q, "prediction": p} for q, p in zip(qs, preds)]
         if name == "pope":
             m = pope.score(recs)

@@ -55,6 +55,15 @@ def stage_key(cfg: RunConfig, stage: str, *inputs: Any) -> str:
                         "inputs": list(inputs)})
 
 
+def done_record(store: RunStore, rel: str, key: str) -> dict[str, Any] | None:
+    """A whole-stage record (JSON holding its cache key) if it was written under `key`, read once."""
+    try:
+        record = store.read_json(rel)
+    except FileNotFoundError:
+        return None
+    return record if record.get("key") == key else None
+
+
 @dataclass(frozen=True)
 class ShardResult:
     stage: str
@@ -107,8 +116,8 @@ def prepare_prompts(cfg: RunConfig, store: RunStore) -> int:
     """Write the prompts table in shards; returns the number of shards. Cached as a whole."""
     key = stage_key(cfg, "prompts")
     marker = "prompts/_stage.json"
-    if store.exists(marker) and store.read_json(marker).get("key") == key:
-        return store.read_json(marker)["n_shards"]
+    if (record := done_record(store, marker, key)) is not None:
+        return record["n_shards"]
 
     data = cfg.data
     if data.source == "synthetic":
@@ -198,9 +207,6 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
     key = stage_key(cfg, "base_model", world.vocabulary())
     rel = f"_models/tiny-llava-{key}"
     if not store.dir_complete(rel, shared=True):
-
-        import torch
-
         w, m = cfg.data.world, cfg.model
         model, processor = models.build_tiny_llava(world.vocabulary(), seed=m.seed)
         model.to(models.pick_device(m.device))
@@ -226,17 +232,15 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
 def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]:
     """Greedy answers on a validation split (never the evaluation split) scored by the reference judge."""
     from m3po_core.data import synthetic as world
+    from m3po_core.sampling import greedy_batched
     from m3po_core.sampling.transformers_backend import TransformersSampler
     from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
 
     scenes = world.make_scenes(cfg.seed, "val", 48)
     rows = world.make_prompts(scenes, cfg.seed, per_scene=4)
     imgs = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in scenes}
-    sampler = TransformersSampler(model, processor)
-    answers: list[str] = []
-    for i in range(0, len(rows), 64):
-        chunk = rows[i: i + 64]
-        answers += sampler.greedy([imgs[r["scene_id"]] for r in chunk], [r["instruction"] for r in chunk], 32)
+    answers = greedy_batched(TransformersSampler(model, processor), [imgs[r["scene_id"]] for r in rows],
+                             [r["instruction"] for r in rows], max_new_tokens=32, batch_size=64)
     items = [JudgeItem(r["prompt_id"], r["instruction"], a, meta={"scene": r["scene"], "kind": r["kind"],
                                                                   "reference": r["reference"]})
              for r, a in zip(rows, answers)]
@@ -256,11 +260,10 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
     key = stage_key(cfg, "clip")
     rel = f"_models/tiny-clip-{key}"
     if not store.dir_complete(rel, shared=True):
-
         w = cfg.data.world
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes)
         val = world.make_scenes(cfg.seed, "val", 128)
-        with DEVICE_LOCK:
+        with device_slot():
             scorer, metrics = train_tiny_clip(
                 [world.render(s, w.image_size) for s in scenes], [world.caption(s) for s in scenes],
                 steps=c.train_steps, batch_size=c.train_batch_size, seed=cfg.seed,
@@ -430,9 +433,8 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
     sel = cfg.selection
     inputs = [store.shard_entry(st, i)["sha256"] for st in ("candidates", "scores") for i in range(n_shards)]
     key = stage_key(cfg, "pairs", inputs)
-    if store.exists("pairs_stats.json") and store.read_json("pairs_stats.json").get("key") == key \
-            and store.exists("pairs.parquet"):
-        return store.read_json("pairs_stats.json")
+    if (record := done_record(store, "pairs_stats.json", key)) is not None and store.exists("pairs.parquet"):
+        return record
     table = candidates_with_scores(store, n_shards)
     chosen_pairs, stats = select_pairs(table.append_column("logp", table.column(sel.logp)), alpha=sel.alpha,
                                        delta=sel.delta, strategy=sel.strategy, seed=sel.seed)
@@ -469,9 +471,8 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
 
     pairs_sha = store.read_json("pairs_stats.json")["sha256"]
     key = stage_key(cfg, "train", pairs_sha, model_ref)
-    if store.dir_complete("adapter") and store.exists("train_log.json") \
-            and store.read_json("train_log.json").get("key") == key:
-        return store.read_json("train_log.json")
+    if (record := done_record(store, "train_log.json", key)) is not None and store.dir_complete("adapter"):
+        return record
     pairs = store.read_table("pairs.parquet").to_pylist()
     if not pairs:
         raise InputError(f"{store.url('pairs.parquet')}: no preference pairs to train on")
@@ -481,7 +482,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     images = [load_image(p["image"], f"pairs.parquet row {i}, prompt_id {p['prompt_id']!r}")
               for i, p in enumerate(pairs)]
     t0 = time.time()
-    with DEVICE_LOCK:
+    with device_slot():
         model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
         dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
         with tempfile.TemporaryDirectory() as tmp:
@@ -498,12 +499,10 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
 
     train_key = store.read_json("train_log.json")["key"]
     key = stage_key(cfg, "evaluate", train_key, model_ref)
-    if store.exists("metrics.json") and store.read_json("metrics.json").get("key") == key:
-        return store.read_json("metrics.json")
-    scorers = {"pope": pope.score, "mme": mme.score}
-    unknown = [b for b in cfg.evaluation.benchmarks if b not in scorers]
-    if unknown:
-        raise InputError(f"evaluation.benchmarks: unknown benchmark(s) {unknown}; available: {sorted(scorers)}")
+    if (record := done_record(store, "metrics.json", key)) is not None:
+        return record
+    scorers = {"pope": pope.score, "mme": mme.score}  # names checked by config.validate
+    from m3po_core.sampling import greedy_batched
     from m3po_core.sampling.transformers_backend import TransformersSampler
 
     metrics: dict[str, Any] = {"key": key}
@@ -514,16 +513,13 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
         for bench in cfg.evaluation.benchmarks:
             questions = store.read_table(f"eval/{bench}.parquet").to_pylist()
             images: dict[str, Image.Image] = {}
-            preds: list[str] = []
-            bs = cfg.evaluation.batch_size
-            for i in range(0, len(questions), bs):
-                chunk = questions[i: i + bs]
-                for q in chunk:
-                    if q["image"] not in images:
-                        images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
-                with DEVICE_LOCK:
-                    preds += sampler.greedy([images[q["image"]] for q in chunk], [q["instruction"] for q in chunk],
-                                            cfg.evaluation.max_new_tokens)
+            for q in questions:  # each image read once, however many questions it has
+                if q["image"] not in images:
+                    images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
+            with device_slot():
+                preds = greedy_batched(sampler, [images[q["image"]] for q in questions],
+                                       [q["instruction"] for q in questions], cfg.evaluation.max_new_tokens,
+                                       cfg.evaluation.batch_size)
             records = [{**q, "prediction": p, "model": model_name, "benchmark": bench}
                        for q, p in zip(questions, preds)]
             store.write_table(f"eval/predictions-{model_name}-{bench}.parquet",

@@ -51,6 +51,15 @@ def batch_seed(base_seed: int, prompt_ids: Sequence[str]) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
+def greedy_batched(sampler: Sampler, images: Sequence[Image.Image], instructions: Sequence[str],
+                   max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers for any number of prompts, `batch_size` prompts per backend call."""
+    answers: list[str] = []
+    for i in range(0, len(instructions), batch_size):
+        answers += sampler.greedy(images[i: i + batch_size], instructions[i: i + batch_size], max_new_tokens)
+    return answers
+
+
 def make_sampler(backend: str, model, processor) -> Sampler:
     if backend == "transformers":
         from m3po_core.sampling.transformers_backend import TransformersSampler
