@@ -14,7 +14,7 @@ import warnings
 
 def _quiet_libraries() -> None:
     # Route our loggers into Prefect's run logs; keep library chatter out of the terminal.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "m3po,transformers,trl,peft")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "m3po,transformers,trl,peft,accelerate,vllm")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the ephemeral server
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                                                  "shards and stages that are not complete are computed")
     rerun.add_argument("run_id")
     rerun.add_argument("--root", default="./m3po-runs")
+    worker = sub.add_parser("worker", help="a long-lived shard worker for `execution.shards: task_worker`: takes "
+                                           "sampling and scoring shards from the Prefect server, models stay loaded")
+    worker.add_argument("--limit", type=int, default=1,
+                        help="shards this process runs at once (default 1: one GPU, one shard at a time)")
     status = sub.add_parser("status", help="each stage's shards of a run: complete, failed (with the error), running")
     status.add_argument("run_id")
     status.add_argument("--root", default="./m3po-runs")
@@ -62,6 +66,22 @@ def _status(root: str, run_id: str) -> int:
     return 0
 
 
+def _worker(limit: int) -> int:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("m3po worker: set PREFECT_API_URL to the Prefect server (or Cloud workspace) the runs use; "
+              "a task worker on the ephemeral API would never receive a shard", file=sys.stderr)
+        return 2
+    from prefect.task_worker import serve
+    from tasks.stages import sample_shard_job, score_shard_job
+
+    print(f"m3po worker: serving sample and score shards from {PREFECT_API_URL.value()} "
+          f"({limit} at a time); Ctrl-C to stop", flush=True)
+    serve(sample_shard_job, score_shard_job, limit=limit)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -71,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "status":
         return _status(args.root, args.run_id)
+    if args.command == "worker":
+        return _worker(args.limit)
     try:
         if args.command == "rerun-failed":
             store = RunStore(args.root, args.run_id)

@@ -28,16 +28,16 @@ def _open(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, Ru
 
 
 def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str) -> list[ShardResult]:
-    """Run every shard, in this process (tasks) or as flow runs of the shard deployment; progress
-    as shards finish; fail naming the failed shards only after every other shard finished (their
+    """Run every shard: as tasks of this flow run (in_process), as flow runs of the shard deployment
+    (deployment) or as background task runs on `m3po worker` processes (task_worker). Progress as
+    shards finish; fail naming the failed shards only after every other shard finished (their
     results stay in the store, and a re-run skips them)."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=f"{store.run_id}-{stage}-progress".lower().replace("_", "-"),
                                         description=f"{stage} shards finished")
     ref_name = "model_ref" if stage == "candidates" else "clip_ref"
-    if cfg.execution.shards == "deployment":
-        outcomes = _shards_as_deployments(cfg, store, n_shards, ref_name, ref, stage, progress)
-    else:
+    mode = cfg.execution.shards
+    if mode == "in_process":
         outcomes = {}
         futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)),
                               **{ref_name: unmapped(ref)})
@@ -48,6 +48,8 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
             except Exception as e:
                 outcomes[shard_of[fut.task_run_id]] = f"{type(e).__name__}: {e}"
             update_progress_artifact(progress, 100.0 * done / n_shards)
+    else:
+        outcomes = _remote_shards(cfg, store, n_shards, ref_name, ref, stage, progress)
     failed = {s: o for s, o in sorted(outcomes.items()) if isinstance(o, str)}
     for shard, msg in failed.items():
         logger.error(f"{stage} shard {shard} failed: {msg}")
@@ -58,26 +60,27 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
     return [outcomes[s] for s in range(n_shards)]
 
 
-def _shards_as_deployments(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str, stage: str,
-                           progress) -> dict[int, ShardResult | str]:
-    """One flow run per shard on the shard deployment's work pool (any number of GPU workers share
-    them); poll until all are final. A shard's failure is read back from the store's manifest."""
+def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str, stage: str,
+                   progress) -> dict[int, ShardResult | str]:
+    """Submit one run per shard (a flow run of the shard deployment on its work pool, or a background
+    task run for the task workers), then poll until all are final. Any number of GPU workers share
+    them. A shard's outcome is read back from the store's manifest."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
 
-    name = cfg.execution.sample_deployment if stage == "candidates" else cfg.execution.score_deployment
     started = time.time()
     runs = {}
-    for shard in range(n_shards):
-        params = {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
-        runs[shard] = run_deployment(name, parameters=params, timeout=0, tags=[f"run:{store.run_id}", f"shard:{shard}"]).id
-    outcomes: dict[int, ShardResult | str] = {}
     with get_client(sync_client=True) as client:
+        for shard in range(n_shards):
+            params = {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
+            runs[shard] = _submit_shard(cfg, stage, params)
+        read_state = (lambda i: client.read_flow_run(i).state) if cfg.execution.shards == "deployment" else \
+            (lambda i: client.read_task_run(i).state)
+        outcomes: dict[int, ShardResult | str] = {}
         while len(outcomes) < n_shards:
             for shard, run_id in runs.items():
                 if shard in outcomes:
                     continue
-                state = client.read_flow_run(run_id).state
+                state = read_state(run_id)
                 if state is None or not state.is_final():
                     continue
                 entry = store.shard_entry(stage, shard) or {}
@@ -85,11 +88,25 @@ def _shards_as_deployments(cfg: RunConfig, store: RunStore, n_shards: int, ref_n
                     cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
                     outcomes[shard] = ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
                 else:
-                    outcomes[shard] = entry.get("error") or f"flow run {run_id} ended {state.type.value}: {state.message}"
+                    outcomes[shard] = entry.get("error") or f"run {run_id} ended {state.type.value}: {state.message}"
                 update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
             if len(outcomes) < n_shards:
                 time.sleep(cfg.execution.poll_seconds)
     return outcomes
+
+
+def _submit_shard(cfg: RunConfig, stage: str, params: dict[str, Any]):
+    tags = [f"run:{params['run_id']}", f"shard:{params['shard']}"]
+    if cfg.execution.shards == "deployment":
+        from prefect.deployments import run_deployment
+
+        name = cfg.execution.sample_deployment if stage == "candidates" else cfg.execution.score_deployment
+        return run_deployment(name, parameters=params, timeout=0, tags=tags).id
+    from prefect import tags as tag_context
+
+    job = t.sample_shard_job if stage == "candidates" else t.score_shard_job
+    with tag_context(*tags):
+        return job.delay(**params).task_run_id
 
 
 @flow(name="m3po-generate", flow_run_name="generate-{run_id}")

@@ -154,8 +154,10 @@ class ExecutionConfig:
     shards are computed, not what they hold."""
 
     # in_process: tasks of the parent flow run (the embedded default); deployment: one flow run
-    # per shard of the shard deployments, on their work pool (see deployments/prefect.yaml)
-    shards: Literal["in_process", "deployment"] = "in_process"
+    # per shard of the shard deployments, on their work pool (see deployments/prefect.yaml);
+    # task_worker: one background task run per shard, taken by long-lived `m3po worker` processes
+    # that keep their models loaded across shards
+    shards: Literal["in_process", "deployment", "task_worker"] = "in_process"
     sample_deployment: str = "m3po-sample-shard/m3po-sample-shard"
     score_deployment: str = "m3po-score-shard/m3po-score-shard"
     poll_seconds: float = 2.0

@@ -281,7 +281,9 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
     """Load a model once per process (a worker serves many shards with one copy)."""
     with device_slot():
         if key not in _MODELS:
+            t0 = time.time()
             _MODELS[key] = build()
+            log.info("loaded %s %s in this process (pid %d) in %.1fs", key[0], key[1], os.getpid(), time.time() - t0)
         return _MODELS[key]
 
 

@@ -6,13 +6,15 @@ in an earlier flow run. Prefect's own result cache is therefore off (`NO_CACHE`)
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from m3po_core import stages
-from m3po_core.config import RunConfig
+from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.stages import ShardResult
 from m3po_core.store import RunStore
 
@@ -67,3 +69,25 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
     return stages.evaluate(cfg, store, model_ref, log_fn=_info)
+
+
+# -- one shard away from the parent flow run (shard deployments, task workers) -------------------
+# Plain parameters (the configuration as a dict, root, run id): they travel through the API and the
+# scheduling storage, so no live object (file system, model) and no credential goes with them.
+
+def run_shard_job(stage_fn: Callable[..., ShardResult], config: dict[str, Any], root: str, run_id: str,
+                  shard: int, ref: str) -> dict[str, Any]:
+    """Hold one slot of the global concurrency limit (one per GPU) while the shard computes."""
+    cfg = config_from_dict(config)
+    with concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
+        return dataclasses.asdict(stage_fn(cfg, RunStore(root, run_id), shard, ref))
+
+
+@task(name="sample-shard-job", task_run_name="sample-{run_id}-{shard}", cache_policy=NO_CACHE)
+def sample_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
+    return run_shard_job(stages.sample_shard, config, root, run_id, shard, model_ref)
+
+
+@task(name="score-shard-job", task_run_name="score-{run_id}-{shard}", cache_policy=NO_CACHE)
+def score_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
+    return run_shard_job(stages.score_shard, config, root, run_id, shard, clip_ref)
