@@ -64,3 +64,41 @@ def test_a_republished_directory_replaces_the_cached_local_copy(s3_root, tmp_pat
         (src / "weights.bin").write_bytes(version)
         store.put_dir(src, "adapter")
         assert open(f"{store.local_dir('adapter')}/weights.bin", "rb").read() == version
+
+
+@pytest.fixture
+def flaky_store(s3_server, monkeypatch):
+    """A RunStore whose s3fs talks to S3 through a proxy that fails requests on demand."""
+    import s3fs
+    from flaky_s3 import FlakyS3Proxy
+
+    proxy = FlakyS3Proxy(s3_server["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")   # botocore gives up fast: our own retry is exercised too
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield proxy, RunStore("s3://m3po/flaky", "r1")
+    proxy.close()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_transient_storage_errors_are_retried_and_the_shard_lands_whole(flaky_store):
+    proxy, store = flaky_store
+    proxy.fail_next(3, "503", method="PUT")          # throttled uploads
+    proxy.fail_next(2, "drop", method="GET")         # connections reset mid-request
+    entry = store.publish_shard("candidates", 0, table(6), schema.CANDIDATES, key="k")
+    assert store.shard_done("candidates", 0, "k")
+    assert store.read_stage("candidates").equals(table(6))
+    assert proxy.injected == 5 and not proxy.plan
+    assert entry["rows"] == 6
+    assert not [p for p in store.fs.find(store.path("")) if "/.tmp-" in p]
+
+
+def test_a_storage_outage_fails_loudly_and_keeps_the_published_shard(flaky_store):
+    proxy, store = flaky_store
+    store.publish_shard("candidates", 0, table(4), schema.CANDIDATES, key="k")
+    proxy.outage = True
+    with pytest.raises(OSError):
+        store.publish_shard("candidates", 0, table(6), schema.CANDIDATES, key="k2")
+    proxy.outage = False
+    assert store.shard_done("candidates", 0, "k") and not store.shard_done("candidates", 0, "k2")
+    assert store.read_stage("candidates").equals(table(4))     # the earlier version, whole

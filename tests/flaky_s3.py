@@ -1,0 +1,80 @@
+"""An HTTP proxy in front of the loopback S3 server that fails requests on demand: S3's own
+`503 SlowDown` reply, or a connection dropped without a reply. What s3fs meets on a bad day."""
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+
+import httpx
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FlakyS3Proxy:
+    def __init__(self, upstream: str):
+        self.upstream = upstream.rstrip("/")
+        self.lock = threading.Lock()
+        self.plan: list[tuple[str | None, str]] = []   # (method or None for any, "503" | "drop")
+        self.injected = 0
+        self.outage = False
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy._fault(self.command)
+                if fault == "drop":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if fault == "503":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    body = b"" if self.command == "HEAD" else SLOW_DOWN  # HEAD replies carry no body
+                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = httpx.request(self.command, proxy.upstream + self.path, headers=headers, content=body, timeout=30)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                data = b"" if self.command == "HEAD" else r.content
+                self.send_header("Content-Length", str(len(r.content) if self.command != "HEAD" else
+                                                       r.headers.get("content-length", 0)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail_next(self, n: int, kind: str = "503", method: str | None = None) -> None:
+        with self.lock:
+            self.plan.extend([(method, kind)] * n)
+
+    def _fault(self, method: str) -> str | None:
+        with self.lock:
+            if self.outage:
+                self.injected += 1
+                return "503"
+            for i, (m, kind) in enumerate(self.plan):
+                if m is None or m == method:
+                    del self.plan[i]
+                    self.injected += 1
+                    return kind
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
