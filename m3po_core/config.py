@@ -137,6 +137,11 @@ class TrainingConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     seed: int = 0
+    # Data-parallel training: with more than one process the train stage runs TRL under
+    # `accelerate launch` (DDP, one process per GPU; on a CPU-only machine, gloo). `batch_size`
+    # stays the global batch (per-device batch = batch_size / num_processes).
+    num_processes: int = 1
+    deepspeed_zero: Optional[int] = None    # 2 or 3: DeepSpeed ZeRO stage instead of plain DDP (GPUs)
 
 
 @dataclass
@@ -293,7 +298,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Checks across sections and of value ranges, each naming the key at fault."""
     positive = {"sampling.n": cfg.sampling.n, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
                 "sampling.batch_prompts": cfg.sampling.batch_prompts, "data.shard_size": cfg.data.shard_size,
-                "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size}
+                "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size,
+                "training.num_processes": cfg.training.num_processes}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")
@@ -311,6 +317,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
         raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
                           f"scene graphs; data.source={cfg.data.source!r} needs a model judge")
+    t = cfg.training
+    if t.batch_size % t.num_processes:
+        raise ConfigError(f"configuration key 'training.batch_size': the global batch {t.batch_size} does not "
+                          f"split over training.num_processes={t.num_processes} processes")
+    if t.deepspeed_zero not in (None, 2, 3):
+        raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
     unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme")]
     if unknown:
         raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme")

@@ -466,15 +466,34 @@ def _mean(t: pa.Table, a: str, b: str) -> float:
 
 
 def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """LoRA-DPO on pairs.parquet; the adapter lands in `adapter/`, the log in `train_log.json`."""
-
-    from m3po_core.models import load_vlm
-    from m3po_core.training import pairs_dataset, train_lora_dpo
-
+    """LoRA-DPO on pairs.parquet; the adapter lands in `adapter/`, the log in `train_log.json`.
+    In this process, or over `training.num_processes` processes through `accelerate launch`."""
     pairs_sha = store.read_json("pairs_stats.json")["sha256"]
     key = stage_key(cfg, "train", pairs_sha, model_ref)
     if (record := done_record(store, "train_log.json", key)) is not None and store.dir_complete("adapter"):
         return record
+    t0 = time.time()
+    with device_slot(), tempfile.TemporaryDirectory() as tmp:
+        if cfg.training.num_processes > 1:
+            from m3po_core.distributed import launch_training
+
+            history = launch_training(cfg, store, model_ref, tmp, log_fn=log_fn)
+        else:
+            history = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn)
+        store.put_dir(tmp, "adapter")
+    result = {"key": key, "pairs": store.read_json("pairs_stats.json")["pairs"], "seconds": time.time() - t0,
+              "history": history, "num_processes": cfg.training.num_processes}
+    store.write_json("train_log.json", result)
+    return result
+
+
+def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: str,
+                  log_fn: Callable[[str], None] = log.info) -> list[dict[str, float]]:
+    """Read the pairs and their images, train, save the adapter to `output_dir` (every rank of a
+    distributed run calls this; the trainer shards the data and rank 0 saves)."""
+    from m3po_core.models import load_vlm
+    from m3po_core.training import pairs_dataset, train_lora_dpo
+
     pairs = store.read_table("pairs.parquet").to_pylist()
     if not pairs:
         raise InputError(f"{store.url('pairs.parquet')}: no preference pairs to train on")
@@ -483,16 +502,9 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
         raise InputError(f"{store.url('pairs.parquet')} rows {empty[:10]}: responses without sampled token ids")
     images = [load_image(p["image"], f"pairs.parquet row {i}, prompt_id {p['prompt_id']!r}")
               for i, p in enumerate(pairs)]
-    t0 = time.time()
-    with device_slot():
-        model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
-        dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
-        with tempfile.TemporaryDirectory() as tmp:
-            history = train_lora_dpo(model, processor, dataset, cfg.training, tmp, log_fn=log_fn)
-            store.put_dir(tmp, "adapter")
-    result = {"key": key, "pairs": len(pairs), "seconds": time.time() - t0, "history": history}
-    store.write_json("train_log.json", result)
-    return result
+    model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
+    dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
+    return train_lora_dpo(model, processor, dataset, cfg.training, output_dir, log_fn=log_fn)
 
 
 def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def train_lora_dpo(
     on_gpu = next(model.parameters()).device.type == "cuda"
     args = DPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // cfg.num_processes,   # the global batch is cfg.batch_size
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio,          # TRL/transformers 5: a float < 1 is a ratio of all steps
         num_train_epochs=cfg.epochs,
@@ -100,6 +100,8 @@ def train_lora_dpo(
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu,
     )
     # Adapters on the language model's projections only, as LLaVA's LoRA recipes do: the vision
     # tower has modules of the same names (q_proj, ...) that must stay frozen.
@@ -118,5 +120,6 @@ def train_lora_dpo(
                          data_collator=SampledTokensCollator(processor), callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # progress goes through log_fn, not print()
     trainer.train()
-    trainer.model.save_pretrained(output_dir)
+    if trainer.accelerator.is_main_process:  # under DDP every rank holds the same adapter
+        trainer.model.save_pretrained(output_dir)
     return [dict(h) for h in trainer.state.log_history]

@@ -149,3 +149,75 @@ def test_empty_instruction_is_named(root):
         stages.sample_shard(cfg, store, 0, "unused-model")
     assert store.shard_entry("candidates", 0)["state"] == "failed"
     assert not Path(store.path(RunStore.shard_rel("candidates", 0))).exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_run_loses_no_finished_shard(root, finished_run, sig):
+    """Ctrl-C (SIGINT) or a killed worker (SIGKILL) in the middle of sampling: every shard the
+    manifest calls complete is whole, nothing is left half-written, and `m3po rerun-failed`
+    completes the run computing only the rest."""
+    import signal
+    import time
+
+    run_id = f"interrupted-{sig.lower()}"
+    store = RunStore(root, run_id)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--root", root,
+                             "--run-id", run_id, "--set", "sampling.n=12"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if store.exists("candidates/_manifest") and any(e["state"] == "complete" for e in store.manifest("candidates")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(120)
+    assert proc.returncode != 0
+
+    assert not list(Path(store.path("")).rglob(".tmp-*"))
+    entries = {e["shard"]: e for e in store.manifest("candidates")}
+    complete = {s: e for s, e in entries.items() if e["state"] == "complete"}
+    assert complete and not store.exists("pairs.parquet")       # stopped before selection
+    for s, e in complete.items():
+        assert store.shard_done("candidates", s, e["key"])          # whole: its bytes match the manifest
+    if sig == "SIGINT":  # the interrupted shard says so (a SIGKILL leaves it "running": not complete either)
+        assert all(e["state"] in ("complete", "failed") for e in entries.values()), entries
+
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "rerun-failed", run_id, "--root", root],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    after = {e["shard"]: e for e in store.manifest("candidates")}
+    assert all(e["state"] == "complete" for e in after.values()) and len(after) == 3
+    assert {s: after[s]["finished_at"] for s in complete} == {s: e["finished_at"] for s, e in complete.items()}
+    assert store.read_json("report_info.json")["computed_shards"]["candidates"] == 3 - len(complete)
+
+
+def test_training_over_two_processes_keeps_the_global_batch(root, finished_run, tmp_path):
+    """`training.num_processes: 2`: TRL under `accelerate launch` (two gloo ranks on this CPU) trains
+    an adapter with as many optimizer steps as the single-process run: the global batch is kept."""
+    import shutil
+
+    cfg, store, _ = finished_run
+    ddp_store = RunStore(root, "t1-ddp")
+    shutil.copytree(store.path(""), ddp_store.path(""))
+    shutil.rmtree(ddp_store.path("adapter"))
+    ddp_cfg = load_config(TINY, ["training.num_processes=2"])
+    model_ref = stages.ensure_base_model(ddp_cfg, ddp_store)
+    lines = []
+    result = stages.train(ddp_cfg, ddp_store, model_ref, log_fn=lines.append)
+    assert result["num_processes"] == 2
+    assert any("training on 2 processes" in l for l in lines) and any("DPO step" in l for l in lines)
+    steps = lambda h: max(e["step"] for e in h if "loss" in e)
+    single = store.read_json("train_log.json")["history"]
+    assert steps(result["history"]) == steps(single)
+    assert all(np.isfinite(e["loss"]) for e in result["history"] if "loss" in e)
+    names = {p.name for p in Path(ddp_store.path("adapter")).iterdir()}
+    assert {"_COMPLETE", "adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not any(n.startswith("m3po_") for n in names)
+
+
+def test_an_odd_global_batch_over_two_processes_is_refused():
+    from m3po_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        load_config(TINY, ["training.num_processes=2", "training.batch_size=7"])
