@@ -29,7 +29,8 @@ def _open(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, Ru
 
 def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str) -> list[ShardResult]:
     """Run every shard: as tasks of this flow run (in_process), as flow runs of the shard deployment
-    (deployment) or as background task runs on `m3po worker` processes (task_worker). Progress as
+    (deployment), as background task runs on `m3po worker` processes (task_worker) or as tasks on
+    a Ray cluster (ray). Progress as
     shards finish; fail naming the failed shards only after every other shard finished (their
     results stay in the store, and a re-run skips them)."""
     logger = get_run_logger()
@@ -38,16 +39,9 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
     ref_name = "model_ref" if stage == "candidates" else "clip_ref"
     mode = cfg.execution.shards
     if mode == "in_process":
-        outcomes = {}
-        futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)),
-                              **{ref_name: unmapped(ref)})
-        shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
-        for done, fut in enumerate(as_completed(futures), start=1):
-            try:
-                outcomes[shard_of[fut.task_run_id]] = fut.result()
-            except Exception as e:
-                outcomes[shard_of[fut.task_run_id]] = f"{type(e).__name__}: {e}"
-            update_progress_artifact(progress, 100.0 * done / n_shards)
+        outcomes = map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress)
+    elif mode == "ray":
+        outcomes = _on_ray(cfg)(task_fn, cfg, store, n_shards, ref_name, ref, progress)
     else:
         outcomes = _remote_shards(cfg, store, n_shards, ref_name, ref, stage, progress)
     failed = {s: o for s, o in sorted(outcomes.items()) if isinstance(o, str)}
@@ -58,6 +52,51 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
         raise M3POError(f"{stage}: {len(failed)} of {n_shards} shards failed ({detail}). Finished shards are kept; "
                         f"fix the input and run `m3po rerun-failed {store.run_id}` to recompute only these.")
     return [outcomes[s] for s in range(n_shards)]
+
+
+def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str,
+               progress) -> dict[int, ShardResult | str]:
+    """One task run per shard on this flow's task runner; each shard's result or error message."""
+    outcomes: dict[int, ShardResult | str] = {}
+    futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)),
+                          **{ref_name: unmapped(ref)})
+    shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
+    for done, fut in enumerate(as_completed(futures), start=1):
+        try:
+            outcomes[shard_of[fut.task_run_id]] = fut.result()
+        except Exception as e:
+            outcomes[shard_of[fut.task_run_id]] = f"{type(e).__name__}: {e}"
+        update_progress_artifact(progress, 100.0 * done / n_shards)
+    return outcomes
+
+
+@flow(name="m3po-ray-shards")
+def ray_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str,
+               progress) -> dict[int, ShardResult | str]:
+    """The shards as tasks on Ray, `execution.ray_gpus_per_shard` GPUs each. Ray's worker processes
+    live on, so each keeps its model loaded across the shards it runs."""
+    from prefect_ray.context import remote_options
+
+    with remote_options(num_gpus=cfg.execution.ray_gpus_per_shard):
+        return map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress)
+
+
+def _on_ray(cfg: RunConfig):
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise M3POError("execution.shards=ray needs prefect-ray: pip install '.[ray]'") from None
+    ex = cfg.execution
+    if ex.ray_address is None and ex.ray_gpus_per_shard > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise M3POError(f"execution.ray_gpus_per_shard={ex.ray_gpus_per_shard}: a local Ray instance on this "
+                            "machine has no GPU, so no shard could ever be scheduled; set it to 0 or point "
+                            "execution.ray_address at a cluster with GPUs")
+    runner = RayTaskRunner(address=ex.ray_address, init_kwargs={"include_dashboard": False})
+    return ray_shards.with_options(task_runner=runner, flow_run_name=f"shards-on-ray-{cfg.name}",
+                                   validate_parameters=False)
 
 
 def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str, stage: str,

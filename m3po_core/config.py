@@ -161,12 +161,15 @@ class ExecutionConfig:
     # in_process: tasks of the parent flow run (the embedded default); deployment: one flow run
     # per shard of the shard deployments, on their work pool (see deployments/prefect.yaml);
     # task_worker: one background task run per shard, taken by long-lived `m3po worker` processes
-    # that keep their models loaded across shards
-    shards: Literal["in_process", "deployment", "task_worker"] = "in_process"
+    # that keep their models loaded across shards; ray: tasks on a Ray cluster through
+    # prefect-ray's task runner (`pip install '.[ray]'`), `ray_gpus_per_shard` GPUs each
+    shards: Literal["in_process", "deployment", "task_worker", "ray"] = "in_process"
     sample_deployment: str = "m3po-sample-shard/m3po-sample-shard"
     score_deployment: str = "m3po-score-shard/m3po-score-shard"
     poll_seconds: float = 2.0
     gpu_concurrency_limit: str = "m3po-gpu"   # global concurrency limit each shard flow run holds
+    ray_address: Optional[str] = None         # None: a local Ray instance; "auto" or "ray://head:10001": a cluster
+    ray_gpus_per_shard: float = 1.0           # Ray's num_gpus per shard task (0 on a CPU-only cluster)
 
 
 @dataclass

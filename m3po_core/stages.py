@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -349,7 +350,7 @@ def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Calla
         table = compute()
         wall = time.time() - t0
         entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=wall - _waited.seconds,
-                                    wall_seconds=wall)
+                                    wall_seconds=wall, host=socket.gethostname(), pid=os.getpid())
     except BaseException as e:  # KeyboardInterrupt too: the manifest must say the shard is not done
         store.mark_shard(stage, shard, FAILED, key, error=f"{type(e).__name__}: {e}")
         raise
