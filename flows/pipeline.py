@@ -48,12 +48,25 @@ def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs
                                stages_lib.resolve_model(store, sc["clip_ref"])))
     markdown, rows = build_report(cfg, store, gen["n_shards"], info)
     key = f"m3po-{run_id}".lower().replace("_", "-")
-    create_markdown_artifact(markdown, key=f"{key}-report", description="M3PO report card")
+    create_markdown_artifact(_inline_plots(markdown, store), key=f"{key}-report", description="M3PO report card")
     create_table_artifact(rows, key=f"{key}-metrics", description="base vs M3PO on held-out benchmarks")
     create_table_artifact([pair_stats], key=f"{key}-pairs", description="pair selection statistics")
     logger.info(f"report: {store.url('report.md')}")
     return {"metrics": {k: metrics[k] for k in ("base", "m3po")}, "pairs": pair_stats, "info": info,
             "report": store.url("report.md")}
+
+
+def _inline_plots(markdown: str, store: RunStore) -> str:
+    """The report for the UI: its plots embedded as data URLs (the UI cannot read the run's store;
+    report.md itself keeps relative links beside plots/*.png)."""
+    import base64
+    import re
+
+    def embed(m: re.Match) -> str:
+        data = base64.b64encode(store.read_bytes(m.group(2))).decode()
+        return f"![{m.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\((plots/[\w.-]+\.png)\)", embed, markdown)
 
 
 def _model_quality(model_ref: str, clip_ref: str) -> dict[str, Any]:

@@ -221,3 +221,25 @@ def test_an_odd_global_batch_over_two_processes_is_refused():
 
     with pytest.raises(ConfigError, match="training.batch_size"):
         load_config(TINY, ["training.num_processes=2", "training.batch_size=7"])
+
+
+def test_the_run_is_watchable_in_the_ui_through_its_artifacts(finished_run):
+    """What the Prefect UI shows of a run: the report with its plots inline, the metric and pair
+    tables, and each sharded stage's progress at 100 %."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        def latest(key):
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            assert arts, key
+            return max(arts, key=lambda a: a.created)
+
+        report = latest("m3po-t1-report")
+        assert report.type == "markdown" and "| POPE accuracy |" in report.data
+        assert report.data.count("](data:image/png;base64,") == 4 and "](plots/" not in report.data
+        assert {r["metric"] for r in json.loads(latest("m3po-t1-metrics").data)} >= {"POPE accuracy"}
+        assert json.loads(latest("m3po-t1-pairs").data)[0]["pairs"] == finished_run[2]["pairs"]["pairs"]
+        for stage in ("candidates", "scores"):
+            progress = latest(f"t1-{stage}-progress")
+            assert progress.type == "progress" and float(progress.data) == 100.0
