@@ -5,7 +5,8 @@
 Runs the pipeline once in a fresh store, then reads every sampling/scoring task run back from the
 Prefect API and the shard's own timings from the manifest:
   per-shard overhead = task-run wall time - (compute + waiting for the device)   (median)
-  pipeline ratio     = pipeline wall time / sum of the stages' compute
+  pipeline ratio     = pipeline wall time / sum of its tasks' compute (a shard task counts its
+                       compute from the manifest, any other task its task-run wall time)
 Prints measured figures against the targets (< 0.5 s per shard, < 1.10); asserts nothing.
 """
 import argparse
@@ -42,7 +43,7 @@ def main() -> None:
     wall = time.time() - t0
     store = RunStore(root, "measured")
     info = store.read_json("report_info.json")
-    overheads = []
+    overheads, compute = [], 0.0
     with get_client(sync_client=True) as client:
         parent = state.state_details.flow_run_id
         subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -55,11 +56,14 @@ def main() -> None:
                 shard = int(run.name.rsplit("-", 1)[1])
                 task_wall = (run.end_time - run.start_time).total_seconds()
                 overheads.append(task_wall - entries[shard]["wall_seconds"])
+                compute += entries[shard]["seconds"]
+        others = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [r.id for r in subflows]}))
+        compute += sum((r.end_time - r.start_time).total_seconds() for r in others
+                       if r.end_time and not r.name.startswith(("sample-shard", "score-shard")))
     median = statistics.median(overheads)
-    compute = sum(info["timings"].values())
     print(f"shards measured: {len(overheads)}")
     print(f"per-shard orchestration overhead (median): {median:.3f} s   target < 0.5 s   ratio {median / 0.5:.2f}")
-    print(f"pipeline wall / sum of stage wall times:  {wall / compute:.3f}     target < 1.10")
+    print(f"pipeline wall / sum of task compute:      {wall / compute:.3f}     target < 1.10")
     print(f"pipeline wall time: {wall:.1f} s; stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in info['timings'].items()))
 
 
