@@ -32,6 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", default=None, help="run name under the root (default: the config's name)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a configuration key, e.g. --set sampling.n=16 (repeatable)")
+    exp = sub.add_parser("experiment", help="the paper's tables: baselines, ablation and sweeps over seeds, "
+                                            "reusing one run's cached candidates and scores")
+    exp.add_argument("--config", help="run configuration YAML (default: configs/demo.yaml)")
+    exp.add_argument("--root", default="./m3po-runs")
+    exp.add_argument("--run-id", default=None, help="run name under the root (default: '<config name>-experiment')")
+    exp.add_argument("--recipes", default="base,sft,dpo,rm_dpo,m3po,m3po_alpha0",
+                     help="comma-separated: base, sft, dpo, rm_dpo, m3po, m3po_alpha0 (default: all)")
+    exp.add_argument("--seeds", default="0,1,2", help="comma-separated training/selection seeds (default 0,1,2)")
+    exp.add_argument("--alphas", default="", help="alpha sweep of M3PO, e.g. 0,0.25,0.5,1 (table 5)")
+    exp.add_argument("--deltas", default="", help="delta sweep of M3PO, e.g. 0,0.1,0.3 (table 6)")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rerun = sub.add_parser("rerun-failed", help="run a run again with its stored configuration: only the "
                                                  "shards and stages that are not complete are computed")
     rerun.add_argument("run_id")
@@ -66,6 +77,42 @@ def _status(root: str, run_id: str) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from m3po_core import experiment as ex
+    from m3po_core.config import load_config
+    from m3po_core.errors import M3POError
+
+    def numbers(text: str, kind):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise M3POError(f"not a comma-separated list of numbers: {text!r}") from None
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        seeds, alphas, deltas = numbers(args.seeds, int), numbers(args.alphas, float), numbers(args.deltas, float)
+        cells = ex.grid(recipes, seeds, alphas, deltas)
+    except (M3POError, ValueError) as e:
+        print(f"m3po experiment: {e}", file=sys.stderr)
+        return 2
+    run_id = args.run_id or f"{cfg.name}-experiment"
+    print(f"m3po experiment {run_id}: {len(cells)} cells (select -> train -> evaluate each)", flush=True)
+    from flows.experiment import m3po_experiment
+    from prefect import tags
+
+    try:
+        with tags(f"run:{run_id}", f"config:{cfg.name}", "experiment"):
+            result = m3po_experiment(config=cfg.to_dict(), root=args.root, run_id=run_id, recipes=recipes,
+                                     seeds=seeds, alphas=alphas, deltas=deltas)
+    except Exception as e:
+        print(f"\nm3po: experiment {run_id!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print("\n" + result["markdown"].split("\n", 2)[2])
+    print(f"tables: {result['tables']}")
+    return 0
+
+
 def _worker(limit: int) -> int:
     from prefect.settings import PREFECT_API_URL
 
@@ -93,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args.root, args.run_id)
     if args.command == "worker":
         return _worker(args.limit)
+    if args.command == "experiment":
+        return _experiment(args)
     try:
         if args.command == "rerun-failed":
             store = RunStore(args.root, args.run_id)

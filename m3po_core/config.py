@@ -108,7 +108,7 @@ class ScoringConfig:
 class SelectionConfig:
     """Pair selection (paper eq. 1-3; alpha = 0.5, delta = 0.1 in 4.1)."""
 
-    strategy: Literal["m3po", "mas_gap", "random"] = "m3po"
+    strategy: Literal["m3po", "mas_gap", "random", "rm_best_worst"] = "m3po"
     alpha: float = 0.5
     delta: float = 0.1
     # The paper does not say whether log P is summed or length-normalised. delta = 0.1 only bites
@@ -350,8 +350,8 @@ def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
     """Only the selection settings the strategy reads."""
-    if sel["strategy"] == "mas_gap":
-        return _without(sel, "alpha", "seed")          # mas_gap is alpha = 0; no randomness
+    if sel["strategy"] in ("mas_gap", "rm_best_worst"):
+        return _without(sel, "alpha", "seed")          # alpha = 0; no randomness
     if sel["strategy"] == "m3po":
         return _without(sel, "seed")
     return sel

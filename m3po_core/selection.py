@@ -16,7 +16,9 @@ Choices the paper leaves open, made here:
   delta = 0.1 is only meaningful per token, and summed log P makes short answers look confident).
 
 Strategies: `m3po` (eq. 1-3), `mas_gap` (alpha = 0, the paper's ablation: the lowest-MAS
-candidate) and `random` (R_w as above, R_l uniformly among the worse candidates: vanilla DPO).
+candidate), `random` (R_w as above, R_l uniformly among the worse candidates: vanilla DPO) and
+`rm_best_worst` (RM-DPO: the best against the worst by a reward model's score alone, here the
+judge's rating, column `judge`; MAS and log P play no part).
 Everything is vectorised over the whole table: no Python loop per group.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-STRATEGIES = ("m3po", "mas_gap", "random")
+STRATEGIES = ("m3po", "mas_gap", "random", "rm_best_worst")
 
 
 @dataclass(frozen=True)
@@ -75,28 +77,30 @@ def select_pairs(
         raise ValueError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
     if alpha < 0 or delta < 0:
         raise ValueError(f"alpha and delta must be >= 0 (got alpha={alpha}, delta={delta})")
-    for col in ("prompt_id", "cand_idx", "mas", logp_column):
+    rank_column = "judge" if strategy == "rm_best_worst" else "mas"
+    for col in ("prompt_id", "cand_idx", "mas", rank_column, logp_column):
         if col not in table.column_names:
             raise ValueError(f"selection input lacks column {col!r} (has {table.column_names})")
-    if strategy == "mas_gap":
+    if strategy in ("mas_gap", "rm_best_worst"):
         alpha = 0.0
 
     prompt_ids = np.asarray(table.column("prompt_id").to_pylist(), dtype=object)
     cand = table.column("cand_idx").to_numpy().astype(np.int64)
     mas = table.column("mas").to_numpy(zero_copy_only=False).astype(np.float64)
     logp = table.column(logp_column).to_numpy(zero_copy_only=False).astype(np.float64)
+    rank = table.column(rank_column).to_numpy(zero_copy_only=False).astype(np.float64)
     # Candidates without a MAS (the judge could not rate them) take part in no pair.
-    rated = ~np.isnan(mas)
+    rated = ~np.isnan(rank)
     uniq, group = np.unique(prompt_ids, return_inverse=True)
     n_groups = len(uniq)
     size = np.bincount(group[rated], minlength=n_groups)
 
-    w = _first_per_group(group, mas, cand, rated)                         # eq. 1
+    w = _first_per_group(group, rank, cand, rated)                        # eq. 1
     has_w = w >= 0
     w_rows = np.where(has_w, w, 0)
-    mas_w, logp_w, cand_w = mas[w_rows][group], logp[w_rows][group], cand[w_rows][group]
-    eligible = rated & (cand != cand_w) & (mas < mas_w)
-    score = m3p_score(mas_w, mas, logp_w, logp, alpha, delta)             # eq. 2
+    rank_w, logp_w, cand_w = rank[w_rows][group], logp[w_rows][group], cand[w_rows][group]
+    eligible = rated & (cand != cand_w) & (rank < rank_w)
+    score = m3p_score(rank_w, rank, logp_w, logp, alpha, delta)           # eq. 2
     if strategy == "random":
         primary = np.random.default_rng(seed).random(len(cand))
     else:

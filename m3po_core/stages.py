@@ -33,7 +33,7 @@ log = logging.getLogger("m3po.stages")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
 CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 1, "pairs": 1,
-                "train": 1, "evaluate": 1}
+                "train": 1, "evaluate": 2}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
 # resource, and HF sampling seeds torch's global generator.
@@ -453,7 +453,7 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
                                                                   pa.list_(pa.int32())))
     info = store.write_table("pairs.parquet", pairs, schema.PAIRS)
     result = {"key": key, **stats.as_dict(), "sha256": info["sha256"], "strategy": sel.strategy,
-              "alpha": 0.0 if sel.strategy == "mas_gap" else sel.alpha, "delta": sel.delta, "logp": sel.logp,
+              "alpha": 0.0 if sel.strategy in ("mas_gap", "rm_best_worst") else sel.alpha, "delta": sel.delta, "logp": sel.logp,
               "mean_mas_gap": _mean(pairs, "mas_chosen", "mas_rejected"),
               "mean_logp_gap": _mean(pairs, "logp_chosen", "logp_rejected")}
     store.write_json("pairs_stats.json", result)
@@ -509,40 +509,58 @@ def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: s
 
 
 def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Greedy answers of the base model and of base + adapter on the held-out benchmarks; metrics.json."""
-    from m3po_core.evaluation import mme, pope
-
+    """Greedy answers of the base model and of base + adapter on the held-out benchmarks; metrics.json.
+    The base model's side is cached beside the benchmarks (`eval/base_metrics.json`): every run and
+    every experiment cell on the same prompts and base model shares it."""
     train_key = store.read_json("train_log.json")["key"]
     key = stage_key(cfg, "evaluate", train_key, model_ref)
     if (record := done_record(store, "metrics.json", key)) is not None:
         return record
-    scorers = {"pope": pope.score, "mme": mme.score}  # names checked by config.validate
+    base = evaluate_base(cfg, store, model_ref, log_fn)
+    trained = _evaluate_model(cfg, store, model_ref, "m3po", "predictions", log_fn)
+    metrics = {"key": key, "base": base["metrics"], "m3po": trained}
+    store.write_json("metrics.json", metrics)
+    return metrics
+
+
+def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
+                  log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
+    key = stage_key(cfg, "evaluate", "base", model_ref)
+    if (record := done_record(store, "eval/base_metrics.json", key)) is not None:
+        return record
+    record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn)}
+    store.write_json("eval/base_metrics.json", record)
+    return record
+
+
+def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name: str, folder: str,
+                    log_fn: Callable[[str], None]) -> dict[str, Any]:
+    """One model on every configured benchmark: predictions in `{folder}/predictions-{model}-{bench}.parquet`."""
+    from m3po_core.evaluation import mme, pope
     from m3po_core.sampling import greedy_batched
     from m3po_core.sampling.transformers_backend import TransformersSampler
 
-    metrics: dict[str, Any] = {"key": key}
-    for model_name in ("base", "m3po"):
-        model, processor = _eval_model(cfg, store, model_ref, model_name)
-        sampler = TransformersSampler(model, processor)
-        metrics[model_name] = {}
-        for bench in cfg.evaluation.benchmarks:
-            questions = store.read_table(f"eval/{bench}.parquet").to_pylist()
-            images: dict[str, Image.Image] = {}
-            for q in questions:  # each image read once, however many questions it has
-                if q["image"] not in images:
-                    images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
-            with device_slot():
-                preds = greedy_batched(sampler, [images[q["image"]] for q in questions],
-                                       [q["instruction"] for q in questions], cfg.evaluation.max_new_tokens,
-                                       cfg.evaluation.batch_size)
-            records = [{**q, "prediction": p, "model": model_name, "benchmark": bench}
-                       for q, p in zip(questions, preds)]
-            store.write_table(f"eval/predictions-{model_name}-{bench}.parquet",
-                              pa.Table.from_pylist([{c: r.get(c) for c in schema.PREDICTIONS.names} for r in records],
-                                                   schema.PREDICTIONS), schema.PREDICTIONS)
-            metrics[model_name][bench] = scorers[bench](records)
-            log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[model_name][bench]))
-    store.write_json("metrics.json", metrics)
+    scorers = {"pope": pope.score, "mme": mme.score}  # names checked by config.validate
+    model, processor = _eval_model(cfg, store, model_ref, model_name)
+    sampler = TransformersSampler(model, processor)
+    metrics: dict[str, Any] = {}
+    for bench in cfg.evaluation.benchmarks:
+        questions = store.read_table(f"eval/{bench}.parquet").to_pylist()
+        images: dict[str, Image.Image] = {}
+        for q in questions:  # each image read once, however many questions it has
+            if q["image"] not in images:
+                images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
+        with device_slot():
+            preds = greedy_batched(sampler, [images[q["image"]] for q in questions],
+                                   [q["instruction"] for q in questions], cfg.evaluation.max_new_tokens,
+                                   cfg.evaluation.batch_size)
+        records = [{**q, "prediction": p, "model": model_name, "benchmark": bench}
+                   for q, p in zip(questions, preds)]
+        store.write_table(f"{folder}/predictions-{model_name}-{bench}.parquet",
+                          pa.Table.from_pylist([{c: r.get(c) for c in schema.PREDICTIONS.names} for r in records],
+                                               schema.PREDICTIONS), schema.PREDICTIONS)
+        metrics[bench] = scorers[bench](records)
+        log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[bench]))
     return metrics
 
 

@@ -214,6 +214,26 @@ class RunStore:
         return str(local)
 
 
+class CellStore(RunStore):
+    """One cell of an experiment grid (`{run}/cells/{cell_id}/`): its own pairs, adapter, metrics and
+    predictions; the run's shared stages (prompts, candidates, scores, images, benchmarks and the
+    base model's evaluation) are read from and cached in the run itself, so every cell reuses them."""
+
+    SHARED = ("prompts/", "candidates/", "scores/", "images/", "eval/")
+
+    def __init__(self, run: RunStore, cell_id: str):
+        super().__init__(run.root, run.run_id)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", cell_id or ""):
+            raise ValueError(f"cell id {cell_id!r} must be a name of letters, digits, '.', '_' and '-'")
+        self.run, self.cell_id = run, cell_id
+        self.base = f"{run.base}/cells/{cell_id}"
+
+    def path(self, rel: str) -> str:
+        if rel.startswith(self.SHARED):
+            return self.run.path(rel)
+        return super().path(rel)
+
+
 def open_url(url: str, mode: str = "rb"):
     """Open any fsspec URL (image files referenced by the prompts table)."""
     return fsspec.open(url, mode)

@@ -91,3 +91,8 @@ def sample_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int,
 @task(name="score-shard-job", task_run_name="score-{run_id}-{shard}", cache_policy=NO_CACHE)
 def score_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
     return run_shard_job(stages.score_shard, config, root, run_id, shard, clip_ref)
+
+
+@task(name="evaluate-base", cache_policy=NO_CACHE)
+def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
+    return stages.evaluate_base(cfg, store, model_ref, log_fn=_info)

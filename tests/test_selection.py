@@ -102,3 +102,17 @@ def test_bad_arguments_are_named():
 def test_m3p_score_penalty_only_beyond_margin():
     assert m3p_score(0.9, 0.4, -1.0, -1.05, 0.5, 0.1) == pytest.approx(0.5)   # within delta: no penalty
     assert m3p_score(0.9, 0.4, -1.0, -2.1, 0.5, 0.1) == pytest.approx(0.5 - 0.5 * 1.0)
+
+
+def test_rm_dpo_pairs_the_best_and_worst_by_the_reward_alone():
+    t = pa.table({"prompt_id": ["a"] * 4 + ["b"] * 3, "cand_idx": [0, 1, 2, 3, 0, 1, 2],
+                  "mas":   [0.9, 0.1, 0.5, 0.4, 0.2, 0.8, 0.5],
+                  "judge": [0.2, 0.9, 0.6, 0.1, 0.7, 0.7, float("nan")],
+                  "logp":  [-1.0, -2.0, -3.0, -0.5, -1.0, -1.0, -1.0]})
+    pairs, stats = select_pairs(t, alpha=5.0, strategy="rm_best_worst")
+    got = {r["prompt_id"]: (r["chosen_idx"], r["rejected_idx"]) for r in pairs.to_pylist()}
+    # a: judge best 1 (0.9), worst 3 (0.1), whatever MAS and log P say
+    # b: judge tie between 0 and 1 -> no strictly worse rated candidate (2 is unrated): no pair
+    assert got == {"a": (1, 3)}
+    assert stats.skipped_no_mas_gap == 1
+    assert pairs.column("mas_chosen").to_pylist() == [0.1]   # MAS still reported for the chosen pair
