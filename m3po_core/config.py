@@ -151,6 +151,12 @@ class EvaluationConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme"])
     max_new_tokens: int = 24
     batch_size: int = 32
+    # The public releases (Parquet: question_id, question, answer, image, category; a file, a
+    # directory or a glob, local or s3://). Unset: the synthetic world's held-out versions.
+    pope_path: Optional[str] = None
+    mme_path: Optional[str] = None
+    # appended to public questions, as LLaVA-1.5's evaluation does
+    answer_suffix: str = "\nAnswer the question using a single word or phrase."
 
 
 @dataclass
@@ -329,9 +335,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme")]
     if unknown:
         raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme")
-    if cfg.data.source != "synthetic" and cfg.evaluation.benchmarks:
-        raise ConfigError("configuration key 'evaluation.benchmarks': held-out benchmarks are built from the "
-                          "synthetic world only (public POPE/MME loaders are not wired in yet)")
+    for bench in cfg.evaluation.benchmarks:
+        if cfg.data.source != "synthetic" and getattr(cfg.evaluation, f"{bench}_path") is None:
+            raise ConfigError(f"configuration key 'evaluation.{bench}_path': data.source={cfg.data.source!r} has no "
+                              f"synthetic {bench} set; point it at the public release's Parquet files")
     return cfg
 
 

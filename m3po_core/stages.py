@@ -545,7 +545,7 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
     sampler = TransformersSampler(model, processor)
     metrics: dict[str, Any] = {}
     for bench in cfg.evaluation.benchmarks:
-        questions = store.read_table(f"eval/{bench}.parquet").to_pylist()
+        questions = benchmark_questions(cfg, store, bench)
         images: dict[str, Image.Image] = {}
         for q in questions:  # each image read once, however many questions it has
             if q["image"] not in images:
@@ -562,6 +562,28 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
         metrics[bench] = scorers[bench](records)
         log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[bench]))
     return metrics
+
+
+def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dict[str, Any]]:
+    """A benchmark's questions: the public release when its path is set (imported into the store
+    once per release), else the synthetic world's held-out set written with the prompts."""
+    source = getattr(cfg.evaluation, f"{bench}_path")
+    if source is None:
+        return store.read_table(f"eval/{bench}.parquet").to_pylist()
+    from m3po_core.evaluation import public
+
+    rel = f"eval/public-{bench}.parquet"
+    key = fingerprint({"source": source, "files": public.source_fingerprint(source),
+                       "suffix": cfg.evaluation.answer_suffix, "version": 1})
+    if done_record(store, f"eval/public-{bench}.json", key) is None or not store.exists(rel):
+        def put_image(name: str, data: bytes) -> str:
+            store.write_bytes(f"eval/images/{name}", data)
+            return store.url(f"eval/images/{name}")
+
+        records = public.load_public_benchmark(source, bench, cfg.evaluation.answer_suffix, put_image)
+        store.write_table(rel, public.to_table(records))
+        store.write_json(f"eval/public-{bench}.json", {"key": key, "source": source, "questions": len(records)})
+    return store.read_table(rel).to_pylist()
 
 
 def _headline(bench: str, m: dict[str, Any]) -> str:

@@ -243,3 +243,28 @@ def test_the_run_is_watchable_in_the_ui_through_its_artifacts(finished_run):
         for stage in ("candidates", "scores"):
             progress = latest(f"t1-{stage}-progress")
             assert progress.type == "progress" and float(progress.data) == 100.0
+
+
+def test_the_public_benchmark_path_scores_like_the_synthetic_one(root, finished_run, tmp_path):
+    """The synthetic held-out sets written in the public releases' Parquet layout (images embedded)
+    and evaluated through `evaluation.pope_path` / `mme_path`: the same predictions, the same numbers."""
+    import pyarrow as pa
+
+    cfg, store, _ = finished_run
+    paths = {}
+    for bench in ("pope", "mme"):
+        qs = store.read_table(f"eval/{bench}.parquet").to_pylist()
+        pq.write_table(pa.table({
+            "question_id": [q["question_id"] for q in qs], "question": [q["instruction"] for q in qs],
+            "answer": [q["answer"].capitalize() for q in qs], "category": [q["category"] for q in qs],
+            "image": pa.array([{"bytes": Path(q["image"]).read_bytes(), "path": None} for q in qs],
+                              pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}), tmp_path / f"{bench}.parquet")
+        paths[bench] = str(tmp_path / f"{bench}.parquet")
+    public_cfg = load_config(TINY, [f"evaluation.pope_path={paths['pope']}", f"evaluation.mme_path={paths['mme']}",
+                                    "evaluation.answer_suffix="])
+    public_store = RunStore(root, "t1-public")
+    model_ref = stages.ensure_base_model(cfg, store)
+    public = stages.evaluate_base(public_cfg, public_store, model_ref)["metrics"]
+    synthetic = store.read_json("eval/base_metrics.json")["metrics"]
+    assert public["pope"] == synthetic["pope"]
+    assert public["mme"] == synthetic["mme"]
