@@ -169,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`)",
               file=sys.stderr)
         return 1
-    from m3po_core.report import comparison_rows
+    from m3po_core.report import HEADLINE, comparison_rows, win_rate_line
 
-    print("\n" + markdown_table(comparison_rows(result["metrics"])[:6]))
+    rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if r["base"] == r["base"]]  # no NaN rows
+    print("\n" + markdown_table(rows))
+    if line := win_rate_line(result["metrics"]):
+        print(line)
     p = result["pairs"]
     print(f"\npairs: {p['pairs']} of {p['groups']} prompts; mean MAS gap {p['mean_mas_gap']:.3f}, "
           f"mean log P gap {p['mean_logp_gap']:.3f}")

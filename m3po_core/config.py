@@ -148,7 +148,8 @@ class TrainingConfig:
 class EvaluationConfig:
     """Held-out benchmarks, greedy decoding, base model against trained adapter."""
 
-    benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme"])
+    # pope, mme; preference: the judge's 1-5 ratings and win rate against the base (paper table 4)
+    benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme", "preference"])
     max_new_tokens: int = 24
     batch_size: int = 32
     # The public releases (Parquet: question_id, question, answer, image, category; a file, a
@@ -332,11 +333,15 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"split over training.num_processes={t.num_processes} processes")
     if t.deepspeed_zero not in (None, 2, 3):
         raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
-    unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme")]
+    unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme", "preference")]
     if unknown:
-        raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme")
-    for bench in cfg.evaluation.benchmarks:
-        if cfg.data.source != "synthetic" and getattr(cfg.evaluation, f"{bench}_path") is None:
+        raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme, "
+                          "preference")
+    if cfg.data.source != "synthetic" and "preference" in cfg.evaluation.benchmarks:
+        raise ConfigError("configuration key 'evaluation.benchmarks': the simulated preference test has prompts on "
+                          "the synthetic world only so far; drop 'preference' for other data")
+    for bench in ("pope", "mme"):
+        if bench in cfg.evaluation.benchmarks and cfg.data.source != "synthetic" and getattr(cfg.evaluation, f"{bench}_path") is None:
             raise ConfigError(f"configuration key 'evaluation.{bench}_path': data.source={cfg.data.source!r} has no "
                               f"synthetic {bench} set; point it at the public release's Parquet files")
     return cfg

@@ -38,7 +38,11 @@ LABELS = {"base": "Base model", "sft": "SFT (preferred responses)", "dpo": "Vani
           "m3po": "M3PO", "m3po_alpha0": "M3PO (alpha = 0)"}
 # (column label, benchmark, metric key) of the tables
 COLUMNS = [("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
-           ("MME score", "mme", "score")]
+           ("MME score", "mme", "score"), ("Accuracy (1-5)", "preference", "accuracy"),
+           ("Relevance (1-5)", "preference", "relevance"), ("Helpfulness (1-5)", "preference", "helpfulness"),
+           ("Win rate vs base", "preference", "win_rate")]
+BENCH_METRICS = ["POPE acc", "POPE F1", "POPE yes-ratio", "MME score"]       # tables 1, 3, 5, 6
+PREFERENCE_METRICS = ["Accuracy (1-5)", "Relevance (1-5)", "Helpfulness (1-5)", "Win rate vs base"]  # table 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +111,7 @@ def _fmt(values: list[float], metric: str) -> str:
     if not values:
         return "n/a"
     mean, sd = _mean_sd(values)
-    digits = 1 if metric.startswith("MME") else 3
+    digits = 1 if metric.startswith("MME") else 2 if "(1-5)" in metric else 3
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
@@ -125,12 +129,17 @@ def _table(title: str, header: str, lines: list[tuple[str, dict[str, Any]]], row
 def tables(rows: list[dict[str, Any]], recipes: list[str], alphas: list[float], deltas: list[float],
            n_seeds: int) -> str:
     """The paper's table layouts, mean ± sd over seeds, as markdown."""
-    metrics = [c[0] for c in COLUMNS if any(r["metric"] == c[0] for r in rows)]
+    present = {r["metric"] for r in rows}
+    metrics = [m for m in BENCH_METRICS if m in present]
+    pref = [m for m in PREFERENCE_METRICS if m in present]
     plain = dict(alpha=None, delta=None)
     out = [f"Mean ± sample sd over {n_seeds} seed(s) (training and selection seed; the base model has no seed).", ""]
     t1 = [r for r in ("base", "sft", "dpo", "rm_dpo", "m3po") if r in recipes or r == "base"]
     out += _table("Table 1: M3PO against the baselines", "Method",
                   [(LABELS[r], {"recipe": r, **plain}) for r in t1], rows, metrics)
+    if pref:
+        out += _table("Table 4: simulated human preference (judge ratings 1-5; win rate against the base, ties half)",
+                      "Method", [(LABELS[r], {"recipe": r, **plain}) for r in t1], rows, pref)
     if "m3po_alpha0" in recipes and "m3po" in recipes:
         out += _table("Table 3: ablation of the confidence term", "Method",
                       [(LABELS[r], {"recipe": r, **plain}) for r in ("m3po", "m3po_alpha0")], rows, metrics)
@@ -151,7 +160,7 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
         return out
     plain = dict(alpha=None, delta=None)
     for other in [r for r in ("m3po_alpha0", "dpo", "rm_dpo", "sft", "base") if r in recipes or r == "base"]:
-        for metric in ("POPE acc", "MME score"):
+        for metric in ("POPE acc", "MME score", "Accuracy (1-5)"):
             ours = {r["seed"]: r["value"] for r in rows if r["recipe"] == "m3po" and r["metric"] == metric
                     and r["alpha"] is None and r["delta"] is None}
             if other == "base":
@@ -168,7 +177,7 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
             wins = sum(d > 0 for d in diffs)
             word = "beats" if wins == len(diffs) else "loses to" if wins == 0 and all(d < 0 for d in diffs) \
                 else "does not clearly beat"
-            digits = 1 if metric.startswith("MME") else 3
+            digits = 1 if metric.startswith("MME") else 2 if "(1-5)" in metric else 3
             out.append(f"- M3PO {word} {LABELS[other]} on {metric}: difference {mean:+.{digits}f} ± {sd:.{digits}f} "
                        f"(ahead on {wins} of {len(diffs)} seeds)")
     return out

@@ -19,7 +19,18 @@ HEADLINE = [
     ("POPE F1", "pope", ("f1",)),
     ("POPE yes-ratio", "pope", ("yes_ratio",)),
     ("MME score", "mme", ("score",)),
+    ("Preference accuracy (1-5)", "preference", ("accuracy",)),
+    ("Preference relevance (1-5)", "preference", ("relevance",)),
+    ("Preference helpfulness (1-5)", "preference", ("helpfulness",)),
 ]
+
+
+def win_rate_line(metrics: dict[str, Any]) -> str | None:
+    p = metrics.get("m3po", {}).get("preference", {})
+    if "win_rate" not in p:
+        return None
+    return (f"simulated preference, M3PO against the base on the same prompts (judge's overall rating): "
+            f"win rate {p['win_rate']:.3f} ({p['wins']} wins, {p['ties']} ties, {p['losses']} losses; ties count half)")
 
 
 def _get(d: dict[str, Any], bench: str, path: tuple[str, ...]) -> float:
@@ -155,6 +166,7 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         "",
         markdown_table(rows),
         "",
+        *([f"{line}.", ""] if (line := win_rate_line(metrics)) else []),
         "## Data",
         "",
         f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; candidates per prompt: {cfg.sampling.n} "

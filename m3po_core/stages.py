@@ -173,6 +173,18 @@ def _synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None
         store.write_table(f"eval/{name}.parquet", pa.Table.from_pylist(recs))
 
 
+def _synthetic_preference_set(cfg: RunConfig, store: RunStore) -> None:
+    """Open-ended prompts on the held-out scenes (one per scene), for the simulated preference test."""
+    from m3po_core.data import synthetic as world
+
+    held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes)
+    recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
+             "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"],
+             "image": store.url(f"eval/images/{p['scene_id']}.png")}
+            for p in world.make_prompts(held_out, cfg.seed, per_scene=1)]
+    store.write_table("eval/preference.parquet", pa.Table.from_pylist(recs))
+
+
 def read_prompts_shard(store: RunStore, shard: int) -> list[dict[str, Any]]:
     return store.read_table(RunStore.shard_rel("prompts", shard)).to_pylist()
 
@@ -518,6 +530,13 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
     trained = _evaluate_model(cfg, store, model_ref, "m3po", "predictions", log_fn)
+    if "preference" in trained:  # pairwise against the base model's responses to the same prompts
+        from m3po_core.evaluation import preference
+
+        overall = lambda rel: dict(zip(*(store.read_table(rel).column(c).to_pylist() for c in ("question_id", "overall"))))
+        trained["preference"].update(preference.win_rate(overall("predictions/ratings-m3po-preference.parquet"),
+                                                         overall("eval/ratings-base-preference.parquet")))
+        log_fn(f"m3po preference: win rate vs base {trained['preference']['win_rate']:.3f}")
     metrics = {"key": key, "base": base["metrics"], "m3po": trained}
     store.write_json("metrics.json", metrics)
     return metrics
@@ -559,16 +578,38 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
         store.write_table(f"{folder}/predictions-{model_name}-{bench}.parquet",
                           pa.Table.from_pylist([{c: r.get(c) for c in schema.PREDICTIONS.names} for r in records],
                                                schema.PREDICTIONS), schema.PREDICTIONS)
-        metrics[bench] = scorers[bench](records)
+        if bench == "preference":
+            metrics[bench] = _rate_responses(cfg, store, questions, images, preds, model_name, folder)
+        else:
+            metrics[bench] = scorers[bench](records)
         log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[bench]))
     return metrics
+
+
+def _rate_responses(cfg: RunConfig, store: RunStore, questions, images, preds, model_name: str,
+                    folder: str) -> dict[str, Any]:
+    """The judge's ratings of one model's responses (kept per question for the pairwise comparison)."""
+    from m3po_core.evaluation import preference
+    from m3po_core.scoring.judge import JudgeItem
+
+    items = [JudgeItem(q["question_id"], q["instruction"], p, image=images[q["image"]],
+                       meta={"scene": q.get("scene"), "kind": q["category"], "reference": q["answer"]})
+             for q, p in zip(questions, preds)]
+    ratings = get_judge(cfg, store).score(items)
+    store.write_table(f"{folder}/ratings-{model_name}-preference.parquet", pa.Table.from_pylist(
+        [{"question_id": q["question_id"], "overall": r.overall if r else None,
+          "accuracy": r.accuracy if r else None, "relevance": r.relevance if r else None,
+          "adherence": r.adherence if r else None} for q, r in zip(questions, ratings)]))
+    return preference.score(questions, ratings)
 
 
 def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dict[str, Any]]:
     """A benchmark's questions: the public release when its path is set (imported into the store
     once per release), else the synthetic world's held-out set written with the prompts."""
-    source = getattr(cfg.evaluation, f"{bench}_path")
+    source = getattr(cfg.evaluation, f"{bench}_path", None)
     if source is None:
+        if bench == "preference" and not store.exists("eval/preference.parquet"):
+            _synthetic_preference_set(cfg, store)
         return store.read_table(f"eval/{bench}.parquet").to_pylist()
     from m3po_core.evaluation import public
 
@@ -587,6 +628,9 @@ def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dic
 
 
 def _headline(bench: str, m: dict[str, Any]) -> str:
+    if bench == "preference":
+        return (f"accuracy {m['accuracy']:.2f} relevance {m['relevance']:.2f} helpfulness {m['helpfulness']:.2f} "
+                f"(1-5; {m['unrated']} unrated)")
     if bench == "pope":
         return f"accuracy {m['accuracy']:.3f} f1 {m['f1']:.3f} yes-ratio {m['yes_ratio']:.2f}"
     return f"score {m['score']:.1f}"

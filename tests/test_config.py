@@ -79,3 +79,14 @@ def test_cache_keys_ignore_speed_settings_but_not_content_settings():
     ablation = load_config(None, ["selection.strategy=mas_gap"])
     assert stage_config(ablation, "pairs") == stage_config(
         load_config(None, ["selection.strategy=mas_gap", "selection.alpha=0.9"]), "pairs")
+
+
+@pytest.mark.parametrize("name", ["llava15-7b", "llava15-13b"])
+def test_the_llava_configs_load_with_the_papers_settings(name):
+    from m3po_core.config import CONFIG_DIR
+
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    assert cfg.sampling.n == 32 and cfg.selection.alpha == 0.5 and cfg.selection.delta == 0.1
+    assert (cfg.training.batch_size, cfg.training.learning_rate, cfg.training.warmup_ratio, cfg.training.epochs) == \
+        (8, 5e-5, 0.05, 1)
+    assert cfg.scoring.clip.name == "ViT-L-14" and cfg.model.name.startswith("llava-hf/llava-1.5-")
