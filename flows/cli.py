@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "reusing one run's cached candidates and scores")
     exp.add_argument("--config", help="run configuration YAML (default: configs/demo.yaml)")
     exp.add_argument("--root", default="./m3po-runs")
-    exp.add_argument("--run-id", default=None, help="run name under the root (default: '<config name>-experiment')")
+    exp.add_argument("--run-id", default=None, help="run under the root whose samples the cells share (default: the "
+                                                    "config's name, so after `m3po run` nothing is sampled again)")
     exp.add_argument("--recipes", default="base,sft,dpo,rm_dpo,m3po,m3po_alpha0",
                      help="comma-separated: base, sft, dpo, rm_dpo, m3po, m3po_alpha0 (default: all)")
     exp.add_argument("--seeds", default="0,1,2", help="comma-separated training/selection seeds (default 0,1,2)")
@@ -82,21 +83,22 @@ def _experiment(args) -> int:
     from m3po_core.config import load_config
     from m3po_core.errors import M3POError
 
-    def numbers(text: str, kind):
+    def numbers(flag: str, text: str, kind):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise M3POError(f"not a comma-separated list of numbers: {text!r}") from None
+            raise M3POError(f"{flag}: not a comma-separated list of {kind.__name__}s: {text!r}") from None
 
     try:
         cfg = load_config(args.config, args.overrides)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        seeds, alphas, deltas = numbers(args.seeds, int), numbers(args.alphas, float), numbers(args.deltas, float)
+        seeds, alphas = numbers("--seeds", args.seeds, int), numbers("--alphas", args.alphas, float)
+        deltas = numbers("--deltas", args.deltas, float)
         cells = ex.grid(recipes, seeds, alphas, deltas)
     except (M3POError, ValueError) as e:
         print(f"m3po experiment: {e}", file=sys.stderr)
         return 2
-    run_id = args.run_id or f"{cfg.name}-experiment"
+    run_id = args.run_id or cfg.name
     print(f"m3po experiment {run_id}: {len(cells)} cells (select -> train -> evaluate each)", flush=True)
     from flows.experiment import m3po_experiment
     from prefect import tags

@@ -77,7 +77,8 @@ def ray_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name
     live on, so each keeps its model loaded across the shards it runs."""
     from prefect_ray.context import remote_options
 
-    with remote_options(num_gpus=cfg.execution.ray_gpus_per_shard):
+    # max_calls=0: Ray would otherwise end a GPU task's worker after one call (and its loaded model)
+    with remote_options(num_gpus=cfg.execution.ray_gpus_per_shard, max_calls=0):
         return map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress)
 
 
@@ -105,8 +106,13 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
     task run for the task workers), then poll until all are final. Any number of GPU workers share
     them. A shard's outcome is read back from the store's manifest."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        raise M3POError(f"execution.shards={cfg.execution.shards!r} hands shards to workers through a Prefect server: "
+                        "set PREFECT_API_URL (on the ephemeral API no worker would ever take them)")
     started = time.time()
+    warned_at = started
     runs = {}
     with get_client(sync_client=True) as client:
         for shard in range(n_shards):
@@ -130,6 +136,14 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
                     outcomes[shard] = entry.get("error") or f"run {run_id} ended {state.type.value}: {state.message}"
                 update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
             if len(outcomes) < n_shards:
+                if time.time() - warned_at > 120:  # say so when nothing takes the shards (no worker running?)
+                    waiting = [s for s, i in runs.items() if s not in outcomes and
+                               (st := read_state(i)) is not None and st.is_scheduled()]
+                    if waiting:
+                        who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
+                        get_run_logger().warning(f"{stage}: {len(waiting)} shards still waiting for {who} "
+                                                 f"after {time.time() - started:.0f}s (e.g. shard {waiting[0]})")
+                    warned_at = time.time()
                 time.sleep(cfg.execution.poll_seconds)
     return outcomes
 

@@ -333,6 +333,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"split over training.num_processes={t.num_processes} processes")
     if t.deepspeed_zero not in (None, 2, 3):
         raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
+    if t.deepspeed_zero and t.num_processes < 2:
+        raise ConfigError("configuration key 'training.deepspeed_zero': DeepSpeed runs under accelerate launch; "
+                          "set training.num_processes to the number of GPUs (>= 2)")
     unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme", "preference")]
     if unknown:
         raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme, "
@@ -363,7 +366,7 @@ def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
 def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
     """Only the selection settings the strategy reads."""
     if sel["strategy"] in ("mas_gap", "rm_best_worst"):
-        return _without(sel, "alpha", "seed")          # alpha = 0; no randomness
+        return _without(sel, "alpha", "delta", "seed")  # alpha = 0 (so delta plays no part); no randomness
     if sel["strategy"] == "m3po":
         return _without(sel, "seed")
     return sel
@@ -385,6 +388,9 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
                    "clip": _without(d["scoring"]["clip"], "batch_size")},
         "pairs": {"selection": _selection_key(d["selection"])},
         "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
-        "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"]},
+        "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
+                     # the preference test's ratings are the judge's
+                     "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight",
+                                       "judge_weight") if "preference" in d["evaluation"]["benchmarks"] else None},
     }
     return sections[stage]

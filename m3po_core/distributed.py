@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.errors import M3POError
-from m3po_core.store import RunStore
+from m3po_core.store import CellStore, RunStore
 
 HISTORY = "m3po_train_history.json"
 
@@ -45,6 +45,7 @@ def launch_training(cfg: RunConfig, store: RunStore, model_ref: str, output_dir:
 
     job = Path(output_dir).parent / f"{Path(output_dir).name}-job.json"
     job.write_text(json.dumps({"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id,
+                               "cell_id": getattr(store, "cell_id", None),  # an experiment cell's own pairs
                                "model_ref": model_ref, "output_dir": output_dir}))
     cmd = launch_command(cfg, str(job), torch.cuda.is_available())
     log_fn(f"training on {cfg.training.num_processes} processes: {' '.join(cmd[1:])}")
@@ -80,7 +81,10 @@ def _rank_main(job_file: str) -> None:
     if state.device.type == "cuda":
         torch.cuda.set_device(state.device)  # "cuda" is this rank's GPU when the model loads
     log = (lambda msg: print(f"[m3po] {msg}", flush=True)) if state.is_main_process else (lambda msg: None)
-    history = train_adapter(cfg, RunStore(job["root"], job["run_id"]), job["model_ref"], job["output_dir"], log_fn=log)
+    store = RunStore(job["root"], job["run_id"])
+    if job.get("cell_id"):
+        store = CellStore(store, job["cell_id"])
+    history = train_adapter(cfg, store, job["model_ref"], job["output_dir"], log_fn=log)
     if state.is_main_process:
         (Path(job["output_dir"]) / HISTORY).write_text(json.dumps(history))
     state.wait_for_everyone()

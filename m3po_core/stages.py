@@ -174,15 +174,20 @@ def _synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None
 
 
 def _synthetic_preference_set(cfg: RunConfig, store: RunStore) -> None:
-    """Open-ended prompts on the held-out scenes (one per scene), for the simulated preference test."""
+    """Open-ended prompts on the held-out scenes (one per scene), for the simulated preference test;
+    rebuilt whenever the held-out scenes change (keyed like the prompts that rendered their images)."""
     from m3po_core.data import synthetic as world
 
+    key = stage_key(cfg, "prompts")
+    if done_record(store, "eval/preference.json", key) is not None and store.exists("eval/preference.parquet"):
+        return
     held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes)
     recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
              "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"],
              "image": store.url(f"eval/images/{p['scene_id']}.png")}
             for p in world.make_prompts(held_out, cfg.seed, per_scene=1)]
     store.write_table("eval/preference.parquet", pa.Table.from_pylist(recs))
+    store.write_json("eval/preference.json", {"key": key, "questions": len(recs)})
 
 
 def read_prompts_shard(store: RunStore, shard: int) -> list[dict[str, Any]]:
@@ -525,7 +530,7 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     The base model's side is cached beside the benchmarks (`eval/base_metrics.json`): every run and
     every experiment cell on the same prompts and base model shares it."""
     train_key = store.read_json("train_log.json")["key"]
-    key = stage_key(cfg, "evaluate", train_key, model_ref)
+    key = stage_key(cfg, "evaluate", train_key, model_ref, _public_sources(cfg))
     if (record := done_record(store, "metrics.json", key)) is not None:
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
@@ -544,7 +549,7 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
 
 def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
                   log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
-    key = stage_key(cfg, "evaluate", "base", model_ref)
+    key = stage_key(cfg, "evaluate", "base", model_ref, _public_sources(cfg))
     if (record := done_record(store, "eval/base_metrics.json", key)) is not None:
         return record
     record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn)}
@@ -603,18 +608,26 @@ def _rate_responses(cfg: RunConfig, store: RunStore, questions, images, preds, m
     return preference.score(questions, ratings)
 
 
+def _public_sources(cfg: RunConfig) -> dict[str, Any]:
+    """Each public release's files (name, size, ETag or mtime): a release replaced in place is noticed."""
+    from m3po_core.evaluation import public
+
+    return {b: public.source_fingerprint(getattr(cfg.evaluation, f"{b}_path")) for b in ("pope", "mme")
+            if b in cfg.evaluation.benchmarks and getattr(cfg.evaluation, f"{b}_path")}
+
+
 def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dict[str, Any]]:
     """A benchmark's questions: the public release when its path is set (imported into the store
     once per release), else the synthetic world's held-out set written with the prompts."""
     source = getattr(cfg.evaluation, f"{bench}_path", None)
     if source is None:
-        if bench == "preference" and not store.exists("eval/preference.parquet"):
+        if bench == "preference":
             _synthetic_preference_set(cfg, store)
         return store.read_table(f"eval/{bench}.parquet").to_pylist()
     from m3po_core.evaluation import public
 
     rel = f"eval/public-{bench}.parquet"
-    key = fingerprint({"source": source, "files": public.source_fingerprint(source),
+    key = fingerprint({"source": source, "files": _public_sources(cfg)[bench],
                        "suffix": cfg.evaluation.answer_suffix, "version": 1})
     if done_record(store, f"eval/public-{bench}.json", key) is None or not store.exists(rel):
         def put_image(name: str, data: bytes) -> str:

@@ -261,7 +261,7 @@ def test_the_public_benchmark_path_scores_like_the_synthetic_one(root, finished_
                               pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}), tmp_path / f"{bench}.parquet")
         paths[bench] = str(tmp_path / f"{bench}.parquet")
     public_cfg = load_config(TINY, [f"evaluation.pope_path={paths['pope']}", f"evaluation.mme_path={paths['mme']}",
-                                    "evaluation.answer_suffix="])
+                                    "evaluation.answer_suffix=", "evaluation.benchmarks=[pope,mme]"])
     public_store = RunStore(root, "t1-public")
     model_ref = stages.ensure_base_model(cfg, store)
     public = stages.evaluate_base(public_cfg, public_store, model_ref)["metrics"]

@@ -83,4 +83,4 @@ def test_llava_instruct_data_needs_the_public_benchmarks():
     from m3po_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="evaluation.pope_path"):
-        load_config(TINY, ["data.source=llava_instruct", "scoring.judge=openai:gpt-4o"])
+        load_config(TINY, ["data.source=llava_instruct", "scoring.judge=openai:gpt-4o", "evaluation.benchmarks=[pope,mme]"])

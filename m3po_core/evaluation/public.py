@@ -45,10 +45,16 @@ def parquet_files(source: str) -> tuple[Any, list[str]]:
     return fs, files
 
 
-def source_fingerprint(source: str) -> list[tuple[str, int]]:
-    """Each file's name and size: part of the evaluation's cache key (a replaced release is noticed)."""
+def source_fingerprint(source: str) -> list[tuple[str, int, str]]:
+    """Each file's name, size and version (ETag on object stores, mtime on disks): part of the cache
+    keys, so a release replaced in place is noticed."""
     fs, files = parquet_files(source)
-    return [(f, int(fs.info(f).get("size") or 0)) for f in files]
+    out = []
+    for f in files:
+        info = fs.info(f)
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        out.append((f, int(info.get("size") or 0), str(version)))
+    return out
 
 
 def load_public_benchmark(source: str, bench: str, answer_suffix: str,
