@@ -32,7 +32,7 @@ from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, open_url
 log = logging.getLogger("m3po.stages")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
-CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 1, "pairs": 1,
+CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 1,
                 "train": 1, "evaluate": 2}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared

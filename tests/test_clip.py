@@ -85,3 +85,25 @@ def test_save_and_reload_gives_identical_scores(trained: tuple, tmp_path) -> Non
 
 def test_normalise_maps_cosine_to_unit_interval() -> None:
     np.testing.assert_allclose(normalise(np.array([-1.0, 0.0, 1.0])), [0.0, 0.5, 1.0])
+
+
+def test_long_responses_are_scored_in_chunks_not_truncated(trained: tuple) -> None:
+    scorer = trained[0]
+    limit = scorer.tokenizer.context_length - 2
+    images, captions = synthetic_pairs("eval", 2)
+    head = " ".join([captions[0]] * 8)                      # well past the context on its own
+    same_start_true_tail = f"{head} {captions[0]}"
+    same_start_false_tail = f"{head} {' '.join([captions[1]] * 3)}"
+    pieces = scorer.chunks(same_start_false_tail)
+    assert len(pieces) > 1 and all(n <= limit for _, n in pieces)
+    assert " ".join(p for p, _ in pieces) == " ".join(same_start_false_tail.split())  # nothing dropped
+
+    [sims] = scorer.score([images[0]], [[same_start_true_tail, same_start_false_tail]])
+    # truncation would give both the same score (their first `limit` tokens are identical)
+    assert sims[0] != pytest.approx(sims[1], abs=1e-6)
+    # the score is the token-weighted mean of the chunks' cosines
+    image = scorer.encode_images([images[0]])[0]
+    texts = scorer.encode_texts([p for p, _ in pieces])
+    weights = np.array([n for _, n in pieces], dtype=float)
+    expected = float((texts @ image).numpy() @ weights / weights.sum())
+    assert sims[1] == pytest.approx(expected, abs=1e-5)

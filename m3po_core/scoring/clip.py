@@ -101,13 +101,36 @@ class ClipScorer:
             self.n_image_encodes += len(batch)
         return torch.cat(features)
 
+    def chunks(self, text: str) -> list[tuple[str, int]]:
+        """The text in pieces that fit the text encoder's context, each with its token count.
+
+        Greedy over words: a piece grows while its tokens (without the start/end tokens) fit in
+        ``context_length - 2``; a single word longer than that is left to the tokenizer to cut.
+        A tokenizer without ``encode`` (no way to count) gives the text whole.
+        """
+        encode = getattr(self.tokenizer, "encode", None)
+        limit = getattr(self.tokenizer, "context_length", 77) - 2
+        if encode is None:
+            return [(text, 1)]
+        n = len(encode(text))
+        if n <= limit:
+            return [(text, max(n, 1))]
+        pieces, words, count = [], [], 0
+        for word in text.split():
+            k = len(encode(word))
+            if words and count + k > limit:
+                pieces.append((" ".join(words), count))
+                words, count = [], 0
+            words.append(word)
+            count += k
+        if words:
+            pieces.append((" ".join(words), count))
+        return pieces
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm text embeddings, shape (len(texts), embed_dim).
-
-        Texts longer than the model's context are truncated by the tokenizer
-        for now (a later change scores long texts in chunks).
-        """
+        """Unit-norm text embeddings, shape (len(texts), embed_dim). Each text is cut to the
+        context by the tokenizer; `score` instead scores long texts in chunks."""
         self.model.eval()
         features = []
         for start in range(0, len(texts), self.batch_size):
@@ -122,24 +145,35 @@ class ClipScorer:
     ) -> list[np.ndarray]:
         """Cosine similarity of image i with each of texts[i], one array per prompt.
 
-        Each image is encoded once; the texts of all prompts are encoded
-        together in batches of ``batch_size``.
+        Each image is encoded once; the texts of all prompts are encoded together in batches of
+        ``batch_size``. A text longer than the encoder's context (77 tokens for ViT-L/14) is not
+        truncated: it is cut into chunks that fit (``chunks``) and its score is the token-weighted
+        mean of its chunks' cosines, so every part of a long answer counts for its length (a
+        hallucinated tail lowers the score instead of being cut off).
         """
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
         image_features = self.encode_images(images)
-        all_texts = [text for prompt_texts in texts for text in prompt_texts]
-        if all_texts:
-            text_features = self.encode_texts(all_texts)
+        pieces, owner, weight = [], [], []   # every chunk, the (prompt, text) it belongs to, its tokens
+        for i, prompt_texts in enumerate(texts):
+            for j, text in enumerate(prompt_texts):
+                for piece, n_tokens in self.chunks(text):
+                    pieces.append(piece)
+                    owner.append((i, j))
+                    weight.append(n_tokens)
+        if pieces:
+            text_features = self.encode_texts(pieces)
         else:
             text_features = image_features.new_zeros(0, image_features.shape[1])
-        similarities = []
-        start = 0
-        for image_feature, prompt_texts in zip(image_features, texts):
-            end = start + len(prompt_texts)
-            similarities.append((text_features[start:end] @ image_feature).cpu().numpy())
-            start = end
-        return similarities
+        prompt_of = torch.tensor([i for i, _ in owner], dtype=torch.long, device=text_features.device)
+        chunk_sims = ((text_features * image_features[prompt_of]).sum(dim=1).cpu().numpy()
+                      if pieces else np.zeros(0))
+        sums = [np.zeros(len(t)) for t in texts]
+        totals = [np.zeros(len(t)) for t in texts]
+        for (i, j), sim, w in zip(owner, chunk_sims, weight):
+            sums[i][j] += w * sim
+            totals[i][j] += w
+        return [s_ / np.maximum(t_, 1e-12) for s_, t_ in zip(sums, totals)]
 
     def save(self, directory: str | Path) -> Path:
         """Write weights and configs so ``load_clip(directory)`` reloads offline.
