@@ -18,6 +18,7 @@ from m3po_core import experiment as ex
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.store import CellStore, RunStore
 from flows import stages
+from flows.pipeline import tag_flow_run
 from tasks import stages as t
 
 
@@ -44,6 +45,7 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
     store = RunStore(root, run_id)
     store.write_json("config.json", config)
     store.write_json("experiment.json", {"recipes": recipes, "seeds": seeds, "alphas": alphas, "deltas": deltas})
+    tag_flow_run(f"run:{run_id}", f"config:{cfg.name}", "experiment")
     logger = get_run_logger()
     t0 = time.time()
 

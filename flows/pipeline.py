@@ -27,6 +27,7 @@ def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs
     config = cfg.to_dict()
     store = RunStore(root, run_id)
     store.write_json("config.json", cfg.to_dict())  # what `m3po rerun-failed` runs again
+    tag_flow_run(f"run:{run_id}", f"config:{cfg.name}", f"strategy:{cfg.selection.strategy}")
     logger = get_run_logger()
     timings: dict[str, float] = {}
 
@@ -54,6 +55,16 @@ def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs
     logger.info(f"report: {store.url('report.md')}")
     return {"metrics": {k: metrics[k] for k in ("base", "m3po")}, "pairs": pair_stats, "info": info,
             "report": store.url("report.md")}
+
+
+def tag_flow_run(*tags: str) -> None:
+    """Tags that say which run and configuration this is, also on runs a schedule or the UI started."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    run = get_run_context().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(tags)))
 
 
 def _inline_plots(markdown: str, store: RunStore) -> str:

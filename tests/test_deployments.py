@@ -83,6 +83,8 @@ def test_demo_deployment_fans_shards_out_as_flow_runs_on_s3(prefect_stack, s3_se
         logs = prefect_stack["logs"]
         assert parent.state.is_completed(), (parent.state, (logs / "worker.log").read_text()[-4000:])
         with get_client(sync_client=True) as client:
+            # the UI can tell runs apart by run id and configuration, even when a schedule started them
+            assert {"m3po", "run:int1", "config:tiny", "strategy:m3po"} <= set(client.read_flow_run(parent.id).tags)
             runs_of = {}
             for name in ("m3po-sample-shard/m3po-sample-shard", "m3po-score-shard/m3po-score-shard"):
                 dep = client.read_deployment_by_name(name)
