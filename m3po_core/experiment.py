@@ -137,12 +137,13 @@ def tables(rows: list[dict[str, Any]], recipes: list[str], alphas: list[float], 
     t1 = [r for r in ("base", "sft", "dpo", "rm_dpo", "m3po") if r in recipes or r == "base"]
     out += _table("Table 1: M3PO against the baselines", "Method",
                   [(LABELS[r], {"recipe": r, **plain}) for r in t1], rows, metrics)
-    if pref:
-        out += _table("Table 4: simulated human preference (judge ratings 1-5; win rate against the base, ties half)",
-                      "Method", [(LABELS[r], {"recipe": r, **plain}) for r in t1], rows, pref)
     if "m3po_alpha0" in recipes and "m3po" in recipes:
         out += _table("Table 3: ablation of the confidence term", "Method",
                       [(LABELS[r], {"recipe": r, **plain}) for r in ("m3po", "m3po_alpha0")], rows, metrics)
+    if pref:
+        out += _table("Table 4: simulated human preference (judge ratings 1-5; win rate against the base, ties half)",
+                      "Method", [(LABELS[r], {"recipe": r, **plain}) for r in t1 + ["m3po_alpha0"]
+                                 if r in t1 or r in recipes], rows, pref)
     if alphas:
         out += _table("Table 5: alpha sweep (M3PO)", "alpha",
                       [(f"{a:g}", {"recipe": "m3po", "alpha": a, "delta": None}) for a in alphas], rows, metrics)
