@@ -152,6 +152,7 @@ class EvaluationConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme", "preference"])
     max_new_tokens: int = 24
     batch_size: int = 32
+    shard_size: int = 256               # questions per cached predictions shard (an evaluation resumes per shard)
     # The public releases (Parquet: question_id, question, answer, image, category; a file, a
     # directory or a glob, local or s3://). Unset: the synthetic world's held-out versions.
     pope_path: Optional[str] = None
@@ -309,7 +310,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     positive = {"sampling.n": cfg.sampling.n, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
                 "sampling.batch_prompts": cfg.sampling.batch_prompts, "data.shard_size": cfg.data.shard_size,
                 "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size,
-                "training.num_processes": cfg.training.num_processes}
+                "training.num_processes": cfg.training.num_processes, "evaluation.shard_size": cfg.evaluation.shard_size}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")

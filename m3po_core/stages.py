@@ -33,7 +33,7 @@ log = logging.getLogger("m3po.stages")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
 CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 1,
-                "train": 1, "evaluate": 2}
+                "train": 1, "evaluate": 3}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
 # resource, and HF sampling seeds torch's global generator.
@@ -534,7 +534,7 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     if (record := done_record(store, "metrics.json", key)) is not None:
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
-    trained = _evaluate_model(cfg, store, model_ref, "m3po", "predictions", log_fn)
+    trained = _evaluate_model(cfg, store, model_ref, "m3po", "predictions", log_fn, weights_key=train_key)
     if "preference" in trained:  # pairwise against the base model's responses to the same prompts
         from m3po_core.evaluation import preference
 
@@ -552,39 +552,62 @@ def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
     key = stage_key(cfg, "evaluate", "base", model_ref, _public_sources(cfg))
     if (record := done_record(store, "eval/base_metrics.json", key)) is not None:
         return record
-    record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn)}
+    record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn,
+                                                     weights_key=["base", model_ref])}
     store.write_json("eval/base_metrics.json", record)
     return record
 
 
 def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name: str, folder: str,
-                    log_fn: Callable[[str], None]) -> dict[str, Any]:
-    """One model on every configured benchmark: predictions in `{folder}/predictions-{model}-{bench}.parquet`."""
+                    log_fn: Callable[[str], None], weights_key: Any) -> dict[str, Any]:
+    """One model on every configured benchmark. Predictions are cached per shard of questions
+    (`{folder}/predictions-{model}-{bench}/shard-*.parquet` with a manifest, like sampling): an
+    interrupted evaluation resumes where it stopped, and the model is loaded only if a shard
+    needs computing. `weights_key` says which weights answered (base model, or the adapter's run)."""
     from m3po_core.evaluation import mme, pope
     from m3po_core.sampling import greedy_batched
     from m3po_core.sampling.transformers_backend import TransformersSampler
 
     scorers = {"pope": pope.score, "mme": mme.score}  # names checked by config.validate
-    model, processor = _eval_model(cfg, store, model_ref, model_name)
-    sampler = TransformersSampler(model, processor)
+    loaded: dict[str, Any] = {}
+
+    def sampler():
+        if "sampler" not in loaded:
+            loaded["sampler"] = TransformersSampler(*_eval_model(cfg, store, model_ref, model_name))
+        return loaded["sampler"]
+
+    images: dict[str, Image.Image] = {}
+
+    def image_of(q: dict[str, Any], bench: str) -> Image.Image:
+        if q["image"] not in images:  # each image read once, however many questions it has
+            images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
+        return images[q["image"]]
+
     metrics: dict[str, Any] = {}
+    size = cfg.evaluation.shard_size
     for bench in cfg.evaluation.benchmarks:
         questions = benchmark_questions(cfg, store, bench)
-        images: dict[str, Image.Image] = {}
-        for q in questions:  # each image read once, however many questions it has
-            if q["image"] not in images:
-                images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
-        with device_slot():
-            preds = greedy_batched(sampler, [images[q["image"]] for q in questions],
-                                   [q["instruction"] for q in questions], cfg.evaluation.max_new_tokens,
-                                   cfg.evaluation.batch_size)
-        records = [{**q, "prediction": p, "model": model_name, "benchmark": bench}
-                   for q, p in zip(questions, preds)]
-        store.write_table(f"{folder}/predictions-{model_name}-{bench}.parquet",
-                          pa.Table.from_pylist([{c: r.get(c) for c in schema.PREDICTIONS.names} for r in records],
-                                               schema.PREDICTIONS), schema.PREDICTIONS)
+        stage = f"{folder}/predictions-{model_name}-{bench}"
+        n_shards = 0
+        for n_shards, start in enumerate(range(0, len(questions), size), start=1):
+            chunk = questions[start: start + size]
+            key = stage_key(cfg, "evaluate", weights_key, bench,
+                            fingerprint([[q["row_id"], q["instruction"], q["image"]] for q in chunk]))
+
+            def compute(chunk=chunk) -> pa.Table:
+                with device_slot():
+                    preds = greedy_batched(sampler(), [image_of(q, bench) for q in chunk],
+                                           [q["instruction"] for q in chunk], cfg.evaluation.max_new_tokens,
+                                           cfg.evaluation.batch_size)
+                return pa.Table.from_pylist(
+                    [{**{c: q.get(c) for c in schema.PREDICTIONS.names}, "prediction": p, "model": model_name,
+                      "benchmark": bench} for q, p in zip(chunk, preds)], schema.PREDICTIONS)
+
+            _run_shard(store, stage, n_shards - 1, key, compute, schema.PREDICTIONS)
+        records = store.read_stage(stage, n_shards).to_pylist() if n_shards else []
         if bench == "preference":
-            metrics[bench] = _rate_responses(cfg, store, questions, images, preds, model_name, folder)
+            metrics[bench] = _rate_responses(cfg, store, questions, [image_of(q, bench) for q in questions],
+                                             [r["prediction"] for r in records], model_name, folder)
         else:
             metrics[bench] = scorers[bench](records)
         log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[bench]))
@@ -597,9 +620,9 @@ def _rate_responses(cfg: RunConfig, store: RunStore, questions, images, preds, m
     from m3po_core.evaluation import preference
     from m3po_core.scoring.judge import JudgeItem
 
-    items = [JudgeItem(q["question_id"], q["instruction"], p, image=images[q["image"]],
+    items = [JudgeItem(q["question_id"], q["instruction"], p, image=image,
                        meta={"scene": q.get("scene"), "kind": q["category"], "reference": q["answer"]})
-             for q, p in zip(questions, preds)]
+             for q, p, image in zip(questions, preds, images)]
     ratings = get_judge(cfg, store).score(items)
     store.write_table(f"{folder}/ratings-{model_name}-preference.parquet", pa.Table.from_pylist(
         [{"question_id": q["question_id"], "overall": r.overall if r else None,

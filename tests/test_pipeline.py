@@ -268,3 +268,29 @@ def test_the_public_benchmark_path_scores_like_the_synthetic_one(root, finished_
     synthetic = store.read_json("eval/base_metrics.json")["metrics"]
     assert public["pope"] == synthetic["pope"]
     assert public["mme"] == synthetic["mme"]
+
+
+def test_evaluation_is_cached_per_shard_and_resumes_where_it_stopped(root, finished_run):
+    """Predictions are shards with a manifest: a lost shard (an evaluation killed half-way) is the
+    only one computed again, and the metrics come out the same."""
+    import shutil
+
+    cfg, store, _ = finished_run
+    run = RunStore(root, "t1-evalshards")
+    shutil.copytree(store.path(""), run.path(""))
+    Path(run.path("metrics.json")).unlink()
+    small = load_config(TINY, ["evaluation.shard_size=16"])
+    model_ref = stages.ensure_base_model(small, run)
+    first = stages.evaluate(small, run, model_ref)
+    stage = "predictions/predictions-m3po-pope"
+    entries = {e["shard"]: e for e in run.manifest(stage)}
+    assert len(entries) >= 3 and all(e["state"] == "complete" for e in entries.values())
+
+    Path(run.path(RunStore.shard_rel(stage, 1))).unlink()        # shard 1 lost, its record says running
+    run.mark_shard(stage, 1, "running", entries[1]["key"])
+    Path(run.path("metrics.json")).unlink()
+    again = stages.evaluate(small, run, model_ref)
+    after = {e["shard"]: e for e in run.manifest(stage)}
+    assert after[1]["finished_at"] > entries[1]["finished_at"]
+    assert all(after[s]["finished_at"] == entries[s]["finished_at"] for s in entries if s != 1)
+    assert again["m3po"] == first["m3po"] and again["base"] == first["base"]
