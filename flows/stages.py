@@ -127,6 +127,11 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
                     continue
                 state = read_state(run_id)
                 if state is None or not state.is_final():
+                    timeout = cfg.execution.shard_timeout_seconds
+                    if timeout is not None and time.time() - started > timeout:
+                        outcomes[shard] = (f"no result after {timeout:g}s (run {run_id} "
+                                           f"{state.type.value if state else 'without state'}): is a worker running?")
+                        update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
                     continue
                 entry = store.shard_entry(stage, shard) or {}
                 if state.is_completed() and entry.get("state") == "complete":

@@ -294,3 +294,14 @@ def test_evaluation_is_cached_per_shard_and_resumes_where_it_stopped(root, finis
     assert after[1]["finished_at"] > entries[1]["finished_at"]
     assert all(after[s]["finished_at"] == entries[s]["finished_at"] for s in entries if s != 1)
     assert again["m3po"] == first["m3po"] and again["base"] == first["base"]
+
+
+def test_shards_no_worker_takes_fail_the_stage_after_the_timeout(root, finished_run):
+    """`execution.shards: task_worker` with no `m3po worker` running: the shards stay scheduled, and
+    with `shard_timeout_seconds` the stage fails naming them instead of waiting for ever."""
+    from flows.stages import score
+
+    cfg = load_config(TINY, ["execution.shards=task_worker", "execution.shard_timeout_seconds=3",
+                             "execution.poll_seconds=0.5"])
+    with pytest.raises(M3POError, match=r"scores: 1 of 1 shards failed \(shard 0: no result after 3s .*SCHEDULED"):
+        score(cfg.to_dict(), root, "t-noworker", 1)
