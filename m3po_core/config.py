@@ -175,8 +175,8 @@ class ExecutionConfig:
     sample_deployment: str = "m3po-sample-shard/m3po-sample-shard"
     score_deployment: str = "m3po-score-shard/m3po-score-shard"
     poll_seconds: float = 2.0
-    # deployment / task_worker: a shard with no final state after this long fails the stage (its
-    # worker died, or none is running); None waits for ever
+    # deployment / task_worker: a shard with no final state this long after the stage submitted its
+    # shards fails the stage (its worker died, or none runs); size it for the whole stage. None: wait
     shard_timeout_seconds: Optional[float] = None
     gpu_concurrency_limit: str = "m3po-gpu"   # global concurrency limit each shard flow run holds
     ray_address: Optional[str] = None         # None: a local Ray instance; "auto" or "ray://head:10001": a cluster
