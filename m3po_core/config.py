@@ -100,6 +100,9 @@ class ScoringConfig:
     judge_api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
     judge_candidates_per_call: int = 1        # >1: rate several candidates of a prompt in one request
     judge_concurrency: int = 8
+    # prices per 1000 tokens (input, output), for the cost line of the report; unset: tokens only
+    judge_price_per_1k_input: Optional[float] = None
+    judge_price_per_1k_output: Optional[float] = None
     clip_weight: float = 0.2
     judge_weight: float = 0.8
 
@@ -388,13 +391,14 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
                  "image_size": world["image_size"]},
         "candidates": {"sampling": _without(d["sampling"], "concurrency", "api_key_env"), "dtype": d["model"]["dtype"]},
-        "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip"),
+        "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip",
+                                       "judge_price_per_1k_input", "judge_price_per_1k_output"),
                    "clip": _without(d["scoring"]["clip"], "batch_size")},
         "pairs": {"selection": _selection_key(d["selection"])},
         "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
         "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
                      # the preference test's ratings are the judge's
                      "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight",
-                                       "judge_weight") if "preference" in d["evaluation"]["benchmarks"] else None},
+                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output") if "preference" in d["evaluation"]["benchmarks"] else None},
     }
     return sections[stage]

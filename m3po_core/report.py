@@ -25,6 +25,20 @@ HEADLINE = [
 ]
 
 
+def judge_usage_line(store: RunStore) -> str | None:
+    """The model judge's requests, tokens and cost over the run's score shards (from their manifests)."""
+    entries = [e.get("judge_usage") for e in store.manifest("scores") if e.get("judge_usage")]
+    if not entries:
+        return None
+    total = {k: sum(e.get(k) or 0 for e in entries) for k in ("requests", "failed_requests", "prompt_tokens",
+                                                               "completion_tokens", "cache_hits", "unrated")}
+    costs = [e.get("cost") for e in entries]
+    cost = f", cost {sum(costs):.2f}" if all(c is not None for c in costs) else ""
+    return (f"- judge: {total['requests']} requests ({total['failed_requests']} failed, {total['cache_hits']} "
+            f"ratings from its cache), {total['prompt_tokens']} prompt + {total['completion_tokens']} completion "
+            f"tokens{cost}; {total['unrated']} candidates left unrated")
+
+
 def win_rate_line(metrics: dict[str, Any]) -> str | None:
     p = metrics.get("m3po", {}).get("preference", {})
     if "win_rate" not in p:
@@ -180,6 +194,7 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         f"- pairs made: {pair_stats['pairs']} of {pair_stats['groups']} prompts; skipped: "
         f"{pair_stats['skipped_no_mas_gap']} with no MAS gap, {pair_stats['skipped_too_few']} with < 2 candidates",
         f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}",
+        *([line] if (line := judge_usage_line(store)) else []),
         f"- DPO: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "- DPO: no steps",
         "",
         "## Stage wall time",

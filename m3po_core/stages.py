@@ -355,7 +355,7 @@ def _has_cuda() -> bool:
 
 
 def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callable[[], pa.Table],
-               table_schema: pa.Schema) -> ShardResult:
+               table_schema: pa.Schema, extra: Callable[[], dict[str, Any]] | None = None) -> ShardResult:
     """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure."""
     t0 = time.time()
     if store.shard_done(stage, shard, key):
@@ -367,7 +367,8 @@ def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Calla
         table = compute()
         wall = time.time() - t0
         entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=wall - _waited.seconds,
-                                    wall_seconds=wall, host=socket.gethostname(), pid=os.getpid())
+                                    wall_seconds=wall, host=socket.gethostname(), pid=os.getpid(),
+                                    **(extra() if extra else {}))
     except BaseException as e:  # KeyboardInterrupt too: the manifest must say the shard is not done
         store.mark_shard(stage, shard, FAILED, key, error=f"{type(e).__name__}: {e}")
         raise
@@ -415,6 +416,7 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
     if not cand_entry or cand_entry.get("state") != COMPLETE:
         raise RuntimeError(f"scores shard {shard}: candidates shard {shard} is not complete")
     key = stage_key(cfg, "scores", cand_entry["sha256"], clip_ref)
+    usage: dict[str, Any] = {}
 
     def compute() -> pa.Table:
         rows = read_prompts_shard(store, shard)
@@ -422,10 +424,18 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         cands = store.read_table(RunStore.shard_rel("candidates", shard))
         clip = get_clip(cfg, store, clip_ref)
         judge = get_judge(cfg, store)
-        with device_slot():
-            return score_candidates(rows, images, cands, clip, cfg.scoring, judge=judge)
+        with device_slot():  # one shard at a time per process: the judge's usage delta is this shard's
+            before = dict(getattr(judge, "usage", {}))
+            table = score_candidates(rows, images, cands, clip, cfg.scoring, judge=judge)
+            after = dict(getattr(judge, "usage", {}))
+        usage.update({k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))})
+        if after.get("cost") is not None:
+            usage["cost"] = after["cost"] - (before.get("cost") or 0.0)
+        return table
 
-    return _run_shard(store, "scores", shard, key, compute, schema.SCORES)
+    # what this shard cost the judge (requests, tokens, cost), in its manifest record for the report
+    return _run_shard(store, "scores", shard, key, compute, schema.SCORES,
+                      extra=lambda: {"judge_usage": usage} if usage else {})
 
 
 # -------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def test_score_shard_with_the_openai_judge(openai_server, tmp_path, monkeypatch)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     openai_server.responder = rate_yes_high
     cfg = load_config(TINY, ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}",
-                             "scoring.clip_weight=0.0", "scoring.judge_weight=1.0"])
+                             "scoring.clip_weight=0.0", "scoring.judge_weight=1.0",
+                             "scoring.judge_price_per_1k_input=1.0", "scoring.judge_price_per_1k_output=2.0"])
     store = RunStore(str(tmp_path), "j1")
     stages.prepare_prompts(cfg, store)
     prompts = stages.read_prompts_shard(store, 0)
@@ -43,6 +44,12 @@ def test_score_shard_with_the_openai_judge(openai_server, tmp_path, monkeypatch)
     assert SECRET.encode() not in Path(store.path(RunStore.shard_rel("scores", 0))).read_bytes()
     cached = list(Path(store.shared_path("_judge_cache")).rglob("*.json"))
     assert cached and all(SECRET not in p.read_text() for p in cached)
+
+    usage = store.shard_entry("scores", 0)["judge_usage"]                # what the shard cost, for the report
+    assert usage["requests"] == len(rows) and usage["unrated"] == 0
+    assert usage["cost"] == pytest.approx((usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1000)
+    from m3po_core.report import judge_usage_line
+    assert f"{len(rows)} requests" in judge_usage_line(store) and "cost" in judge_usage_line(store)
 
     again = stages.score_shard(cfg, store, 0, clip_ref)                  # complete under its key: skipped
     assert again.cached and len(openai_server.requests) == len(rows)

@@ -32,7 +32,9 @@ def make_judge(cfg: ScoringConfig, cache_dir: str | None = None):
 
         return OpenAIJudge(model=cfg.judge.removeprefix("openai:"), base_url=cfg.judge_base_url,
                            api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
-                           candidates_per_call=cfg.judge_candidates_per_call, cache_dir=cache_dir)
+                           candidates_per_call=cfg.judge_candidates_per_call, cache_dir=cache_dir,
+                           price_per_1k_input=cfg.judge_price_per_1k_input,
+                           price_per_1k_output=cfg.judge_price_per_1k_output)
     raise ValueError(f"unknown judge {cfg.judge!r}")
 
 
