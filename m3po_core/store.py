@@ -206,12 +206,36 @@ class RunStore:
         cache = Path(os.environ.get("M3PO_CACHE", Path(tempfile.gettempdir()) / "m3po-cache"))
         local = cache / hashlib.sha256(self.fs.unstrip_protocol(src).encode()).hexdigest()[:16]
         token = _retry(lambda: self.fs.cat_file(f"{src}/_COMPLETE"), src)
-        if not (local / "_COMPLETE").exists() or (local / "_COMPLETE").read_bytes() != token:
-            tmp = Path(f"{local}.tmp-{uuid.uuid4().hex}")
-            _retry(lambda: self.fs.get(src + "/", str(tmp), recursive=True), src)
-            shutil.rmtree(local, ignore_errors=True)
-            tmp.rename(local)
-        return str(local)
+
+        def current() -> bool:
+            try:
+                return (local / "_COMPLETE").read_bytes() == token
+            except OSError:
+                return False
+
+        if current():
+            return str(local)
+        # Several processes (shard flow runs on one machine) may fetch the same directory at once:
+        # each downloads aside, then moves its copy in with a rename, which fails while another copy
+        # is there; a copy of this version there is as good, a stale one is moved aside first.
+        tmp = Path(f"{local}.tmp-{uuid.uuid4().hex}")
+        _retry(lambda: self.fs.get(src + "/", str(tmp), recursive=True), src)
+        for _ in range(5):
+            try:
+                os.rename(tmp, local)
+                return str(local)
+            except OSError:
+                if current():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return str(local)
+                stale = Path(f"{local}.stale-{uuid.uuid4().hex}")
+                try:
+                    os.rename(local, stale)
+                except OSError:
+                    pass  # gone already, or being replaced by another process: try again
+                shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not place {src} in the local cache {local}")
 
 
 class CellStore(RunStore):

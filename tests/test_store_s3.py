@@ -1,6 +1,7 @@
 """The run store on `s3://` through s3fs, against a real S3-compatible server on loopback (moto's
 server mode, as s3fs's own test suite uses)."""
 import io
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -102,3 +103,38 @@ def test_a_storage_outage_fails_loudly_and_keeps_the_published_shard(flaky_store
     proxy.outage = False
     assert store.shard_done("candidates", 0, "k") and not store.shard_done("candidates", 0, "k2")
     assert store.read_stage("candidates").equals(table(4))     # the earlier version, whole
+
+
+def test_many_processes_fetching_one_model_dir_at_once_all_get_it_whole(s3_root, tmp_path, monkeypatch):
+    """Shard runs on one machine fetch the same model directory into the local cache at the same
+    time (and again after a newer version is published): every caller gets a whole, current copy."""
+    import threading
+
+    monkeypatch.setenv("M3PO_CACHE", str(tmp_path / "cache"))
+    store = RunStore(s3_root, "r-cache")
+    for version in ("v1", "v2"):
+        src = tmp_path / version
+        src.mkdir()
+        for i in range(20):
+            (src / f"part-{i}.bin").write_bytes(version.encode() * 1000)
+        store.put_dir(src, "_models/m", shared=True)
+        barrier, results, errors = threading.Barrier(6), [], []
+
+        def fetch():
+            try:
+                barrier.wait()
+                results.append(store.local_dir("_models/m", shared=True))
+            except Exception as e:  # noqa: BLE001 (collected, asserted below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=fetch) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        local = Path(results[0])
+        assert len(set(results)) == 1
+        assert sorted(p.name for p in local.iterdir()) == sorted(["_COMPLETE"] + [f"part-{i}.bin" for i in range(20)])
+        assert all((local / f"part-{i}.bin").read_bytes() == version.encode() * 1000 for i in range(20))
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
