@@ -6,6 +6,7 @@ show in that server's UI.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from m3po_core.report import HEADLINE, comparison_rows, win_rate_line
 
-    rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if r["base"] == r["base"]]  # no NaN rows
+    rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if not math.isnan(r["base"])]  # benchmarks run
     print("\n" + markdown_table(rows))
     if line := win_rate_line(result["metrics"]):
         print(line)

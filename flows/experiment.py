@@ -94,7 +94,7 @@ def _sweep_plots(store: RunStore, rows: list[dict[str, Any]], alphas: list[float
             means, sds = [], []
             for v in values:
                 vals = [r["value"] for r in rows if r["metric"] == metric and r[name] == v]
-                m, s = ex._mean_sd(vals) if vals else (float("nan"), 0.0)
+                m, s = ex.mean_sd(vals) if vals else (float("nan"), 0.0)
                 means.append(m)
                 sds.append(s)
             ax.errorbar(values, means, yerr=sds, marker="o", capsize=3)

@@ -122,10 +122,13 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
             (lambda i: client.read_task_run(i).state)
         outcomes: dict[int, ShardResult | str] = {}
         while len(outcomes) < n_shards:
+            waiting = []  # shards no worker has taken yet (read once per pass, reported below)
             for shard, run_id in runs.items():
                 if shard in outcomes:
                     continue
                 state = read_state(run_id)
+                if state is not None and state.is_scheduled():
+                    waiting.append(shard)
                 if state is None or not state.is_final():
                     timeout = cfg.execution.shard_timeout_seconds
                     if timeout is not None and time.time() - started > timeout:
@@ -142,8 +145,6 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
                 update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
             if len(outcomes) < n_shards:
                 if time.time() - warned_at > 120:  # say so when nothing takes the shards (no worker running?)
-                    waiting = [s for s, i in runs.items() if s not in outcomes and
-                               (st := read_state(i)) is not None and st.is_scheduled()]
                     if waiting:
                         who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
                         get_run_logger().warning(f"{stage}: {len(waiting)} shards still waiting for {who} "

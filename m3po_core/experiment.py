@@ -100,7 +100,7 @@ def result_rows(cell: Cell | None, metrics: dict[str, Any], pair_stats: dict[str
     return rows
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -110,7 +110,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def _fmt(values: list[float], metric: str) -> str:
     if not values:
         return "n/a"
-    mean, sd = _mean_sd(values)
+    mean, sd = mean_sd(values)
     digits = 1 if metric.startswith("MME") else 2 if "(1-5)" in metric else 3
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
@@ -174,7 +174,7 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
             if not seeds:
                 continue
             diffs = [ours[s] - theirs[s] for s in seeds]
-            mean, sd = _mean_sd(diffs)
+            mean, sd = mean_sd(diffs)
             wins = sum(d > 0 for d in diffs)
             word = "beats" if wins == len(diffs) else "loses to" if wins == 0 and all(d < 0 for d in diffs) \
                 else "does not clearly beat"
