@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
                                            "sampling and scoring shards from the Prefect server, models stay loaded")
     worker.add_argument("--limit", type=int, default=1,
                         help="shards this process runs at once (default 1: one GPU, one shard at a time)")
+    mk = sub.add_parser("make-ift", help="write an IFT question file (evaluation.ift_path) for a set of images: "
+                                         "visual tasks with checkable constraints (m3po_core/evaluation/ift.py)")
+    mk.add_argument("--images", required=True, help="image files: a directory, a glob or a text file of paths/URLs "
+                                                    "(local or s3://)")
+    mk.add_argument("--out", required=True, help="Parquet file to write (local or s3://)")
+    mk.add_argument("--per-image", type=int, default=1, help="questions per image (default 1)")
+    mk.add_argument("--constraints", type=int, default=2, help="rule constraints per question (default 2)")
+    mk.add_argument("--seed", type=int, default=0)
     status = sub.add_parser("status", help="each stage's shards of a run: complete, failed (with the error), running")
     status.add_argument("run_id")
     status.add_argument("--root", default="./m3po-runs")
@@ -116,6 +124,38 @@ def _experiment(args) -> int:
     return 0
 
 
+def _make_ift(args) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    from m3po_core.evaluation import ift
+
+    fs, path = url_to_fs(args.images)
+    image_ext = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [f for f in fs.find(path) if f.lower().endswith(image_ext)]
+    elif fs.exists(path) and path.endswith(".txt"):
+        found = [line.strip() for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    else:
+        print(f"m3po make-ift: --images {args.images}: no such directory, glob or .txt list", file=sys.stderr)
+        return 2
+    local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+    images = sorted(f if "://" in f or local else fs.unstrip_protocol(f) for f in found)
+    if not images:
+        print(f"m3po make-ift: --images {args.images}: no images found", file=sys.stderr)
+        return 2
+    rows = ift.make_questions(images, seed=args.seed, per_image=args.per_image,
+                              constraints_per_question=args.constraints)
+    out_fs, out_path = url_to_fs(args.out)
+    with out_fs.open(out_path, "wb") as fh:  # one write: a failure leaves no partial file on object stores
+        pq.write_table(pa.Table.from_pylist(rows), fh)
+    print(f"m3po make-ift: {len(rows)} questions on {len(images)} images -> {args.out}")
+    return 0
+
+
 def _worker(limit: int) -> int:
     from prefect.settings import PREFECT_API_URL
 
@@ -143,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args.root, args.run_id)
     if args.command == "worker":
         return _worker(args.limit)
+    if args.command == "make-ift":
+        return _make_ift(args)
     if args.command == "experiment":
         return _experiment(args)
     try:

@@ -19,6 +19,9 @@ import yaml
 
 from m3po_core.errors import ConfigError
 
+BENCHMARKS = ("pope", "mme", "ift", "preference")
+PUBLIC_BENCHMARKS = ("pope", "mme", "ift")  # read from `evaluation.{name}_path` on real data
+
 
 @dataclass
 class WorldConfig:
@@ -63,7 +66,9 @@ class ModelConfig:
 class SamplingConfig:
     """Candidate generation (paper 3.2: N = 32, nucleus sampling at moderate temperature)."""
 
-    backend: Literal["transformers", "openai"] = "transformers"
+    # transformers: HF generate in process (anywhere); vllm: vLLM's offline engine on the worker's
+    # GPUs (pip install '.[vllm]'); openai: an OpenAI-compatible server (e.g. `vllm serve`)
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
     n: int = 32
     temperature: float = 0.9
     top_p: float = 0.95
@@ -75,6 +80,10 @@ class SamplingConfig:
     served_model: Optional[str] = None  # the server's model name (default: model.name)
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
     concurrency: int = 8                # requests in flight
+    # backend "vllm": engine settings (one engine per worker process)
+    tensor_parallel_size: int = 1       # GPUs per engine (2 for 13B on 40 GB cards)
+    gpu_memory_utilization: float = 0.9
+    max_model_len: Optional[int] = 4096
 
 
 @dataclass
@@ -151,15 +160,28 @@ class TrainingConfig:
 class EvaluationConfig:
     """Held-out benchmarks, greedy decoding, base model against trained adapter."""
 
-    # pope, mme; preference: the judge's 1-5 ratings and win rate against the base (paper table 4)
-    benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme", "preference"])
-    max_new_tokens: int = 24
+    # pope, mme; ift: the instruction-following test (constraints checked by rule and by the judge,
+    # m3po_core/evaluation/ift.py); preference: the judge's 1-5 ratings and win rate against the base
+    # (paper table 4)
+    benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme", "ift", "preference"])
+    max_new_tokens: int = 24            # short answers (POPE, MME)
+    open_max_new_tokens: Optional[int] = None  # open-ended answers (IFT, preference); None: max_new_tokens
     batch_size: int = 32
     shard_size: int = 256               # questions per cached predictions shard (an evaluation resumes per shard)
     # The public releases (Parquet: question_id, question, answer, image, category; a file, a
     # directory or a glob, local or s3://). Unset: the synthetic world's held-out versions.
     pope_path: Optional[str] = None
     mme_path: Optional[str] = None
+    # IFT questions (Parquet: question_id, question, image, category, constraints, answer; see
+    # `m3po make-ift`). Unset: the synthetic world's IFT.
+    ift_path: Optional[str] = None
+    # How the models answer: None = the sampling backend. transformers: in process, the adapter
+    # merged into the base weights; vllm: the offline engine with the adapter as a LoRARequest;
+    # openai: the sampling server, the trained model under `served_adapter` (vllm serve --enable-lora
+    # --lora-modules NAME=ADAPTER_DIR), else loaded at run time through vLLM's /v1/load_lora_adapter
+    # (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; the server must see the adapter directory's path).
+    backend: Optional[Literal["transformers", "vllm", "openai"]] = None
+    served_adapter: Optional[str] = None
     # appended to public questions, as LLaVA-1.5's evaluation does
     answer_suffix: str = "\nAnswer the question using a single word or phrase."
 
@@ -328,7 +350,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.scoring.judge != "reference" and not cfg.scoring.judge.startswith("openai:"):
         raise ConfigError(f"configuration key 'scoring.judge': {cfg.scoring.judge!r} is neither 'reference' "
                           "nor 'openai:<model>'")
-    if cfg.sampling.backend == "openai" and not cfg.sampling.base_url:
+    if "openai" in (cfg.sampling.backend, cfg.evaluation.backend) and not cfg.sampling.base_url:
         raise ConfigError("configuration key 'sampling.base_url': the openai sampling backend needs the "
                           "server's URL (e.g. http://host:8000/v1)")
     if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
@@ -343,17 +365,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.deepspeed_zero and t.num_processes < 2:
         raise ConfigError("configuration key 'training.deepspeed_zero': DeepSpeed runs under accelerate launch; "
                           "set training.num_processes to the number of GPUs (>= 2)")
-    unknown = [b for b in cfg.evaluation.benchmarks if b not in ("pope", "mme", "preference")]
+    unknown = [b for b in cfg.evaluation.benchmarks if b not in BENCHMARKS]
     if unknown:
-        raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: pope, mme, "
-                          "preference")
+        raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: "
+                          + ", ".join(BENCHMARKS))
     if cfg.data.source != "synthetic" and "preference" in cfg.evaluation.benchmarks:
         raise ConfigError("configuration key 'evaluation.benchmarks': the simulated preference test has prompts on "
                           "the synthetic world only so far; drop 'preference' for other data")
-    for bench in ("pope", "mme"):
+    for bench in PUBLIC_BENCHMARKS:
         if bench in cfg.evaluation.benchmarks and cfg.data.source != "synthetic" and getattr(cfg.evaluation, f"{bench}_path") is None:
             raise ConfigError(f"configuration key 'evaluation.{bench}_path': data.source={cfg.data.source!r} has no "
-                              f"synthetic {bench} set; point it at the public release's Parquet files")
+                              f"synthetic {bench} set; point it at the "
+                              + ("public release's Parquet files" if bench != "ift" else "IFT Parquet (m3po make-ift)"))
     return cfg
 
 
@@ -390,7 +413,8 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
                        "image_size": world["image_size"]},
         "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
                  "image_size": world["image_size"]},
-        "candidates": {"sampling": _without(d["sampling"], "concurrency", "api_key_env"), "dtype": d["model"]["dtype"]},
+        "candidates": {"sampling": _without(d["sampling"], "concurrency", "api_key_env", "tensor_parallel_size",
+                                                   "gpu_memory_utilization"), "dtype": d["model"]["dtype"]},
         "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip",
                                        "judge_price_per_1k_input", "judge_price_per_1k_output"),
                    "clip": _without(d["scoring"]["clip"], "batch_size")},
@@ -399,6 +423,7 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
                      # the preference test's ratings are the judge's
                      "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight",
-                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output") if "preference" in d["evaluation"]["benchmarks"] else None},
+                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output")
+                     if {"preference", "ift"} & set(d["evaluation"]["benchmarks"]) else None},
     }
     return sections[stage]

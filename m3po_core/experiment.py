@@ -38,10 +38,12 @@ LABELS = {"base": "Base model", "sft": "SFT (preferred responses)", "dpo": "Vani
           "m3po": "M3PO", "m3po_alpha0": "M3PO (alpha = 0)"}
 # (column label, benchmark, metric key) of the tables
 COLUMNS = [("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
-           ("MME score", "mme", "score"), ("Accuracy (1-5)", "preference", "accuracy"),
+           ("MME score", "mme", "score"), ("IFT prompt acc", "ift", "prompt_accuracy"),
+           ("IFT constraint acc", "ift", "constraint_accuracy"), ("Accuracy (1-5)", "preference", "accuracy"),
            ("Relevance (1-5)", "preference", "relevance"), ("Helpfulness (1-5)", "preference", "helpfulness"),
            ("Win rate vs base", "preference", "win_rate")]
-BENCH_METRICS = ["POPE acc", "POPE F1", "POPE yes-ratio", "MME score"]       # tables 1, 3, 5, 6
+BENCH_METRICS = ["POPE acc", "POPE F1", "POPE yes-ratio", "MME score", "IFT prompt acc",
+                 "IFT constraint acc"]  # tables 1, 3, 5, 6
 PREFERENCE_METRICS = ["Accuracy (1-5)", "Relevance (1-5)", "Helpfulness (1-5)", "Win rate vs base"]  # table 4
 
 
@@ -161,7 +163,7 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
         return out
     plain = dict(alpha=None, delta=None)
     for other in [r for r in ("m3po_alpha0", "dpo", "rm_dpo", "sft", "base") if r in recipes or r == "base"]:
-        for metric in ("POPE acc", "MME score", "Accuracy (1-5)"):
+        for metric in ("POPE acc", "MME score", "IFT prompt acc", "Accuracy (1-5)"):
             ours = {r["seed"]: r["value"] for r in rows if r["recipe"] == "m3po" and r["metric"] == metric
                     and r["alpha"] is None and r["delta"] is None}
             if other == "base":

@@ -19,6 +19,8 @@ HEADLINE = [
     ("POPE F1", "pope", ("f1",)),
     ("POPE yes-ratio", "pope", ("yes_ratio",)),
     ("MME score", "mme", ("score",)),
+    ("IFT prompt accuracy", "ift", ("prompt_accuracy",)),
+    ("IFT constraint accuracy", "ift", ("constraint_accuracy",)),
     ("Preference accuracy (1-5)", "preference", ("accuracy",)),
     ("Preference relevance (1-5)", "preference", ("relevance",)),
     ("Preference helpfulness (1-5)", "preference", ("helpfulness",)),
@@ -62,6 +64,8 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         labels.append((f"MME {cat}", "mme", ("categories", cat, "score")))
     for cat in sorted(base.get("pope", {}).get("per_category", {})):
         labels.append((f"POPE {cat} accuracy", "pope", ("per_category", cat, "accuracy")))
+    for kind in sorted(base.get("ift", {}).get("by_type", {})):
+        labels.append((f"IFT {kind}", "ift", ("by_type", kind)))
     for label, bench, path in labels:
         b, t = _get(base, bench, path), _get(trained, bench, path)
         rows.append({"metric": label, "base": b, "m3po": t, "delta": t - b})
@@ -165,8 +169,11 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
     timings = info.get("timings", {})
     total = sum(timings.values()) or float("nan")
     verdict = []
-    for label, bench, path in (("POPE accuracy", "pope", ("accuracy",)), ("MME score", "mme", ("score",))):
+    for label, bench, path in (("POPE accuracy", "pope", ("accuracy",)), ("MME score", "mme", ("score",)),
+                               ("IFT prompt accuracy", "ift", ("prompt_accuracy",))):
         b, t = _get(metrics["base"], bench, path), _get(metrics["m3po"], bench, path)
+        if math.isnan(b):  # benchmark not run
+            continue
         verdict.append(f"{label}: {'better' if t > b else 'not better'} ({_fmt(b)} -> {_fmt(t)})")
     md = [
         f"# M3PO report card: run `{store.run_id}`",

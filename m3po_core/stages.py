@@ -25,7 +25,7 @@ import pyarrow as pa
 from PIL import Image
 
 from m3po_core import schema
-from m3po_core.config import RunConfig, fingerprint, stage_config
+from m3po_core.config import PUBLIC_BENCHMARKS, RunConfig, fingerprint, stage_config
 from m3po_core.errors import InputError
 from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, open_url
 
@@ -190,6 +190,25 @@ def _synthetic_preference_set(cfg: RunConfig, store: RunStore) -> None:
     store.write_json("eval/preference.json", {"key": key, "questions": len(recs)})
 
 
+def _synthetic_ift_set(cfg: RunConfig, store: RunStore) -> None:
+    """The synthetic world's IFT (m3po_core/evaluation/ift.py): two prompts per held-out scene, of other
+    kinds than the scene's preference prompt, each with the constraints its wording implies."""
+    from m3po_core.data import synthetic as world
+    from m3po_core.evaluation import ift
+
+    key = stage_key(cfg, "prompts")
+    if done_record(store, "eval/ift.json", key) is not None and store.exists("eval/ift.parquet"):
+        return
+    held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes)
+    recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
+             "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"],
+             "constraints": json.dumps(ift.synthetic_constraints(*world.parse_instruction(p["instruction"]))),
+             "image": store.url(f"eval/images/{p['scene_id']}.png")}
+            for p in world.make_prompts(held_out, cfg.seed, per_scene=3) if not p["prompt_id"].endswith("-q0")]
+    store.write_table("eval/ift.parquet", pa.Table.from_pylist(recs))
+    store.write_json("eval/ift.json", {"key": key, "questions": len(recs)})
+
+
 def read_prompts_shard(store: RunStore, shard: int) -> list[dict[str, Any]]:
     return store.read_table(RunStore.shard_rel("prompts", shard)).to_pylist()
 
@@ -321,9 +340,23 @@ def get_sampler(cfg: RunConfig, store: RunStore, model_ref: str):
         return _cached(("openai-sampler", s.base_url, s.served_model or model_ref),
                        lambda: OpenAICompatibleSampler(model=s.served_model or model_ref, base_url=s.base_url,
                                                        api_key_env=s.api_key_env, concurrency=s.concurrency))
+    if s.backend == "vllm":
+        return get_vllm(cfg, store, model_ref)
     from m3po_core.sampling import make_sampler
 
     return make_sampler(s.backend, *get_vlm(cfg, store, model_ref))
+
+
+def get_vllm(cfg: RunConfig, store: RunStore, model_ref: str):
+    """One vLLM engine per process and base model, LoRA enabled so evaluation reuses it for the adapter."""
+    from m3po_core.sampling.vllm_backend import VLLMSampler
+
+    s = cfg.sampling
+    return _cached(("vllm", model_ref, cfg.model.dtype),
+                   lambda: VLLMSampler(resolve_model(store, model_ref), tensor_parallel_size=s.tensor_parallel_size,
+                                       dtype=cfg.model.dtype, max_model_len=s.max_model_len,
+                                       gpu_memory_utilization=s.gpu_memory_utilization, enable_lora=True,
+                                       max_lora_rank=max(cfg.training.lora_r, 8), seed=s.seed))
 
 
 def get_judge(cfg: RunConfig, store: RunStore):
@@ -574,16 +607,14 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
     (`{folder}/predictions-{model}-{bench}/shard-*.parquet` with a manifest, like sampling): an
     interrupted evaluation resumes where it stopped, and the model is loaded only if a shard
     needs computing. `weights_key` says which weights answered (base model, or the adapter's run)."""
-    from m3po_core.evaluation import mme, pope
+    from m3po_core.evaluation import ift, mme, pope, preference
     from m3po_core.sampling import greedy_batched
-    from m3po_core.sampling.transformers_backend import TransformersSampler
 
-    scorers = {"pope": pope.score, "mme": mme.score}  # names checked by config.validate
     loaded: dict[str, Any] = {}
 
     def sampler():
         if "sampler" not in loaded:
-            loaded["sampler"] = TransformersSampler(*_eval_model(cfg, store, model_ref, model_name))
+            loaded["sampler"] = eval_sampler(cfg, store, model_ref, model_name)
         return loaded["sampler"]
 
     images: dict[str, Image.Image] = {}
@@ -597,6 +628,9 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
     size = cfg.evaluation.shard_size
     for bench in cfg.evaluation.benchmarks:
         questions = benchmark_questions(cfg, store, bench)
+        max_new_tokens = cfg.evaluation.max_new_tokens
+        if bench in OPEN_ENDED:
+            max_new_tokens = cfg.evaluation.open_max_new_tokens or max_new_tokens
         stage = f"{folder}/predictions-{model_name}-{bench}"
         n_shards = 0
         for n_shards, start in enumerate(range(0, len(questions), size), start=1):
@@ -607,7 +641,7 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
             def compute(chunk=chunk) -> pa.Table:
                 with device_slot():
                     preds = greedy_batched(sampler(), [image_of(q, bench) for q in chunk],
-                                           [q["instruction"] for q in chunk], cfg.evaluation.max_new_tokens,
+                                           [q["instruction"] for q in chunk], max_new_tokens,
                                            cfg.evaluation.batch_size)
                 return pa.Table.from_pylist(
                     [{**{c: q.get(c) for c in schema.PREDICTIONS.names}, "prediction": p, "model": model_name,
@@ -615,37 +649,45 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
 
             _run_shard(store, stage, n_shards - 1, key, compute, schema.PREDICTIONS)
         records = store.read_stage(stage, n_shards).to_pylist() if n_shards else []
+        preds = [r["prediction"] for r in records]
         if bench == "preference":
-            metrics[bench] = _rate_responses(cfg, store, questions, [image_of(q, bench) for q in questions],
-                                             [r["prediction"] for r in records], model_name, folder)
+            metrics[bench] = preference.score(questions, _judge_ratings(cfg, store, bench, questions, image_of, preds,
+                                                                        model_name, folder))
+        elif bench == "ift":
+            ratings = (_judge_ratings(cfg, store, bench, questions, image_of, preds, model_name, folder)
+                       if ift.needs_judge(questions) else None)
+            metrics[bench] = ift.score([{**q, "prediction": p} for q, p in zip(questions, preds)], ratings)
         else:
-            metrics[bench] = scorers[bench](records)
+            metrics[bench] = {"pope": pope.score, "mme": mme.score}[bench](records)
         log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[bench]))
     return metrics
 
 
-def _rate_responses(cfg: RunConfig, store: RunStore, questions, images, preds, model_name: str,
-                    folder: str) -> dict[str, Any]:
-    """The judge's ratings of one model's responses (kept per question for the pairwise comparison)."""
-    from m3po_core.evaluation import preference
+OPEN_ENDED = ("ift", "preference")  # benchmarks answered at length (evaluation.open_max_new_tokens)
+
+
+def _judge_ratings(cfg: RunConfig, store: RunStore, bench: str, questions, image_of, preds, model_name: str,
+                   folder: str) -> list[Any]:
+    """The judge's ratings of one model's responses, kept per question (`{folder}/ratings-{model}-{bench}`)
+    for the pairwise comparison and for inspection; None where the judge could not rate."""
     from m3po_core.scoring.judge import JudgeItem
 
-    items = [JudgeItem(q["question_id"], q["instruction"], p, image=image,
+    items = [JudgeItem(q["question_id"], q["instruction"], p, image=image_of(q, bench),
                        meta={"scene": q.get("scene"), "kind": q["category"], "reference": q["answer"]})
-             for q, p, image in zip(questions, preds, images)]
+             for q, p in zip(questions, preds)]
     ratings = get_judge(cfg, store).score(items)
-    store.write_table(f"{folder}/ratings-{model_name}-preference.parquet", pa.Table.from_pylist(
+    store.write_table(f"{folder}/ratings-{model_name}-{bench}.parquet", pa.Table.from_pylist(
         [{"question_id": q["question_id"], "overall": r.overall if r else None,
           "accuracy": r.accuracy if r else None, "relevance": r.relevance if r else None,
           "adherence": r.adherence if r else None} for q, r in zip(questions, ratings)]))
-    return preference.score(questions, ratings)
+    return ratings
 
 
 def _public_sources(cfg: RunConfig) -> dict[str, Any]:
     """Each public release's files (name, size, ETag or mtime): a release replaced in place is noticed."""
     from m3po_core.evaluation import public
 
-    return {b: public.source_fingerprint(getattr(cfg.evaluation, f"{b}_path")) for b in ("pope", "mme")
+    return {b: public.source_fingerprint(getattr(cfg.evaluation, f"{b}_path")) for b in PUBLIC_BENCHMARKS
             if b in cfg.evaluation.benchmarks and getattr(cfg.evaluation, f"{b}_path")}
 
 
@@ -656,12 +698,14 @@ def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dic
     if source is None:
         if bench == "preference":
             _synthetic_preference_set(cfg, store)
+        if bench == "ift":
+            _synthetic_ift_set(cfg, store)
         return store.read_table(f"eval/{bench}.parquet").to_pylist()
     from m3po_core.evaluation import public
 
     rel = f"eval/public-{bench}.parquet"
     key = fingerprint({"source": source, "files": _public_sources(cfg)[bench],
-                       "suffix": cfg.evaluation.answer_suffix, "version": 1})
+                       "suffix": cfg.evaluation.answer_suffix if bench != "ift" else "", "version": 1})
     if done_record(store, f"eval/public-{bench}.json", key) is None or not store.exists(rel):
         def put_image(name: str, data: bytes) -> str:
             store.write_bytes(f"eval/images/{name}", data)
@@ -674,12 +718,40 @@ def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dic
 
 
 def _headline(bench: str, m: dict[str, Any]) -> str:
+    if bench == "ift":
+        return (f"prompt accuracy {m['prompt_accuracy']:.3f} constraint accuracy {m['constraint_accuracy']:.3f} "
+                f"({m['unrated']} unrated)")
     if bench == "preference":
         return (f"accuracy {m['accuracy']:.2f} relevance {m['relevance']:.2f} helpfulness {m['helpfulness']:.2f} "
                 f"(1-5; {m['unrated']} unrated)")
     if bench == "pope":
         return f"accuracy {m['accuracy']:.3f} f1 {m['f1']:.3f} yes-ratio {m['yes_ratio']:.2f}"
     return f"score {m['score']:.1f}"
+
+
+def eval_sampler(cfg: RunConfig, store: RunStore, model_ref: str, which: str):
+    """What answers the benchmarks for `which` ("base" or the trained adapter), through the configured
+    backend (`evaluation.backend`, default the sampling backend): a sampler whose `greedy` answers."""
+    from m3po_core.sampling import AdapterSampler
+
+    backend = cfg.evaluation.backend or cfg.sampling.backend
+    if backend == "vllm":
+        engine = get_vllm(cfg, store, model_ref)
+        return engine if which == "base" else AdapterSampler(engine, store.local_dir("adapter"))
+    if backend == "openai":
+        from m3po_core.sampling.openai_backend import OpenAICompatibleSampler, load_lora_adapter
+
+        s = cfg.sampling
+        served = s.served_model or model_ref
+        if which != "base":
+            served = cfg.evaluation.served_adapter or load_lora_adapter(
+                s.base_url, s.api_key_env, f"m3po-{store.run_id}-{store.read_json('train_log.json')['key'][:8]}",
+                store.local_dir("adapter"))
+        return OpenAICompatibleSampler(model=served, base_url=s.base_url, api_key_env=s.api_key_env,
+                                       concurrency=s.concurrency)
+    from m3po_core.sampling.transformers_backend import TransformersSampler
+
+    return TransformersSampler(*_eval_model(cfg, store, model_ref, which))
 
 
 def _eval_model(cfg: RunConfig, store: RunStore, model_ref: str, which: str):

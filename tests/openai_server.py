@@ -91,6 +91,7 @@ class FakeOpenAIServer:
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
         self.latency = 0.0  # added to every answer (to make concurrency observable)
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded at run time: name -> path
         self._faults_by_number: dict[int, Fault] = {}
         self._faults_by_content: list[list] = []  # [substring, fault, times left or None]
         self._in_flight = 0
@@ -159,6 +160,8 @@ class FakeOpenAIServer:
                 self._in_flight -= 1
 
     def _answer(self, handler: BaseHTTPRequestHandler, record: RecordedRequest) -> None:
+        if record.path.rstrip("/") == "/v1/load_lora_adapter" and record.body is not None:
+            return self._load_lora_adapter(handler, record.body)
         if record.path.rstrip("/") != "/v1/chat/completions" or record.body is None:
             return _send(handler, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
         fault = self._pick_fault(record.number, record.text)
@@ -176,6 +179,18 @@ class FakeOpenAIServer:
         else:
             replies = self.responder(record.body)
         _send(handler, 200, completion_json(record.body, replies, record.number))
+
+    def _load_lora_adapter(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        """vLLM's runtime LoRA endpoint (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): plain-text 200, or a
+        400 error object when the name is taken."""
+        name = body.get("lora_name")
+        with self._lock:
+            if name in self.adapters:
+                return _send(handler, 400, {"object": "error", "message": f"The lora adapter '{name}' has already "
+                                            "been loaded.", "type": "InvalidUserInput", "param": None, "code": 400})
+            self.adapters[name] = body.get("lora_path")
+        _send_raw(handler, 200, f"Success: LoRA adapter '{name}' added successfully.".encode(), {},
+                  content_type="text/plain; charset=utf-8")
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -216,9 +231,10 @@ def _send(handler: BaseHTTPRequestHandler, status: int, payload: dict, headers: 
     _send_raw(handler, status, json.dumps(payload).encode(), headers or {})
 
 
-def _send_raw(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str]) -> None:
+def _send_raw(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str],
+              content_type: str = "application/json") -> None:
     handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Type", content_type)
     handler.send_header("Content-Length", str(len(data)))
     for name, value in headers.items():
         handler.send_header(name, value)

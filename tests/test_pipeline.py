@@ -47,11 +47,15 @@ def test_run_writes_every_table_and_the_report(finished_run):
     for model in ("base", "m3po"):
         assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(metrics[model]["pope"])
         assert "score" in metrics[model]["mme"]
+        ift = metrics[model]["ift"]
+        assert ift["n"] == len(store.read_table("eval/ift.parquet")) and ift["unrated"] == 0
+        assert 0 <= ift["prompt_accuracy"] <= ift["rule_prompt_accuracy"] <= 1  # judge checks only take away
+        assert {"yes_no_first", "max_words", "judge_accuracy"} <= set(ift["by_type"])
     assert cands.num_rows == 8 * cfg.sampling.n
     manifest = store.manifest("candidates")
     assert [e["state"] for e in manifest] == ["complete"] * 3
     report = (base / "report.md").read_text()
-    assert "| POPE accuracy |" in report and "MME score" in report
+    assert "| POPE accuracy |" in report and "MME score" in report and "| IFT prompt accuracy |" in report
     for plot in ("base_vs_trained", "mas_vs_logp", "pair_stats", "dpo_loss"):
         assert (base / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     assert (base / "adapter" / "adapter_config.json").exists()
@@ -305,3 +309,40 @@ def test_shards_no_worker_takes_fail_the_stage_after_the_timeout(root, finished_
                              "execution.poll_seconds=0.5"])
     with pytest.raises(M3POError, match=r"scores: 1 of 1 shards failed \(shard 0: no result after 3s .*SCHEDULED"):
         score(cfg.to_dict(), root, "t-noworker", 1)
+
+
+def test_evaluation_through_an_openai_compatible_server_with_the_adapter_loaded_at_run_time(root, finished_run):
+    """`evaluation.backend: openai`: the base model and the trained adapter answer from the server (the
+    real protocol on loopback, with vLLM's /v1/load_lora_adapter); the adapter is loaded once, under a
+    name carrying the training key, from the run's adapter directory."""
+    import shutil
+
+    from openai_server import FakeOpenAIServer, Reply
+
+    cfg, store, _ = finished_run
+    run = RunStore(root, "t1-served")
+    shutil.copytree(store.path(""), run.path(""))
+    for f in ("metrics.json", "eval/base_metrics.json"):
+        Path(run.path(f)).unlink()
+    server = FakeOpenAIServer(lambda body: [Reply("no ." if body["model"] == "tiny-base" else "yes , there is .")])
+    server.start()
+    try:
+        served = load_config(TINY, ["evaluation.backend=openai", f"sampling.base_url={server.base_url}",
+                                    "sampling.served_model=tiny-base", "evaluation.benchmarks=[pope]"])
+        model_ref = stages.ensure_base_model(served, run)
+        metrics = stages.evaluate(served, run, model_ref)
+        assert metrics["base"]["pope"]["yes_ratio"] == 0.0 and metrics["m3po"]["pope"]["yes_ratio"] == 1.0
+        (name, path), = server.adapters.items()
+        assert name.startswith("m3po-t1-served-") and Path(path, "adapter_config.json").exists()
+        chats = [r.body for r in server.requests if r.path.endswith("/chat/completions")]
+        n_questions = len(run.read_table("eval/pope.parquet"))
+        assert len(chats) == 2 * n_questions
+        assert {b["model"] for b in chats} == {"tiny-base", name}
+        assert all(b["temperature"] == 0.0 and b["n"] == 1 for b in chats)
+        # a re-evaluation (new metrics asked for) finds the adapter already served and goes on
+        Path(run.path("metrics.json")).unlink()
+        shutil.rmtree(run.path("predictions"))
+        assert stages.evaluate(served, run, model_ref)["m3po"]["pope"] == metrics["m3po"]["pope"]
+        assert len(server.adapters) == 1
+    finally:
+        server.stop()

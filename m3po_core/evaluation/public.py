@@ -1,4 +1,4 @@
-"""The public POPE and MME releases as evaluation sets of a run.
+"""The public POPE and MME releases (and IFT question files) as evaluation sets of a run.
 
 Both are read from their Parquet layout (the one lmms-eval and VLMEvalKit load: columns
 `question_id`, `question`, `answer`, `image`, `category`), local or on any fsspec URL, one file,
@@ -13,10 +13,15 @@ Parquet file. Each distinct image is written once into the run's store (`eval/im
 its content hash, and the questions become `eval/{bench}.parquet` with the columns the evaluation
 reads. The prompt is the question plus `evaluation.answer_suffix` (LLaVA-1.5's evaluation appends
 "Answer the question using a single word or phrase.").
+
+IFT files (m3po_core/evaluation/ift.py; `m3po make-ift` writes them) have the same layout plus a
+`constraints` column; their `answer` is an optional reference, and no suffix is appended (the
+question states its own constraints).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from typing import Any
 
@@ -27,6 +32,7 @@ from fsspec.core import url_to_fs
 from m3po_core.errors import InputError
 
 REQUIRED = ("question_id", "question", "answer", "image", "category")
+REQUIRED_IFT = ("question_id", "question", "image", "constraints")
 
 
 def parquet_files(source: str) -> tuple[Any, list[str]]:
@@ -66,24 +72,33 @@ def load_public_benchmark(source: str, bench: str, answer_suffix: str,
     for f in files:
         with fs.open(f, "rb") as fh:
             table = pq.read_table(fh)
-        missing = [c for c in REQUIRED if c not in table.column_names]
+        missing = [c for c in (REQUIRED_IFT if bench == "ift" else REQUIRED) if c not in table.column_names]
         if missing:
             raise InputError(f"{f}: {bench} file lacks columns {missing} (has {table.column_names})")
         for i, row in enumerate(table.to_pylist()):
             where = f"{f} row {i} (question_id {row.get('question_id')!r})"
-            for c in ("question", "answer", "category"):
+            if bench == "ift":
+                from m3po_core.evaluation.ift import parse_constraints
+
+                constraints = json.dumps(parse_constraints(row["constraints"], where))
+                row = {"category": "ift", **row, "answer": row.get("answer") or ""}
+            for c in ("question", "category") + (("answer",) if bench != "ift" else ()):
                 if not isinstance(row[c], str) or not row[c].strip():
                     raise InputError(f"{where}: empty or missing {c!r}")
-            if row["answer"].strip().lower() not in ("yes", "no"):
+            if bench != "ift" and row["answer"].strip().lower() not in ("yes", "no"):
                 raise InputError(f"{where}: answer {row['answer']!r} is not yes/no")
             data = _image_bytes(fs, f, row["image"], where)
             digest = hashlib.sha256(data).hexdigest()[:20]
             if digest not in stored:
                 stored[digest] = put_image(f"{bench}-{digest}{_suffix(data)}", data)
             question = row["question"].strip()
-            records.append({"question_id": str(row["question_id"]), "row_id": f"{bench}-{len(records)}",
-                            "category": row["category"], "instruction": question + answer_suffix,
-                            "answer": row["answer"].strip().lower(), "image": stored[digest]})
+            record = {"question_id": str(row["question_id"]), "row_id": f"{bench}-{len(records)}",
+                      "category": row["category"], "image": stored[digest]}
+            if bench == "ift":
+                record.update(instruction=question, answer=row["answer"].strip(), constraints=constraints)
+            else:
+                record.update(instruction=question + answer_suffix, answer=row["answer"].strip().lower())
+            records.append(record)
     return records
 
 
@@ -94,6 +109,8 @@ def _image_bytes(fs, parquet_path: str, image: Any, where: str) -> bytes:
         image = image.get("path")
     if isinstance(image, str) and image:
         path = image if "://" in image or image.startswith("/") else posixpath.join(posixpath.dirname(parquet_path), image)
+        if "://" in path:  # an image on another file system than the Parquet file
+            fs, path = url_to_fs(path)
         try:
             with fs.open(path, "rb") as fh:
                 return fh.read()
@@ -111,5 +128,5 @@ def _suffix(data: bytes) -> str:
 
 
 def to_table(records: list[dict[str, Any]]) -> pa.Table:
-    cols = ("question_id", "row_id", "category", "instruction", "answer", "image")
-    return pa.Table.from_pylist([{c: r[c] for c in cols} for r in records])
+    cols = ("question_id", "row_id", "category", "instruction", "answer", "image", "constraints")
+    return pa.Table.from_pylist([{c: r[c] for c in cols if c in r} for r in records])

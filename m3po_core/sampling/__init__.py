@@ -1,6 +1,8 @@
 """Candidate sampling: one interface, backends side by side.
 
 - `transformers_backend.TransformersSampler`: HF `generate`, runs anywhere (the demo, CPU tests).
+- `vllm_backend.VLLMSampler`: vLLM's offline engine, one per GPU worker process (LLaVA-1.5 at scale).
+- `openai_backend.OpenAICompatibleSampler`: any OpenAI-compatible server (`vllm serve`, ...).
 
 Every backend returns, per prompt, `n` `Candidate`s whose log-probabilities are the raw
 (untempered, unfiltered) model log-probabilities of the sampled tokens taken from the generation
@@ -58,6 +60,17 @@ def greedy_batched(sampler: Sampler, images: Sequence[Image.Image], instructions
     for i in range(0, len(instructions), batch_size):
         answers += sampler.greedy(images[i: i + batch_size], instructions[i: i + batch_size], max_new_tokens)
     return answers
+
+
+class AdapterSampler:
+    """Greedy answers of an engine's base model with a LoRA adapter applied per request (vLLM)."""
+
+    def __init__(self, engine, adapter_dir: str) -> None:
+        self.engine, self.adapter_dir = engine, adapter_dir
+        self.name = f"{engine.name}+lora"
+
+    def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
+        return self.engine.greedy(images, instructions, max_new_tokens, adapter_dir=self.adapter_dir)
 
 
 def make_sampler(backend: str, model, processor) -> Sampler:

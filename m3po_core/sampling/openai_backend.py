@@ -262,3 +262,26 @@ class OpenAICompatibleSampler:
                 raise (failures[0] if failures else group.exceptions[0]) from None
         return [task.result() for task in running]
 
+
+
+def load_lora_adapter(base_url: str, api_key_env: str, name: str, adapter_dir: str, timeout: float = 300.0) -> str:
+    """Ask a vLLM server to serve a LoRA adapter under `name` (its runtime endpoint
+    `POST {base_url}/load_lora_adapter`, enabled by VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); returns
+    the model name to request. The server reads `adapter_dir` from its own file system. An adapter
+    already loaded under that name is reused (names carry the training key, so a new adapter gets
+    a new name)."""
+    import httpx
+
+    key = read_api_key(api_key_env, base_url)
+    url = base_url.rstrip("/") + "/load_lora_adapter"
+    try:
+        r = httpx.post(url, json={"lora_name": name, "lora_path": adapter_dir},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise SamplingError(f"loading LoRA adapter {name!r} on {url}: {redact(str(e), key)}") from None
+    if r.status_code == 200 or "already been loaded" in r.text:
+        log.info("server %s serves adapter %s from %s", base_url, name, adapter_dir)
+        return name
+    raise SamplingError(f"loading LoRA adapter {name!r} on {url}: HTTP {r.status_code}: {redact(r.text[:300], key)} "
+                        "(start the server with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or set "
+                        "evaluation.served_adapter to a name it serves with --lora-modules)")

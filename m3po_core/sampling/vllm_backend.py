@@ -1,0 +1,107 @@
+"""vLLM offline sampling backend: one `vllm.LLM` engine per worker process, reused across shards.
+
+The prompt is `m3po_core.models.prompt_text(instruction)` (LLaVA-1.5's "USER: <image>\\n... ASSISTANT:"),
+the same text the transformers processor tokenises for sampling, DPO training and evaluation;
+vLLM's tokenizer for the same checkpoint adds the same BOS and expands `<image>` to the same
+576 placeholder tokens (tests/test_vllm_backend.py checks the ids on a GPU). Candidates keep the
+sampled token ids exactly as vLLM returns them, EOS included when the request stopped on it, so
+training scores the very tokens that were sampled.
+
+Log-probabilities: `SamplingParams(logprobs=0)` returns the sampled token's log-probability at
+every step, and the engine runs with `logprobs_mode="raw_logprobs"` (log-softmax of the raw
+logits, before temperature and top-p): log P(R | I, Q) under the base model, with no second pass.
+
+Per-prompt seeds (`seed + index`, as the OpenAI-compatible backend) make a shard's candidates
+reproducible whatever else the engine is running. Prefix caching is on (32 samples of a prompt
+share its image and instruction); tensor parallelism is `sampling.tensor_parallel_size` (13B on
+two GPUs). Evaluation passes the trained adapter as a `LoRARequest` (the engine is built with
+`enable_lora`), so the base weights are loaded once for both models.
+
+vllm is imported only when this backend is built: `pip install '.[vllm]'` on the GPU workers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from PIL import Image
+
+from m3po_core.models import prompt_text
+from m3po_core.sampling import Candidate, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def candidates_from_output(output: Any, seed: int) -> list[Candidate]:
+    """A vLLM `RequestOutput` (n completions) -> Candidates, in completion-index order. Raises
+    ValueError naming what is missing when the request did not ask for log-probabilities."""
+    out = []
+    for c in sorted(output.outputs, key=lambda c: c.index):
+        if c.finish_reason not in ("stop", "length"):
+            raise ValueError(f"request {output.request_id}: completion {c.index} finished with "
+                             f"{c.finish_reason!r} (expected 'stop' or 'length')")
+        ids = list(c.token_ids)
+        if c.logprobs is None or len(c.logprobs) != len(ids):
+            raise ValueError(f"request {output.request_id}: completion {c.index} has no per-token "
+                             "log-probabilities (SamplingParams(logprobs=0) was not set)")
+        # each step maps token id -> Logprob; the sampled token is always among them
+        logp_sum = float(sum(step[t].logprob for step, t in zip(c.logprobs, ids)))
+        out.append(Candidate(text=c.text.strip(), token_ids=ids, logp_sum=logp_sum,
+                             logp_mean=logp_sum / max(len(ids), 1), n_tokens=len(ids),
+                             finish_reason=c.finish_reason, seed=seed))
+    return out
+
+
+class VLLMSampler:
+    name = "vllm"
+
+    def __init__(self, model: str, *, tensor_parallel_size: int = 1, dtype: str = "auto",
+                 max_model_len: int | None = 4096, gpu_memory_utilization: float = 0.9,
+                 enable_lora: bool = False, max_lora_rank: int = 64, seed: int = 0, **engine_kwargs: Any) -> None:
+        from vllm import LLM
+
+        self.model = model
+        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_prefix_caching=True, enable_lora=enable_lora, max_lora_rank=max_lora_rank,
+                       seed=seed, logprobs_mode="raw_logprobs", limit_mm_per_prompt={"image": 1},
+                       **engine_kwargs)
+        self._adapters: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"VLLMSampler(model={self.model!r})"
+
+    @staticmethod
+    def requests(images: Sequence[Image.Image], instructions: Sequence[str]) -> list[dict[str, Any]]:
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images for {len(instructions)} instructions")
+        return [{"prompt": prompt_text(q), "multi_modal_data": {"image": img.convert("RGB")}}
+                for img, q in zip(images, instructions)]
+
+    def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
+               seed: int) -> list[list[Candidate]]:
+        from vllm import SamplingParams as VSamplingParams
+
+        per_prompt = [VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                      max_tokens=params.max_new_tokens, seed=seed + i, logprobs=0)
+                      for i in range(len(instructions))]
+        outputs = self.llm.generate(self.requests(images, instructions), per_prompt, use_tqdm=False)
+        return [candidates_from_output(o, seed) for o in outputs]
+
+    def lora(self, adapter_dir: str | None):
+        """A LoRARequest for a PEFT adapter directory (ids stable per directory within the process)."""
+        if adapter_dir is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._adapters.setdefault(adapter_dir, len(self._adapters) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, adapter_dir)
+
+    def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int,
+               adapter_dir: str | None = None) -> list[str]:
+        from vllm import SamplingParams as VSamplingParams
+
+        params = VSamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        outputs = self.llm.generate(self.requests(images, instructions), params, use_tqdm=False,
+                                    lora_request=self.lora(adapter_dir))
+        return [o.outputs[0].text.strip() for o in outputs]
