@@ -43,7 +43,8 @@ def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs
     timed("train", stages.train, config, root, run_id, gen["model_ref"])
     metrics = timed("evaluate", stages.evaluate, config, root, run_id, gen["model_ref"])
 
-    info = {"timings": timings, "n_prompts": store.read_json("prompts/_stage.json")["n_prompts"],
+    prompt_stage = store.read_json("prompts/_stage.json")
+    info = {"timings": timings, "n_prompts": prompt_stage["n_prompts"], "filter": prompt_stage.get("filter"),
             "computed_shards": {"candidates": gen["computed"], "scores": sc["computed"]}}
     info.update(_model_quality(stages_lib.resolve_model(store, gen["model_ref"]),
                                stages_lib.resolve_model(store, sc["clip_ref"])))

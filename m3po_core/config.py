@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from m3po_core.data.quality import QualityFilterConfig
 from m3po_core.errors import ConfigError
 
 BENCHMARKS = ("pope", "mme", "ift", "preference")
@@ -35,14 +36,30 @@ class WorldConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One more instruction file, in LLaVA's conversation JSON (m3po_core/data/llava_instruct.py)."""
+
+    source: Literal["llava_instruct", "sharegpt4v"]
+    path: str
+    image_root: str = ""
+    turns: Literal["first", "all"] = "first"
+    max_prompts: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     """Where the (image, instruction) prompts come from."""
 
-    source: Literal["synthetic", "llava_instruct"] = "synthetic"
-    path: Optional[str] = None          # llava_instruct: the JSON file (local path or URL)
-    image_root: Optional[str] = None    # llava_instruct: folder holding the images
+    source: Literal["synthetic", "llava_instruct", "sharegpt4v"] = "synthetic"
+    path: Optional[str] = None          # llava_instruct / sharegpt4v: the JSON file (local path or URL)
+    image_root: Optional[str] = None    # the folder its image paths are relative to
     turns: Literal["first", "all"] = "first"
     max_prompts: Optional[int] = None
+    # further files whose prompts are added to the first source's (the paper samples from both
+    # LLaVA-Instruct-150K and ShareGPT4V)
+    extra_sources: list[DataSourceConfig] = field(default_factory=list)
+    # applied to instruction data, not to the synthetic world (m3po_core/data/quality.py)
+    filter: QualityFilterConfig = field(default_factory=QualityFilterConfig)
     shard_size: int = 48                # prompts per sampling / scoring shard
     world: WorldConfig = field(default_factory=WorldConfig)
 
@@ -357,6 +374,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
                           f"scene graphs; data.source={cfg.data.source!r} needs a model judge")
     t = cfg.training
+    if "vllm" in (cfg.sampling.backend, cfg.evaluation.backend) and t.lora_r > 512:
+        raise ConfigError(f"configuration key 'training.lora_r': vLLM serves LoRA ranks up to 512, got {t.lora_r}")
     if t.batch_size % t.num_processes:
         raise ConfigError(f"configuration key 'training.batch_size': the global batch {t.batch_size} does not "
                           f"split over training.num_processes={t.num_processes} processes")

@@ -56,6 +56,13 @@ def _get(d: dict[str, Any], bench: str, path: tuple[str, ...]) -> float:
     return float(v)
 
 
+def filter_line(f: dict[str, Any]) -> str:
+    """The quality filter's account (m3po_core/data/quality.py) for the report card."""
+    return (f"- quality filter: kept {f['kept']} of {f['input']} prompts; dropped {f['instruction_length']} for "
+            f"instruction length, {f['duplicate']} duplicates, {f['image_unreadable']} with unreadable images; "
+            f"{f.get('text_only_records', 0)} text-only records skipped")
+
+
 def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     base, trained = metrics["base"], metrics["m3po"]
@@ -192,6 +199,7 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         "",
         f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; candidates per prompt: {cfg.sampling.n} "
         f"(T={cfg.sampling.temperature}, top-p={cfg.sampling.top_p})",
+        *([filter_line(f)] if (f := info.get("filter")) else []),
         f"- base policy: `{cfg.model.name}`" + (
             f", warm-start held-out accuracy {info['base_quality']['accuracy']:.2f} "
             f"(yes/no {info['base_quality']['yes_no_accuracy']:.2f}, chance 0.50)" if info.get("base_quality") else ""),

@@ -121,25 +121,35 @@ def prepare_prompts(cfg: RunConfig, store: RunStore) -> int:
         return record["n_shards"]
 
     data = cfg.data
+    filtered: dict[str, Any] | None = None
     if data.source == "synthetic":
         rows = _synthetic_prompts(cfg, store)
     else:
         from m3po_core.data.llava_instruct import load_llava_instruct
+        from m3po_core.data.quality import quality_filter
 
-        if not data.path or not data.image_root:
-            raise InputError("data.source=llava_instruct needs data.path (the JSON file) and data.image_root")
-        rows = load_llava_instruct(data.path, data.image_root, max_prompts=data.max_prompts, turns=data.turns)
+        if not data.path or data.image_root is None:
+            raise InputError(f"data.source={data.source} needs data.path (the JSON file) and data.image_root")
+        skipped: dict[str, int] = {}
+        rows = load_llava_instruct(data.path, data.image_root, max_prompts=data.max_prompts, turns=data.turns,
+                                   source=data.source, skipped=skipped)
+        for extra in data.extra_sources:
+            rows += load_llava_instruct(extra.path, extra.image_root, max_prompts=extra.max_prompts,
+                                        turns=extra.turns, source=extra.source, skipped=skipped)
+        rows, filtered = quality_filter(rows, data.filter)
+        filtered["text_only_records"] = skipped.get("text_only", 0)
     if data.max_prompts is not None:
         rows = rows[: data.max_prompts]
     _validate_prompts(rows, f"prompts from {data.source}")
     if not rows:
-        raise InputError(f"data source {data.source!r} produced no prompts")
+        raise InputError(f"data source {data.source!r} produced no prompts"
+                         + (f" (quality filter: {filtered})" if filtered else ""))
     n_shards = 0
     for n_shards, start in enumerate(range(0, len(rows), data.shard_size), start=1):
         chunk = rows[start: start + data.shard_size]
         table = pa.Table.from_pylist([{c: r.get(c) for c in schema.PROMPTS.names} for r in chunk], schema.PROMPTS)
         store.publish_shard("prompts", n_shards - 1, table, schema.PROMPTS, key)
-    store.write_json(marker, {"key": key, "n_shards": n_shards, "n_prompts": len(rows)})
+    store.write_json(marker, {"key": key, "n_shards": n_shards, "n_prompts": len(rows), "filter": filtered})
     return n_shards
 
 
@@ -356,7 +366,9 @@ def get_vllm(cfg: RunConfig, store: RunStore, model_ref: str):
                    lambda: VLLMSampler(resolve_model(store, model_ref), tensor_parallel_size=s.tensor_parallel_size,
                                        dtype=cfg.model.dtype, max_model_len=s.max_model_len,
                                        gpu_memory_utilization=s.gpu_memory_utilization, enable_lora=True,
-                                       max_lora_rank=max(cfg.training.lora_r, 8), seed=s.seed))
+                                       # vLLM accepts only these ranks as the engine's maximum
+                                       max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 320, 512)
+                                                          if r >= cfg.training.lora_r), seed=s.seed))
 
 
 def get_judge(cfg: RunConfig, store: RunStore):

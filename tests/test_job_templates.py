@@ -90,8 +90,9 @@ def test_gpu_image_pins_and_cuda_base():
     pins = dict(line.split("==") for line in (REPO / "docker/constraints-gpu.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert pins["torch"] == "2.14.0" and pins["torchvision"] == "0.29.0" and pins["vllm"] == "0.33.0"
-    assert pins["prefect"] == "3.8.8"
+    assert pins["prefect"] == "3.7.7" and pins["prefect-docker"] == "0.7.3"
     dockerfile = (REPO / "docker/Dockerfile").read_text()
+    assert "-e '/opt/m3po[vllm]'" in dockerfile  # vLLM in the pipeline's own environment
     base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu\d+\.\d+", dockerfile, re.M)
     assert base, "the image builds on an official CUDA runtime image"
     import torch

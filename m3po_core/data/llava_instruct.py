@@ -1,4 +1,5 @@
-"""Prompts from LLaVA-Instruct-150K's JSON format (e.g. ``llava_instruct_150k.json``).
+"""Prompts from LLaVA-Instruct-150K's JSON format (e.g. ``llava_instruct_150k.json``), which
+ShareGPT4V's files share (``sharegpt4v_instruct_gpt4-vision_cap100k.json``, ``share-captioner_coco_lcs_sam_1246k_1107.json``).
 
 The file is a JSON list of records ``{"id", "image", "conversations": [{"from":
 "human"|"gpt", "value": ...}, ...]}``. Rule: each human turn followed by a gpt
@@ -9,6 +10,11 @@ prompt_id is f"{id}-t{k}" (k = the pair's index) in both modes, so a prompt keep
 its id whichever mode loaded it. The ``<image>`` placeholder and the whitespace
 around it are removed from the instruction: the pipeline adds the model's own.
 Paths may be local or any fsspec URL (``s3://...``).
+
+ShareGPT4V (``source="sharegpt4v"``): the same records; its image paths are relative to the data
+root (``coco/train2017/...``, ``sam/images/...``), and its mixes hold text-only records (no
+``image``), which are skipped and counted. Its prompt ids are prefixed ``sharegpt4v-``: both sets
+describe COCO images under the same ids, and a run may load both (``data.extra_sources``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import fsspec
 from m3po_core.errors import ConfigError, InputError
 
 SOURCE = "llava_instruct"
+SOURCES = ("llava_instruct", "sharegpt4v")
 TURN_MODES = ("first", "all")
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 
@@ -32,23 +39,33 @@ def load_llava_instruct(
     *,
     max_prompts: int | None = None,
     turns: str = "first",
+    source: str = SOURCE,
+    skipped: dict | None = None,
 ) -> list[dict]:
-    """Single-turn prompts in file order, at most ``max_prompts`` of them."""
+    """Single-turn prompts in file order, at most ``max_prompts`` of them. ``skipped`` (if given)
+    counts the text-only records left out (ShareGPT4V)."""
     if turns not in TURN_MODES:
         raise ConfigError(f"turns: expected one of {TURN_MODES}, got {turns!r}")
+    if source not in SOURCES:
+        raise ConfigError(f"source: expected one of {SOURCES}, got {source!r}")
     records = _read_records(json_path)
+    prefix = "" if source == SOURCE else f"{source}-"
     prompts: list[dict] = []
     for index, record in enumerate(records):
+        if source == "sharegpt4v" and isinstance(record, dict) and not record.get("image"):
+            if skipped is not None:
+                skipped["text_only"] = skipped.get("text_only", 0) + 1
+            continue
         for k, (instruction, reference) in enumerate(_pairs(json_path, index, record)):
             if max_prompts is not None and len(prompts) >= max_prompts:
                 return prompts
             prompts.append(
                 {
-                    "prompt_id": f"{record['id']}-t{k}",
+                    "prompt_id": f"{prefix}{record['id']}-t{k}",
                     "image": _join(image_root, record["image"]),
                     "instruction": instruction,
                     "reference": reference,
-                    "source": SOURCE,
+                    "source": source,
                     "kind": "open",
                     "scene": None,
                 }

@@ -1,0 +1,87 @@
+"""The vLLM offline backend: its adapter against vLLM's own output types (where vllm imports), and
+for real on a GPU (marked `gpu`): the engine sees the prompt tokens training sees, and its raw
+log-probabilities match a transformers forward pass over the sampled tokens."""
+import math
+
+import pytest
+
+vllm_outputs = pytest.importorskip("vllm.outputs", reason="vllm is not installed (pip install '.[vllm]')",
+                                   exc_type=ImportError)
+from vllm.logprobs import FlatLogprobs, Logprob, append_logprobs_for_next_position  # noqa: E402
+
+from m3po_core.sampling.vllm_backend import VLLMSampler, candidates_from_output  # noqa: E402
+
+EOS = 2
+
+
+def _completion(index, ids, logps, finish="stop", flat=False):
+    """A CompletionOutput as vLLM's engine builds it with SamplingParams(logprobs=0): per step, the
+    sampled token (rank as sampled) and nothing else."""
+    logprobs = FlatLogprobs() if flat else []
+    for tid, lp in zip(ids, logps):
+        append_logprobs_for_next_position(logprobs, [tid], [lp], [f"t{tid}"], rank=1, num_logprobs=0)
+    return vllm_outputs.CompletionOutput(index=index, text=f" answer {index} ", token_ids=list(ids),
+                                         cumulative_logprob=sum(logps), logprobs=logprobs, finish_reason=finish)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_candidates_from_vllm_request_output(flat):
+    out = vllm_outputs.RequestOutput(
+        request_id="7", prompt="USER: <image>\nq ASSISTANT:", prompt_token_ids=[1, 5, 6], prompt_logprobs=None,
+        outputs=[_completion(1, [9, 10], [-1.0, -3.0], finish="length", flat=flat),
+                 _completion(0, [11, 12, EOS], [-0.5, -0.25, -0.25], flat=flat)], finished=True)
+    c0, c1 = candidates_from_output(out, seed=42)
+    assert c0.token_ids == [11, 12, EOS] and c0.finish_reason == "stop" and c0.n_tokens == 3  # EOS kept
+    assert math.isclose(c0.logp_sum, -1.0) and math.isclose(c0.logp_mean, -1.0 / 3)
+    assert c1.token_ids == [9, 10] and c1.finish_reason == "length" and math.isclose(c1.logp_sum, -4.0)
+    assert c0.text == "answer 0" and c0.seed == c1.seed == 42
+
+
+def test_a_request_without_logprobs_is_refused_by_name():
+    bare = vllm_outputs.CompletionOutput(index=0, text="x", token_ids=[3], cumulative_logprob=None, logprobs=None,
+                                         finish_reason="stop")
+    out = vllm_outputs.RequestOutput(request_id="r9", prompt="p", prompt_token_ids=[1], prompt_logprobs=None,
+                                     outputs=[bare], finished=True)
+    with pytest.raises(ValueError, match="request r9: completion 0 has no per-token log-probabilities"):
+        candidates_from_output(out, seed=0)
+
+
+def test_requests_use_the_training_prompt_format(world_batch):
+    from m3po_core.models import prompt_text
+
+    images, instructions = world_batch
+    reqs = VLLMSampler.requests(images[:2], instructions[:2])
+    assert [r["prompt"] for r in reqs] == [prompt_text(q) for q in instructions[:2]]
+    assert all(r["multi_modal_data"]["image"].mode == "RGB" for r in reqs)
+    with pytest.raises(ValueError, match="1 images for 2 instructions"):
+        VLLMSampler.requests(images[:1], instructions[:2])
+
+
+@pytest.mark.gpu
+def test_vllm_on_a_gpu_sees_the_training_tokens_and_reports_raw_logprobs(tmp_path, tiny_vlm, world_batch):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from m3po_core.models import encode_prompts, load_vlm, save_vlm
+    from m3po_core.sampling import SamplingParams
+
+    model, processor = tiny_vlm
+    save_vlm(model, processor, str(tmp_path / "tiny"))
+    images, instructions = world_batch
+    sampler = VLLMSampler(str(tmp_path / "tiny"), dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
+    outputs = sampler.llm.generate(VLLMSampler.requests(images[:2], instructions[:2]), use_tqdm=False)
+    expected = encode_prompts(processor, images[:1], instructions[:1])["input_ids"][0].tolist()
+    assert outputs[0].prompt_token_ids == expected  # BOS and image placeholders as training sees them
+
+    cands = sampler.sample(images[:2], instructions[:2], SamplingParams(n=4, max_new_tokens=8), seed=3)
+    assert cands == sampler.sample(images[:2], instructions[:2], SamplingParams(n=4, max_new_tokens=8), seed=3)
+    hf, _ = load_vlm(str(tmp_path / "tiny"), "cuda", "float32")
+    for c in cands[0]:
+        enc = {k: v.to("cuda") for k, v in encode_prompts(processor, images[:1], instructions[:1]).items()}
+        ids = torch.tensor([c.token_ids], device="cuda")
+        enc["input_ids"] = torch.cat([enc["input_ids"], ids], dim=1)
+        enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+        with torch.no_grad():
+            logits = hf(**enc).logits[0, -ids.shape[1] - 1:-1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[0, :, None]).sum().item()
+        assert math.isclose(c.logp_sum, ref, abs_tol=1e-2 * max(1, c.n_tokens))
