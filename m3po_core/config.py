@@ -105,13 +105,31 @@ class SamplingConfig:
 
 @dataclass
 class ClipConfig:
-    """The CLIP-style encoder of MAS: `m3po-tiny-clip` (trained here) or an open_clip name + tag/path."""
+    """The alignment encoder of MAS (m3po_core/scoring/clip.py `load_encoder`): `m3po-tiny-clip`
+    (trained here), an open_clip name + tag/path, or BLIP-2 image-text matching (`blip2:NAME_OR_DIR`)."""
 
     name: str = "m3po-tiny-clip"
     pretrained: Optional[str] = None    # e.g. "openai" for ViT-L-14, or a checkpoint path
     train_steps: int = 300              # tiny CLIP only
     train_batch_size: int = 64
     batch_size: int = 256               # texts per encode batch when scoring
+
+
+@dataclass
+class JudgeSpec:
+    """One more judge of an ensemble (`scoring.extra_judges`)."""
+
+    judge: str                          # "openai:<model>"
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class EncoderSpec:
+    """One more alignment encoder of an ensemble (`scoring.extra_encoders`)."""
+
+    name: str                           # an open_clip name, a saved directory, or blip2:NAME_OR_DIR
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -131,6 +149,11 @@ class ScoringConfig:
     judge_price_per_1k_output: Optional[float] = None
     clip_weight: float = 0.2
     judge_weight: float = 0.8
+    # Ensembles (m3po_core/scoring/ensemble.py): more judges rate every candidate and each aspect is
+    # averaged over the judges that rated it; more encoders score it and their [0, 1] scores are
+    # averaged (the `clip` column then holds that mean).
+    extra_judges: list[JudgeSpec] = field(default_factory=list)
+    extra_encoders: list[EncoderSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -370,6 +393,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if "openai" in (cfg.sampling.backend, cfg.evaluation.backend) and not cfg.sampling.base_url:
         raise ConfigError("configuration key 'sampling.base_url': the openai sampling backend needs the "
                           "server's URL (e.g. http://host:8000/v1)")
+    for i, spec in enumerate(cfg.scoring.extra_judges):
+        if not spec.judge.startswith("openai:"):
+            raise ConfigError(f"configuration key 'scoring.extra_judges[{i}].judge': {spec.judge!r} is not "
+                              "'openai:<model>'")
+    for i, spec in enumerate(cfg.scoring.extra_encoders):
+        if spec.name == "m3po-tiny-clip":
+            raise ConfigError(f"configuration key 'scoring.extra_encoders[{i}].name': the tiny CLIP is built for "
+                              "scoring.clip only; name a pretrained encoder")
     if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
         raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
                           f"scene graphs; data.source={cfg.data.source!r} needs a model judge")

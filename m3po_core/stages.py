@@ -371,6 +371,28 @@ def get_vllm(cfg: RunConfig, store: RunStore, model_ref: str):
                                                           if r >= cfg.training.lora_r), seed=s.seed))
 
 
+def release_engines() -> None:
+    """Shut down this process's vLLM engines (they reserve `gpu_memory_utilization` of the GPU);
+    evaluation builds one again when it needs it."""
+    engines = [k for k in _MODELS if k[0] == "vllm"]
+    if not engines:
+        return
+    import gc
+
+    for k in engines:
+        engine = _MODELS.pop(k)
+        shutdown = getattr(getattr(engine, "llm", None), "llm_engine", None)
+        if shutdown is not None and hasattr(shutdown, "engine_core"):
+            shutdown.engine_core.shutdown()  # V1 runs the engine core in a process of its own
+        del engine
+    gc.collect()
+    if _has_cuda():
+        import torch
+
+        torch.cuda.empty_cache()
+    log.info("released %d vLLM engine(s) before training", len(engines))
+
+
 def get_judge(cfg: RunConfig, store: RunStore):
     """The configured judge, built once per process; a model judge caches its ratings beside the runs
     (or in the local cache for a remote store)."""
@@ -382,11 +404,18 @@ def get_judge(cfg: RunConfig, store: RunStore):
 
 
 def get_clip(cfg: RunConfig, store: RunStore, clip_ref: str):
-    from m3po_core.scoring.clip import load_clip
+    from m3po_core.scoring.clip import load_encoder
 
-    return _cached(("clip", clip_ref, cfg.scoring.clip.pretrained),
-                   lambda: load_clip(resolve_model(store, clip_ref), cfg.scoring.clip.pretrained,
-                                     "cuda" if cfg.model.device in ("auto", "cuda") and _has_cuda() else "cpu"))
+    device = "cuda" if cfg.model.device in ("auto", "cuda") and _has_cuda() else "cpu"
+    main = _cached(("clip", clip_ref, cfg.scoring.clip.pretrained),
+                   lambda: load_encoder(resolve_model(store, clip_ref), cfg.scoring.clip.pretrained, device))
+    if not cfg.scoring.extra_encoders:
+        return main
+    from m3po_core.scoring.ensemble import EncoderEnsemble
+
+    return EncoderEnsemble([main] + [_cached(("clip", e.name, e.pretrained),
+                                             lambda e=e: load_encoder(e.name, e.pretrained, device))
+                                     for e in cfg.scoring.extra_encoders])
 
 
 def _has_cuda() -> bool:
@@ -567,6 +596,7 @@ def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: s
     from m3po_core.models import load_vlm
     from m3po_core.training import pairs_dataset, train_lora_dpo
 
+    release_engines()  # a vLLM engine holds most of the GPU: training on the same GPU needs it back
     pairs = store.read_table("pairs.parquet").to_pylist()
     if not pairs:
         raise InputError(f"{store.url('pairs.parquet')}: no preference pairs to train on")

@@ -61,6 +61,9 @@ def register_tiny_clip() -> None:
 class ClipScorer:
     """An open_clip model with its preprocessing and tokenizer, scoring image-text pairs."""
 
+    kind = "cosine"  # scores in [-1, 1]: MAS maps them to [0, 1] (`unit_scores`)
+    unit_scores = staticmethod(normalise)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -227,6 +230,18 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> 
         device=device,
         metrics=metrics,
     )
+
+
+def load_encoder(name: str, pretrained: str | None = None, device: str = "cpu"):
+    """The alignment encoder of MAS by name, one call for all: an open_clip architecture (with a
+    pretrained tag or checkpoint), a directory saved by `ClipScorer.save`, or BLIP-2 image-text
+    matching (`blip2:<hub name or directory>`, or a directory with a `blip-2` checkpoint). Every
+    encoder has `score(images, texts_per_image)` and `unit_scores(raw) -> [0, 1]`."""
+    from m3po_core.scoring.blip2 import is_blip2, load_blip2
+
+    if is_blip2(name):
+        return load_blip2(name, device)
+    return load_clip(name, pretrained, device)
 
 
 def train_tiny_clip(

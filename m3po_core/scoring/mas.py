@@ -2,7 +2,8 @@
 
     MAS = clip_weight * (cos(image, response) + 1) / 2  +  judge_weight * judge.overall
 
-Both parts lie in [0, 1] (`clip.normalise`, the judge's documented overall score), so the weights
+(with BLIP-2 image-text matching as the encoder, its match probability replaces (cos + 1) / 2).
+Both parts lie in [0, 1] (the encoder's `unit_scores`, the judge's documented overall score), so the weights
 say how much each counts; they default to 0.2 / 0.8 because the CLIP similarity sees the image
 but not the instruction (it cannot tell a right "yes" from a wrong one), while the judge rates
 visual relevance, semantic accuracy and instruction adherence. The paper does not give weights.
@@ -18,24 +19,35 @@ from PIL import Image
 
 from m3po_core import schema
 from m3po_core.config import ScoringConfig
-from m3po_core.scoring.clip import ClipScorer, normalise
+from m3po_core.scoring.clip import ClipScorer
 
 
 def make_judge(cfg: ScoringConfig, cache_dir: str | None = None):
-    """The judge a scoring configuration names; `cache_dir` keeps a model judge's ratings."""
-    if cfg.judge == "reference":
+    """The judge a scoring configuration names (an ensemble with `extra_judges`); `cache_dir` keeps
+    a model judge's ratings."""
+    judge = _one_judge(cfg, cfg.judge, cfg.judge_base_url, cfg.judge_api_key_env, cache_dir)
+    if not cfg.extra_judges:
+        return judge
+    from m3po_core.scoring.ensemble import JudgeEnsemble
+
+    return JudgeEnsemble([judge] + [_one_judge(cfg, s.judge, s.base_url, s.api_key_env, cache_dir)
+                                    for s in cfg.extra_judges])
+
+
+def _one_judge(cfg: ScoringConfig, name: str, base_url: str | None, api_key_env: str, cache_dir: str | None):
+    if name == "reference":
         from m3po_core.scoring.judge import ReferenceJudge
 
         return ReferenceJudge()
-    if cfg.judge.startswith("openai:"):
+    if name.startswith("openai:"):
         from m3po_core.scoring.openai_judge import OpenAIJudge
 
-        return OpenAIJudge(model=cfg.judge.removeprefix("openai:"), base_url=cfg.judge_base_url,
-                           api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
+        return OpenAIJudge(model=name.removeprefix("openai:"), base_url=base_url,
+                           api_key_env=api_key_env, concurrency=cfg.judge_concurrency,
                            candidates_per_call=cfg.judge_candidates_per_call, cache_dir=cache_dir,
                            price_per_1k_input=cfg.judge_price_per_1k_input,
                            price_per_1k_output=cfg.judge_price_per_1k_output)
-    raise ValueError(f"unknown judge {cfg.judge!r}")
+    raise ValueError(f"unknown judge {name!r}")
 
 
 def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.Image], candidates: pa.Table,
@@ -70,7 +82,7 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
     nan = float("nan")
     parts = {k: np.array([getattr(s, k) if s is not None else nan for s in rated], dtype=float)
              for k in ("overall", "relevance", "accuracy", "adherence")}
-    mas = cfg.clip_weight * normalise(clip_col) + cfg.judge_weight * parts["overall"]
+    mas = cfg.clip_weight * clip.unit_scores(clip_col) + cfg.judge_weight * parts["overall"]
     return pa.table({
         "prompt_id": pa.array(pid, pa.string()),
         "cand_idx": candidates.column("cand_idx"),
