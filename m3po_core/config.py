@@ -91,6 +91,10 @@ class SamplingConfig:
     top_p: float = 0.95
     max_new_tokens: int = 48
     batch_prompts: int = 8              # prompts per generate() call (each with n samples)
+    # Contrastive sampling (IPA's, offered to M3PO): this many more candidates per prompt, each
+    # sampled on a perturbed copy of the image (noise, blur or scaling, m3po_core/perturb.py). They
+    # join the pool as possible rejected answers only; their log P is under the perturbed image.
+    contrastive_n: int = 0
     seed: int = 0
     # backend "openai": an OpenAI-compatible server, e.g. `vllm serve llava-hf/llava-1.5-7b-hf`
     base_url: Optional[str] = None      # e.g. http://gpu-host:8000/v1

@@ -31,6 +31,8 @@ CANDIDATES = pa.schema(
         ("finish_reason", pa.string()),  # "stop" (EOS emitted) or "length"
         ("sampler", pa.string()),
         ("seed", pa.int64()),
+        # "" for the clean image; else the perturbation it was sampled on (m3po_core/perturb.py)
+        ("perturbation", pa.string()),
     ]
 )
 

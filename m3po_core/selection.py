@@ -12,6 +12,8 @@ Choices the paper leaves open, made here:
   the winner carries no preference signal, yet with alpha > 0 it can out-score every worse one
   (S = 0 versus a negative S). A group where no such candidate exists yields no pair
   (`no_mas_gap`); a group with fewer than two candidates yields none either (`too_few`).
+- Candidates sampled on a perturbed image (column `perturbation` not empty: contrastive sampling)
+  are never R_w: they are extra hard negatives in the pool.
 - Which log P feeds the score is the caller's choice (`logp_mean` by default in the run config:
   delta = 0.1 is only meaningful per token, and summed log P makes short answers look confident).
 
@@ -95,7 +97,10 @@ def select_pairs(
     n_groups = len(uniq)
     size = np.bincount(group[rated], minlength=n_groups)
 
-    w = _first_per_group(group, rank, cand, rated)                        # eq. 1
+    # Candidates sampled on a perturbed image (contrastive sampling) are negatives only.
+    clean = (np.asarray(table.column("perturbation").to_pylist(), dtype=object) == "") \
+        if "perturbation" in table.column_names else np.ones(len(cand), dtype=bool)
+    w = _first_per_group(group, rank, cand, rated & clean)                # eq. 1
     has_w = w >= 0
     w_rows = np.where(has_w, w, 0)
     rank_w, logp_w, cand_w = rank[w_rows][group], logp[w_rows][group], cand[w_rows][group]

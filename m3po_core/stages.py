@@ -472,15 +472,31 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
                                        params, seed)
             for r, row_cands in zip(batch, cands):
                 for j, c in enumerate(row_cands):
-                    for col, val in (("prompt_id", r["prompt_id"]), ("cand_idx", j), ("text", c.text),
-                                     ("token_ids", c.token_ids), ("logp_sum", c.logp_sum),
-                                     ("logp_mean", c.logp_mean), ("n_tokens", c.n_tokens),
-                                     ("finish_reason", c.finish_reason), ("sampler", sampler.name),
-                                     ("seed", c.seed)):
-                        out[col].append(val)
+                    _add_candidate(out, r["prompt_id"], j, c, sampler.name, "")
+            if s.contrastive_n:  # extra candidates on perturbed images: hard negatives (never chosen)
+                from m3po_core import perturb
+
+                jobs = [(r, k, *perturb.draw(s.seed, r["prompt_id"], k))
+                        for r in batch for k in range(s.contrastive_n)]
+                by_id = {r["prompt_id"]: images[start + i] for i, r in enumerate(batch)}
+                one = SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
+                                     max_new_tokens=s.max_new_tokens, seed=s.seed)
+                with device_slot():
+                    cands = sampler.sample([perturb.perturb(by_id[r["prompt_id"]], kind, ps) for r, _, kind, ps in jobs],
+                                           [r["instruction"] for r, *_ in jobs], one, seed + 1)
+                for (r, k, kind, _), (c,) in zip(jobs, cands):
+                    _add_candidate(out, r["prompt_id"], s.n + k, c, sampler.name, kind)
         return pa.table(out, schema=schema.CANDIDATES)
 
     return _run_shard(store, "candidates", shard, key, compute, schema.CANDIDATES)
+
+
+def _add_candidate(out: dict[str, list], prompt_id: str, idx: int, c, sampler: str, perturbation: str) -> None:
+    for col, val in (("prompt_id", prompt_id), ("cand_idx", idx), ("text", c.text), ("token_ids", c.token_ids),
+                     ("logp_sum", c.logp_sum), ("logp_mean", c.logp_mean), ("n_tokens", c.n_tokens),
+                     ("finish_reason", c.finish_reason), ("sampler", sampler), ("seed", c.seed),
+                     ("perturbation", perturbation)):
+        out[col].append(val)
 
 
 def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> ShardResult:

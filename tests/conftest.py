@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the test server
+# The CLI runs the tests start (subprocesses, ephemeral API) keep their Prefect database out of the
+# user's ~/.prefect: one written by another Prefect release there would not open.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="m3po-tests-prefect-"))
 
 
 @pytest.fixture(scope="session")
