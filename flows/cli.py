@@ -33,14 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", default=None, help="run name under the root (default: the config's name)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a configuration key, e.g. --set sampling.n=16 (repeatable)")
+    ipa = sub.add_parser("ipa", help="run IPA (the second method: verified against failed responses, "
+                                      "collected in rounds) end to end and print its report card")
+    ipa.add_argument("--config", help="run configuration YAML (default: configs/demo.yaml; its `ipa` section)")
+    ipa.add_argument("--root", default="./m3po-runs")
+    ipa.add_argument("--run-id", default=None, help="run name under the root (default: the config's name + '-ipa')")
+    ipa.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     exp = sub.add_parser("experiment", help="the paper's tables: baselines, ablation and sweeps over seeds, "
                                             "reusing one run's cached candidates and scores")
     exp.add_argument("--config", help="run configuration YAML (default: configs/demo.yaml)")
     exp.add_argument("--root", default="./m3po-runs")
     exp.add_argument("--run-id", default=None, help="run under the root whose samples the cells share (default: the "
                                                     "config's name, so after `m3po run` nothing is sampled again)")
-    exp.add_argument("--recipes", default="base,sft,dpo,rm_dpo,m3po,m3po_alpha0",
-                     help="comma-separated: base, sft, dpo, rm_dpo, m3po, m3po_alpha0 (default: all)")
+    exp.add_argument("--recipes", default="base,sft,dpo,rm_dpo,m3po,m3po_alpha0,ipa",
+                     help="comma-separated: base, sft, dpo, rm_dpo, m3po, m3po_alpha0, ipa (default: all)")
     exp.add_argument("--seeds", default="0,1,2", help="comma-separated training/selection seeds (default 0,1,2)")
     exp.add_argument("--alphas", default="", help="alpha sweep of M3PO, e.g. 0,0.25,0.5,1 (table 5)")
     exp.add_argument("--deltas", default="", help="delta sweep of M3PO, e.g. 0,0.1,0.3 (table 6)")
@@ -194,21 +200,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"m3po: {store.url('config.json')} not found: no run {args.run_id!r} to re-run", file=sys.stderr)
                 return 2
             cfg, run_id = config_from_dict(store.read_json("config.json")), args.run_id
+            method = store.read_json("method.json")["method"] if store.exists("method.json") else "m3po"
         else:
             cfg = load_config(args.config, args.overrides)
-            run_id = args.run_id or cfg.name
+            method = "ipa" if args.command == "ipa" else "m3po"
+            run_id = args.run_id or (cfg.name + "-ipa" if method == "ipa" else cfg.name)
     except M3POError as e:
         print(f"m3po: {e}", file=sys.stderr)
         return 2
+    from flows.ipa import ipa_pipeline
     from flows.pipeline import m3po_pipeline
     from m3po_core.report import markdown_table
 
     from prefect import tags
 
     t0 = time.time()
+    pipeline, tag = (ipa_pipeline, "method:ipa") if method == "ipa" else \
+        (m3po_pipeline, f"strategy:{cfg.selection.strategy}")
     try:
-        with tags(f"run:{run_id}", f"config:{cfg.name}", f"strategy:{cfg.selection.strategy}"):
-            result = m3po_pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
+        with tags(f"run:{run_id}", f"config:{cfg.name}", tag):
+            result = pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
     except Exception as e:  # Prefect has logged the traceback; end with one line naming the cause
         kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
         print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`)",
@@ -217,12 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     from m3po_core.report import HEADLINE, comparison_rows, win_rate_line
 
     rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if not math.isnan(r["base"])]  # benchmarks run
-    print("\n" + markdown_table(rows))
+    print("\n" + markdown_table(rows, trained=method))
     if line := win_rate_line(result["metrics"]):
         print(line)
     p = result["pairs"]
-    print(f"\npairs: {p['pairs']} of {p['groups']} prompts; mean MAS gap {p['mean_mas_gap']:.3f}, "
-          f"mean log P gap {p['mean_logp_gap']:.3f}")
+    if method == "ipa":
+        from m3po_core.report import ipa_rounds_table
+
+        print(f"\npairs: {p['pairs']} over {len(p['ipa_rounds'])} round(s); "
+              f"{p['unresolved_after_last_round']} prompts still unresolved\n" + "\n".join(ipa_rounds_table(p["ipa_rounds"])))
+    else:
+        print(f"\npairs: {p['pairs']} of {p['groups']} prompts; mean MAS gap {p['mean_mas_gap']:.3f}, "
+              f"mean log P gap {p['mean_logp_gap']:.3f}")
     print(f"report card: {result['report']}  ({time.time() - t0:.0f}s)")
     return 0
 

@@ -24,10 +24,16 @@ from tasks import stages as t
 
 @flow(name="m3po-experiment-cell", flow_run_name="cell-{cell_id}")
 def run_cell(config: dict[str, Any], root: str, run_id: str, cell_id: str, n_shards: int,
-             model_ref: str) -> dict[str, Any]:
+             model_ref: str, method: str = "m3po") -> dict[str, Any]:
+    """One cell: M3PO's selection (or IPA's rounds, on the same prompts) -> train -> evaluate."""
     cfg = config_from_dict(config)
     store = CellStore(RunStore(root, run_id), cell_id)
-    pair_stats = t.select_pairs(cfg, store, n_shards)
+    if method == "ipa":
+        from flows.ipa import collect_pairs
+
+        pair_stats = collect_pairs(cfg, store, n_shards, model_ref)["pairs"]
+    else:
+        pair_stats = t.select_pairs(cfg, store, n_shards)
     train_log = t.train(cfg, store, model_ref)
     metrics = t.evaluate(cfg, store, model_ref)
     return {"pairs": pair_stats, "metrics": metrics["m3po"], "train_seconds": train_log["seconds"]}
@@ -35,7 +41,7 @@ def run_cell(config: dict[str, Any], root: str, run_id: str, cell_id: str, n_sha
 
 @flow(name="m3po-experiment", flow_run_name="experiment-{run_id}")
 def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-runs", run_id: str = "experiment",
-                    recipes: list[str] = ("base", "sft", "dpo", "rm_dpo", "m3po", "m3po_alpha0"),
+                    recipes: list[str] = ("base", "sft", "dpo", "rm_dpo", "m3po", "m3po_alpha0", "ipa"),
                     seeds: list[int] = (0, 1, 2), alphas: list[float] = (), deltas: list[float] = (),
                     config_file: str | None = None) -> dict[str, Any]:
     cfg = config_from_dict(config) if config is not None else load_config(config_file)
@@ -57,7 +63,7 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
                                         description="experiment cells finished")
     for i, cell in enumerate(cells, start=1):
         out = run_cell(ex.cell_config(cfg, cell).to_dict(), root, run_id, cell.cell_id, gen["n_shards"],
-                       gen["model_ref"])
+                       gen["model_ref"], method="ipa" if cell.recipe == "ipa" else "m3po")
         rows += ex.result_rows(cell, out["metrics"], out["pairs"])
         update_progress_artifact(progress, 100.0 * i / len(cells))
         logger.info(f"cell {i}/{len(cells)} {cell.cell_id}: " + ", ".join(

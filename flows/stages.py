@@ -27,7 +27,8 @@ def _open(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, Ru
     return config_from_dict(config), RunStore(root, run_id)
 
 
-def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str) -> list[ShardResult]:
+def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str,
+            ref_name: str | None = None, extra: dict[str, Any] | None = None) -> list[ShardResult]:
     """Run every shard: as tasks of this flow run (in_process), as flow runs of the shard deployment
     (deployment), as background task runs on `m3po worker` processes (task_worker) or as tasks on
     a Ray cluster (ray). Progress as
@@ -36,12 +37,15 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=f"{store.run_id}-{stage}-progress".lower().replace("_", "-"),
                                         description=f"{stage} shards finished")
-    ref_name = "model_ref" if stage == "candidates" else "clip_ref"
+    ref_name = ref_name or ("model_ref" if stage == "candidates" else "clip_ref")
     mode = cfg.execution.shards
     if mode == "in_process":
-        outcomes = map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress)
+        outcomes = map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress, extra)
     elif mode == "ray":
-        outcomes = _on_ray(cfg)(task_fn, cfg, store, n_shards, ref_name, ref, progress)
+        outcomes = _on_ray(cfg)(task_fn, cfg, store, n_shards, ref_name, ref, progress, extra)
+    elif extra:
+        raise M3POError(f"{stage}: these shards run in the flow run's process or on Ray "
+                        f"(execution.shards: in_process or ray), not {mode!r}")
     else:
         outcomes = _remote_shards(cfg, store, n_shards, ref_name, ref, stage, progress)
     failed = {s: o for s, o in sorted(outcomes.items()) if isinstance(o, str)}
@@ -55,11 +59,11 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
 
 
 def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str,
-               progress) -> dict[int, ShardResult | str]:
+               progress, extra: dict[str, Any] | None = None) -> dict[int, ShardResult | str]:
     """One task run per shard on this flow's task runner; each shard's result or error message."""
     outcomes: dict[int, ShardResult | str] = {}
     futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)),
-                          **{ref_name: unmapped(ref)})
+                          **{ref_name: unmapped(ref)}, **{k: unmapped(v) for k, v in (extra or {}).items()})
     shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
     for done, fut in enumerate(as_completed(futures), start=1):
         try:
@@ -72,14 +76,14 @@ def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name
 
 @flow(name="m3po-ray-shards")
 def ray_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str,
-               progress) -> dict[int, ShardResult | str]:
+               progress, extra: dict[str, Any] | None = None) -> dict[int, ShardResult | str]:
     """The shards as tasks on Ray, `execution.ray_gpus_per_shard` GPUs each. Ray's worker processes
     live on, so each keeps its model loaded across the shards it runs."""
     from prefect_ray.context import remote_options
 
     # max_calls=0: Ray would otherwise end a GPU task's worker after one call (and its loaded model)
     with remote_options(num_gpus=cfg.execution.ray_gpus_per_shard, max_calls=0):
-        return map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress)
+        return map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress, extra)
 
 
 def _on_ray(cfg: RunConfig):

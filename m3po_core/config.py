@@ -253,6 +253,32 @@ class ExecutionConfig:
 
 
 @dataclass
+class IPAConfig:
+    """IPA, the second method (ipa-arxiv-2503.20309; m3po_core/ipa.py): pairs of a verified response
+    against a failed one, collected in rounds. The paper gives no sample counts; these are ours."""
+
+    rounds: int = 3
+    n_normal: int = 4                   # samples per prompt and round on the clean image
+    n_contrastive: int = 4              # samples on a perturbed image (noise / blur / scaling, one drawn per sample)
+    revise: bool = True                 # reflective revision: feedback on each sample, then a refined response
+    # the reviser: "reference" (the synthetic world's simulated reviser), "policy" (the generator
+    # itself, through the sampling backend) or "openai:<model>" (any OpenAI-compatible VLM)
+    reviser: str = "reference"
+    reviser_base_url: Optional[str] = None
+    # the verifier: "reference" (the synthetic world's scene graphs) or "openai:<model>"
+    verifier: str = "reference"
+    verifier_base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # for an openai reviser / verifier; never stored
+    concurrency: int = 8
+    max_new_tokens: int = 64            # feedback and refined responses
+    reference_feedback_from_round: int = 3  # the reference answer joins the feedback step from this round
+    self_evolve: bool = True            # rounds >= 2 sample from the generator DPO-trained on the earlier pairs
+    fix_rate: float = 0.5               # reference reviser only: chance a refinement fixes the answer
+    reference_fix_rate: float = 0.8     # ... with the reference answer in the feedback step
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "m3po"
     seed: int = 0
@@ -264,6 +290,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    ipa: IPAConfig = field(default_factory=IPAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -397,6 +424,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if "openai" in (cfg.sampling.backend, cfg.evaluation.backend) and not cfg.sampling.base_url:
         raise ConfigError("configuration key 'sampling.base_url': the openai sampling backend needs the "
                           "server's URL (e.g. http://host:8000/v1)")
+    ipa = cfg.ipa
+    for key, name in (("reviser", ipa.reviser), ("verifier", ipa.verifier)):
+        allowed = ("reference", "policy") if key == "reviser" else ("reference",)
+        if name not in allowed and not name.startswith("openai:"):
+            raise ConfigError(f"configuration key 'ipa.{key}': {name!r} is none of {list(allowed)} or 'openai:<model>'")
+        if name == "reference" and cfg.data.source != "synthetic":
+            raise ConfigError(f"configuration key 'ipa.{key}': the reference {key} needs the synthetic world's scene "
+                              f"graphs; data.source={cfg.data.source!r} needs a model ({key}: openai:<model>)")
+    if ipa.n_normal + ipa.n_contrastive < 1:
+        raise ConfigError("configuration keys 'ipa.n_normal' + 'ipa.n_contrastive': at least one sample per prompt")
     for i, spec in enumerate(cfg.scoring.extra_judges):
         if not spec.judge.startswith("openai:"):
             raise ConfigError(f"configuration key 'scoring.extra_judges[{i}].judge': {spec.judge!r} is not "
@@ -473,6 +510,10 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
                                        "judge_price_per_1k_input", "judge_price_per_1k_output"),
                    "clip": _without(d["scoring"]["clip"], "batch_size")},
         "pairs": {"selection": _selection_key(d["selection"])},
+        "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
+                "sampling": _without(d["sampling"], "concurrency", "api_key_env", "tensor_parallel_size",
+                                     "gpu_memory_utilization", "n", "contrastive_n"),
+                "training": d["training"], "dtype": d["model"]["dtype"]},
         "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
         "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
                      # the preference test's ratings are the judge's

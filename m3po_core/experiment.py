@@ -15,6 +15,9 @@ Recipes (what each baseline means here):
     rm_dpo       RM-DPO: the best against the worst by a reward model's score alone (the judge's)
     m3po         eq. 1-3 with the configuration's alpha and delta
     m3po_alpha0  the ablation of table 3: alpha = 0 (the lowest-MAS candidate)
+    ipa          the second method (m3po_core/ipa.py) on the same prompts: its own rounds of sampling,
+                 revision and verification in the cell (seeded by the cell's seed), then the same
+                 training and benchmarks; it shares no candidates with M3PO
 A simulated RLHF (PPO) baseline is not offered: TRL 1.x has no PPO trainer for vision-language
 models, and an online-RL recipe would not share the cached candidates that make the grid cheap.
 """
@@ -33,9 +36,10 @@ RECIPES: dict[str, dict[str, Any] | None] = {
     "rm_dpo": {"selection": {"strategy": "rm_best_worst"}},
     "m3po": {"selection": {"strategy": "m3po"}},
     "m3po_alpha0": {"selection": {"strategy": "mas_gap"}},
+    "ipa": {},
 }
 LABELS = {"base": "Base model", "sft": "SFT (preferred responses)", "dpo": "Vanilla DPO", "rm_dpo": "RM-DPO",
-          "m3po": "M3PO", "m3po_alpha0": "M3PO (alpha = 0)"}
+          "m3po": "M3PO", "m3po_alpha0": "M3PO (alpha = 0)", "ipa": "IPA"}
 # (column label, benchmark, metric key) of the tables
 COLUMNS = [("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
            ("MME score", "mme", "score"), ("IFT prompt acc", "ift", "prompt_accuracy"),
@@ -81,6 +85,7 @@ def cell_config(cfg: RunConfig, cell: Cell) -> RunConfig:
         tree[section].update(values)
     tree["training"]["seed"] = cell.seed
     tree["selection"]["seed"] = cell.seed
+    tree["ipa"]["seed"] = cell.seed
     if cell.alpha is not None:
         tree["selection"]["alpha"] = cell.alpha
     if cell.delta is not None:
@@ -136,7 +141,7 @@ def tables(rows: list[dict[str, Any]], recipes: list[str], alphas: list[float], 
     pref = [m for m in PREFERENCE_METRICS if m in present]
     plain = dict(alpha=None, delta=None)
     out = [f"Mean ± sample sd over {n_seeds} seed(s) (training and selection seed; the base model has no seed).", ""]
-    t1 = [r for r in ("base", "sft", "dpo", "rm_dpo", "m3po") if r in recipes or r == "base"]
+    t1 = [r for r in ("base", "sft", "dpo", "rm_dpo", "m3po", "ipa") if r in recipes or r == "base"]
     out += _table("Table 1: M3PO against the baselines", "Method",
                   [(LABELS[r], {"recipe": r, **plain}) for r in t1], rows, metrics)
     if "m3po_alpha0" in recipes and "m3po" in recipes:
@@ -162,7 +167,7 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
     if "m3po" not in recipes:
         return out
     plain = dict(alpha=None, delta=None)
-    for other in [r for r in ("m3po_alpha0", "dpo", "rm_dpo", "sft", "base") if r in recipes or r == "base"]:
+    for other in [r for r in ("m3po_alpha0", "dpo", "rm_dpo", "sft", "ipa", "base") if r in recipes or r == "base"]:
         for metric in ("POPE acc", "MME score", "IFT prompt acc", "Accuracy (1-5)"):
             ours = {r["seed"]: r["value"] for r in rows if r["recipe"] == "m3po" and r["metric"] == metric
                     and r["alpha"] is None and r["delta"] is None}

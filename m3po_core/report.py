@@ -45,7 +45,7 @@ def win_rate_line(metrics: dict[str, Any]) -> str | None:
     p = metrics.get("m3po", {}).get("preference", {})
     if "win_rate" not in p:
         return None
-    return (f"simulated preference, M3PO against the base on the same prompts (judge's overall rating): "
+    return (f"simulated preference, the trained model against the base on the same prompts (judge's overall rating): "
             f"win rate {p['win_rate']:.3f} ({p['wins']} wins, {p['ties']} ties, {p['losses']} losses; ties count half)")
 
 
@@ -85,8 +85,8 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| metric | base | m3po | delta |", "| --- | ---: | ---: | ---: |"]
+def markdown_table(rows: list[dict[str, Any]], trained: str = "m3po") -> str:
+    out = [f"| metric | base | {trained} | delta |", "| --- | ---: | ---: | ---: |"]
     out += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['m3po'])} | {'+' if r['delta'] >= 0 else ''}{_fmt(r['delta'])} |"
             for r in rows]
     return "\n".join(out)
@@ -104,54 +104,31 @@ def make_plots(store: RunStore, metrics: dict[str, Any], train_log: dict[str, An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from m3po_core.stages import candidates_with_scores
-
     written = []
     rows = comparison_rows(metrics)[:6]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     pope_rows = [r for r in rows if r["metric"].startswith("POPE")]
     x = np.arange(len(pope_rows))
     axes[0].bar(x - 0.2, [r["base"] for r in pope_rows], 0.4, label="base")
-    axes[0].bar(x + 0.2, [r["m3po"] for r in pope_rows], 0.4, label="m3po")
+    axes[0].bar(x + 0.2, [r["m3po"] for r in pope_rows], 0.4, label="trained")
     axes[0].set_xticks(x, [r["metric"].replace("POPE ", "") for r in pope_rows])
     axes[0].set_title("POPE (held out)")
     axes[0].legend()
     mme_rows = [r for r in comparison_rows(metrics) if r["metric"].startswith("MME ")]
     x = np.arange(len(mme_rows))
     axes[1].bar(x - 0.2, [r["base"] for r in mme_rows], 0.4, label="base")
-    axes[1].bar(x + 0.2, [r["m3po"] for r in mme_rows], 0.4, label="m3po")
+    axes[1].bar(x + 0.2, [r["m3po"] for r in mme_rows], 0.4, label="trained")
     axes[1].set_xticks(x, [r["metric"].replace("MME ", "") for r in mme_rows], rotation=20)
     axes[1].set_title("MME-style score per subtask (held out)")
     store.write_bytes("plots/base_vs_trained.png", _png(fig))
     written.append("plots/base_vs_trained.png")
     plt.close(fig)
 
-    pairs = store.read_table("pairs.parquet")
-    table = candidates_with_scores(store, n_shards)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    logp_col = store.read_json("pairs_stats.json").get("logp", "logp_mean")
-    ax.scatter(table.column(logp_col).to_numpy(), table.column("mas").to_numpy(zero_copy_only=False),
-               s=4, alpha=0.25, color="grey", label="candidates")
-    ax.scatter(pairs.column("logp_chosen").to_numpy(), pairs.column("mas_chosen").to_numpy(), s=10,
-               color="tab:green", label="chosen (argmax MAS)")
-    ax.scatter(pairs.column("logp_rejected").to_numpy(), pairs.column("mas_rejected").to_numpy(), s=10,
-               color="tab:red", label="rejected (argmax M3P-Score)")
-    ax.set_xlabel(f"log P ({logp_col})")
-    ax.set_ylabel("MAS")
-    ax.legend(fontsize=8)
-    ax.set_title("Candidates: MAS against the model's confidence")
-    store.write_bytes("plots/mas_vs_logp.png", _png(fig))
-    written.append("plots/mas_vs_logp.png")
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].hist(pairs.column("mas_chosen").to_numpy() - pairs.column("mas_rejected").to_numpy(), bins=30)
-    axes[0].set_title("MAS gap (chosen - rejected)")
-    axes[1].hist(pairs.column("logp_chosen").to_numpy() - pairs.column("logp_rejected").to_numpy(), bins=30)
-    axes[1].set_title("log P gap (chosen - rejected)")
-    store.write_bytes("plots/pair_stats.png", _png(fig))
-    written.append("plots/pair_stats.png")
-    plt.close(fig)
+    pair_stats = store.read_json("pairs_stats.json")
+    if pair_stats.get("strategy") == "ipa":  # no MAS or log P: the rounds instead
+        written.append(_ipa_rounds_plot(store, pair_stats["ipa_rounds"], plt))
+    else:
+        written += _pair_plots(store, n_shards, pair_stats, plt)
 
     hist = [h for h in train_log.get("history", []) if "loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -163,6 +140,81 @@ def make_plots(store: RunStore, metrics: dict[str, Any], train_log: dict[str, An
     written.append("plots/dpo_loss.png")
     plt.close(fig)
     return written
+
+
+def _pair_plots(store: RunStore, n_shards: int, pair_stats: dict[str, Any], plt) -> list[str]:
+    """M3PO's pairs: MAS against log P over every candidate, and the gaps of the chosen pairs."""
+    from m3po_core.stages import candidates_with_scores
+
+    pairs = store.read_table("pairs.parquet")
+    table = candidates_with_scores(store, n_shards)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    logp_col = pair_stats.get("logp", "logp_mean")
+    ax.scatter(table.column(logp_col).to_numpy(), table.column("mas").to_numpy(zero_copy_only=False),
+               s=4, alpha=0.25, color="grey", label="candidates")
+    ax.scatter(pairs.column("logp_chosen").to_numpy(), pairs.column("mas_chosen").to_numpy(), s=10,
+               color="tab:green", label="chosen (argmax MAS)")
+    ax.scatter(pairs.column("logp_rejected").to_numpy(), pairs.column("mas_rejected").to_numpy(), s=10,
+               color="tab:red", label="rejected (argmax M3P-Score)")
+    ax.set_xlabel(f"log P ({logp_col})")
+    ax.set_ylabel("MAS")
+    ax.legend(fontsize=8)
+    ax.set_title("Candidates: MAS against the model's confidence")
+    store.write_bytes("plots/mas_vs_logp.png", _png(fig))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].hist(pairs.column("mas_chosen").to_numpy() - pairs.column("mas_rejected").to_numpy(), bins=30)
+    axes[0].set_title("MAS gap (chosen - rejected)")
+    axes[1].hist(pairs.column("logp_chosen").to_numpy() - pairs.column("logp_rejected").to_numpy(), bins=30)
+    axes[1].set_title("log P gap (chosen - rejected)")
+    store.write_bytes("plots/pair_stats.png", _png(fig))
+    plt.close(fig)
+    return ["plots/mas_vs_logp.png", "plots/pair_stats.png"]
+
+
+def _ipa_rounds_plot(store: RunStore, rounds: list[dict[str, Any]], plt) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(rounds))
+    for offset, key, label in ((-0.27, "prompts", "prompts in"), (0.0, "pairs", "pairs"),
+                               (0.27, "unresolved", "unresolved (carried on)")):
+        ax.bar(x + offset, [r[key] for r in rounds], 0.27, label=label)
+    ax.set_xticks(x, [f"round {r['round']}" for r in rounds])
+    ax.legend(fontsize=8)
+    ax.set_title("IPA: progressive preference collection")
+    store.write_bytes("plots/ipa_rounds.png", _png(fig))
+    plt.close(fig)
+    return "plots/ipa_rounds.png"
+
+
+def ipa_rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """Per-round statistics of IPA's progressive collection, as markdown lines."""
+    origins = sorted({o for r in rounds for o in r.get("verified_rate", {})})
+    out = ["| round | prompts | responses | pairs | all verified | unresolved | feedback pairs | "
+           + " | ".join(f"verified {o}" for o in origins) + " |",
+           "|---" * (7 + len(origins)) + "|"]
+    for r in rounds:
+        rates = " | ".join(f"{r['verified_rate'].get(o, float('nan')):.2f}" for o in origins)
+        out.append(f"| {r['round']} | {r['prompts']} | {r['responses']} | {r['pairs']} | {r['all_verified']} | "
+                   f"{r['unresolved']} | {r['feedback_pairs']} | {rates} |")
+    return out
+
+
+def _m3po_lines(cfg: RunConfig, info: dict[str, Any], pair_stats: dict[str, Any]) -> list[str]:
+    return [
+        f"- CLIP: `{cfg.scoring.clip.name}`" + (
+            f", held-out retrieval top-1 {info['clip_quality']['retrieval_top1']:.2f} "
+            f"(chance {info['clip_quality']['retrieval_chance']:.2f})" if info.get("clip_quality") else ""),
+        f"- pairs made: {pair_stats['pairs']} of {pair_stats['groups']} prompts; skipped: "
+        f"{pair_stats['skipped_no_mas_gap']} with no MAS gap, {pair_stats['skipped_too_few']} with < 2 candidates",
+        f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}"]
+
+
+def _ipa_lines(pair_stats: dict[str, Any]) -> list[str]:
+    return [f"- pairs: {pair_stats['pairs']} over {len(pair_stats['ipa_rounds'])} round(s); "
+            f"{pair_stats['unresolved_after_last_round']} prompts still without a verified response", "",
+            "IPA rounds (verified: the share of each kind of response the verifier accepted):", "",
+            *ipa_rounds_table(pair_stats["ipa_rounds"]), ""]
 
 
 def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str, Any]) -> tuple[str, list[dict]]:
@@ -182,33 +234,35 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         if math.isnan(b):  # benchmark not run
             continue
         verdict.append(f"{label}: {'better' if t > b else 'not better'} ({_fmt(b)} -> {_fmt(t)})")
+    ipa_run = pair_stats.get("strategy") == "ipa"
+    method = "IPA" if ipa_run else "M3PO"
+    c = cfg.ipa
     md = [
-        f"# M3PO report card: run `{store.run_id}`",
+        f"# {method} report card: run `{store.run_id}`",
         "",
-        f"Store: `{store.url()}` - config `{cfg.name}` - strategy `{cfg.selection.strategy}` "
-        f"(alpha={cfg.selection.alpha}, delta={cfg.selection.delta}, log P = {cfg.selection.logp})",
+        f"Store: `{store.url()}` - config `{cfg.name}` - " + (
+            f"IPA: up to {c.rounds} rounds, {c.n_normal} + {c.n_contrastive} contrastive samples per prompt, "
+            f"reviser `{c.reviser}`, verifier `{c.verifier}`" if ipa_run else
+            f"strategy `{cfg.selection.strategy}` (alpha={cfg.selection.alpha}, delta={cfg.selection.delta}, "
+            f"log P = {cfg.selection.logp})"),
         "",
         "**Trained vs base:** " + "; ".join(verdict),
         "",
-        "## Base model vs M3PO (held-out benchmarks)",
+        f"## Base model vs {method} (held-out benchmarks)",
         "",
-        markdown_table(rows),
+        markdown_table(rows, trained=method.lower()),
         "",
         *([f"{line}.", ""] if (line := win_rate_line(metrics)) else []),
         "## Data",
         "",
-        f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; candidates per prompt: {cfg.sampling.n} "
-        f"(T={cfg.sampling.temperature}, top-p={cfg.sampling.top_p})",
+        f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; " + (
+            f"IPA samples per prompt and round: {c.n_normal} + {c.n_contrastive} contrastive" if ipa_run else
+            f"candidates per prompt: {cfg.sampling.n}") + f" (T={cfg.sampling.temperature}, top-p={cfg.sampling.top_p})",
         *([filter_line(f)] if (f := info.get("filter")) else []),
         f"- base policy: `{cfg.model.name}`" + (
             f", warm-start held-out accuracy {info['base_quality']['accuracy']:.2f} "
             f"(yes/no {info['base_quality']['yes_no_accuracy']:.2f}, chance 0.50)" if info.get("base_quality") else ""),
-        f"- CLIP: `{cfg.scoring.clip.name}`" + (
-            f", held-out retrieval top-1 {info['clip_quality']['retrieval_top1']:.2f} "
-            f"(chance {info['clip_quality']['retrieval_chance']:.2f})" if info.get("clip_quality") else ""),
-        f"- pairs made: {pair_stats['pairs']} of {pair_stats['groups']} prompts; skipped: "
-        f"{pair_stats['skipped_no_mas_gap']} with no MAS gap, {pair_stats['skipped_too_few']} with < 2 candidates",
-        f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}",
+        *(_ipa_lines(pair_stats) if ipa_run else _m3po_lines(cfg, info, pair_stats)),
         *([line] if (line := judge_usage_line(store)) else []),
         f"- DPO: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "- DPO: no steps",
         "",

@@ -81,3 +81,21 @@ PREDICTIONS = pa.schema(
         ("prediction", pa.string()),
     ]
 )
+
+IPA_RESPONSES = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("resp_idx", pa.int32()),
+        ("origin", pa.string()),         # "normal", "contrastive" or "revised"
+        ("perturbation", pa.string()),   # contrastive samples: noise / blur / scale; else ""
+        ("parent_idx", pa.int32()),      # revised: the response it revises; else -1
+        ("feedback", pa.string()),       # revised: the reviser's diagnostic feedback; else ""
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),  # as sampled, or the policy's tokens of a revised text (+ EOS)
+        ("entailment", pa.bool_()),      # the verifier's four conditions; null: it could not judge
+        ("completeness", pa.bool_()),
+        ("no_contradiction", pa.bool_()),
+        ("compliance", pa.bool_()),
+        ("verified", pa.bool_()),        # all four hold
+    ]
+)

@@ -33,7 +33,7 @@ log = logging.getLogger("m3po.stages")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
 CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 1,
-                "train": 1, "evaluate": 3}
+                "train": 1, "evaluate": 3, "ipa": 1}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
 # resource, and HF sampling seeds torch's global generator.
@@ -606,20 +606,20 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
 
 
 def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: str,
-                  log_fn: Callable[[str], None] = log.info) -> list[dict[str, float]]:
+                  log_fn: Callable[[str], None] = log.info, pairs_rel: str = "pairs.parquet") -> list[dict[str, float]]:
     """Read the pairs and their images, train, save the adapter to `output_dir` (every rank of a
     distributed run calls this; the trainer shards the data and rank 0 saves)."""
     from m3po_core.models import load_vlm
     from m3po_core.training import pairs_dataset, train_lora_dpo
 
     release_engines()  # a vLLM engine holds most of the GPU: training on the same GPU needs it back
-    pairs = store.read_table("pairs.parquet").to_pylist()
+    pairs = store.read_table(pairs_rel).to_pylist()
     if not pairs:
-        raise InputError(f"{store.url('pairs.parquet')}: no preference pairs to train on")
+        raise InputError(f"{store.url(pairs_rel)}: no preference pairs to train on")
     empty = [i for i, p in enumerate(pairs) if not p["chosen_token_ids"] or not p["rejected_token_ids"]]
     if empty:  # e.g. a server that ignored return_tokens_as_token_ids: DPO would learn nothing
-        raise InputError(f"{store.url('pairs.parquet')} rows {empty[:10]}: responses without sampled token ids")
-    images = [load_image(p["image"], f"pairs.parquet row {i}, prompt_id {p['prompt_id']!r}")
+        raise InputError(f"{store.url(pairs_rel)} rows {empty[:10]}: responses without sampled token ids")
+    images = [load_image(p["image"], f"{pairs_rel} row {i}, prompt_id {p['prompt_id']!r}")
               for i, p in enumerate(pairs)]
     model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
     dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)

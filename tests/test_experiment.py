@@ -44,6 +44,7 @@ def test_cells_apply_their_recipe_and_seed():
     assert by_id["dpo-seed3"].selection.strategy == "random" and by_id["dpo-seed3"].selection.seed == 3
     assert by_id["rm_dpo-seed3"].selection.strategy == "rm_best_worst"
     assert by_id["m3po-alpha1-seed3"].selection.alpha == 1.0 and by_id["m3po-alpha1-seed3"].training.seed == 3
+    assert ex.cell_config(cfg, ex.Cell("ipa", 5)).ipa.seed == 5
     with pytest.raises(ValueError, match="unknown recipes"):
         ex.grid(["m3po", "ppo"], [0])
 
@@ -92,3 +93,27 @@ def test_experiment_reuses_the_samples_and_writes_the_tables(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in base.glob("cells/*/adapter/adapter_model.safetensors")}
     m3po_experiment(config=cfg.to_dict(), root=root, run_id="exp", recipes=["base", "dpo", "m3po"], seeds=[0, 1])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.slow
+def test_ipa_and_m3po_side_by_side_on_the_same_prompts_and_benchmarks(tmp_path):
+    from flows.experiment import m3po_experiment
+
+    cfg = load_config(TINY)
+    root = str(tmp_path)
+    m3po_experiment(config=cfg.to_dict(), root=root, run_id="both", recipes=["base", "m3po", "ipa"], seeds=[0])
+    store = RunStore(root, "both")
+    base = Path(store.path(""))
+    assert sorted(p.name for p in (base / "cells").iterdir()) == ["ipa-seed0", "m3po-seed0"]
+    ipa_cell = CellStore(store, "ipa-seed0")
+    # IPA's first round samples exactly the run's prompts; its pairs are its own
+    run_prompts = sorted(store.read_stage("prompts").column("prompt_id").to_pylist())
+    assert sorted(ipa_cell.read_stage("ipa/round-1/prompts").column("prompt_id").to_pylist()) == run_prompts
+    assert {s.split("-round-")[0] for s in pq.read_table(base / "cells/ipa-seed0/pairs.parquet")
+            .column("strategy").to_pylist()} == {"ipa"}
+    assert not list(base.glob("cells/*/candidates")) and not list(base.glob("cells/*/eval"))
+    results = pq.read_table(base / "experiment/results.parquet").to_pylist()
+    metrics = lambda cell: {r["metric"] for r in results if r["cell_id"] == cell}
+    assert metrics("ipa-seed0") == metrics("m3po-seed0") and "IFT prompt acc" in metrics("ipa-seed0")
+    md = (base / "experiment/tables.md").read_text()
+    assert "| IPA |" in md and "| M3PO |" in md and "M3PO" in md and "IPA on" in md

@@ -63,11 +63,15 @@ def greedy_batched(sampler: Sampler, images: Sequence[Image.Image], instructions
 
 
 class AdapterSampler:
-    """Greedy answers of an engine's base model with a LoRA adapter applied per request (vLLM)."""
+    """An engine's base model with a LoRA adapter applied per request (vLLM)."""
 
     def __init__(self, engine, adapter_dir: str) -> None:
         self.engine, self.adapter_dir = engine, adapter_dir
         self.name = f"{engine.name}+lora"
+
+    def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
+               seed: int) -> list[list[Candidate]]:
+        return self.engine.sample(images, instructions, params, seed, adapter_dir=self.adapter_dir)
 
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
         return self.engine.greedy(images, instructions, max_new_tokens, adapter_dir=self.adapter_dir)

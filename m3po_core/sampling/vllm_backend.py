@@ -79,13 +79,14 @@ class VLLMSampler:
                 for img, q in zip(images, instructions)]
 
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
-               seed: int) -> list[list[Candidate]]:
+               seed: int, adapter_dir: str | None = None) -> list[list[Candidate]]:
         from vllm import SamplingParams as VSamplingParams
 
         per_prompt = [VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                       max_tokens=params.max_new_tokens, seed=seed + i, logprobs=0)
                       for i in range(len(instructions))]
-        outputs = self.llm.generate(self.requests(images, instructions), per_prompt, use_tqdm=False)
+        outputs = self.llm.generate(self.requests(images, instructions), per_prompt, use_tqdm=False,
+                                    lora_request=self.lora(adapter_dir))
         return [candidates_from_output(o, seed) for o in outputs]
 
     def lora(self, adapter_dir: str | None):

@@ -1,0 +1,173 @@
+"""IPA: verification, revision, pairing and the progressive rounds, each on behaviour."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from m3po_core import ipa
+from m3po_core.data import synthetic as world
+from openai_server import FakeOpenAIServer, Reply, request_text
+
+TINY = Path(__file__).parent / "tiny.yaml"
+
+
+def _scene_prompt(kind: str):
+    scenes = world.make_scenes(3, "eval", 30)
+    for scene in scenes:
+        for p in world.make_prompts([scene], 3, per_scene=len(world.KINDS)):
+            if p["kind"] == kind and (kind != "describe" or len(scene.objects) >= 2):
+                return p
+    raise AssertionError(kind)
+
+
+def _item(p, response):
+    return ipa.Item(p["prompt_id"], Image.new("RGB", (8, 8)), p["instruction"], response, p["reference"], p["scene"])
+
+
+def test_reference_verifier_accepts_the_reference_and_fails_each_condition_alone():
+    v = ipa.ReferenceVerifier()
+    exist = _scene_prompt("exist")
+    [ok] = v.verify([_item(exist, exist["reference"])])
+    assert ok.verified and ok.failed() == []
+    # "yes ." / "no ." alone: right, but the reference explains itself: completeness fails only
+    bare = exist["reference"].split(" ")[0] + " ."
+    [short] = v.verify([_item(exist, bare)])
+    assert short.failed() == ["completeness"] and not short.verified
+    describe = _scene_prompt("describe")
+    scene = world.Scene.from_json(describe["scene"])
+    first = scene.objects[0]
+    missing = f"a {first.colour} {first.shape} at the {first.position} ."
+    [partial] = v.verify([_item(describe, missing)])
+    assert not partial.entailment and not partial.completeness and partial.no_contradiction and partial.compliance
+    absent = next((c, s) for c, s in world.ALL_PAIRS if (c, s) not in scene.pairs())
+    [invented] = v.verify([_item(describe, describe["reference"].rstrip(" .") + f" and a {absent[0]} {absent[1]} at the "
+                                                                     f"{first.position} .")])
+    assert not invented.no_contradiction and not invented.verified
+
+
+def test_parse_verdict_is_tolerant_but_never_invents_a_condition():
+    text = 'Sure.\n```json\n{"Logical Entailment": "yes", "detail_completeness": true, ' \
+           '"No-Contradiction": "true", "instruction compliance": false}\n```'
+    assert ipa.parse_verdict(text) == ipa.Verdict(True, True, True, False)
+    assert ipa.parse_verdict('{"entailment": true, "completeness": true, "no_contradiction": true}') is None
+    assert ipa.parse_verdict("all four hold") is None
+
+
+def _verifier_server(reply_for):
+    def respond(body):
+        return [Reply(content=reply_for(request_text(body)))]
+    return FakeOpenAIServer(respond).start()
+
+
+def test_openai_verifier_one_failed_condition_means_v0_and_unreadable_means_no_verdict(monkeypatch):
+    monkeypatch.setenv("VERIFIER_KEY", "sk-v")
+    good = json.dumps({"entailment": True, "completeness": True, "no_contradiction": True, "compliance": True})
+    one_off = json.dumps({"entailment": True, "completeness": True, "no_contradiction": False, "compliance": True})
+    server = _verifier_server(lambda text: good if "ANSWER-A" in text else one_off if "ANSWER-B" in text
+                              else "I think it is mostly fine.")
+    try:
+        from m3po_core.sampling.openai_backend import RetryPolicy
+
+        v = ipa.OpenAIVerifier("verifier-model", server.base_url, "VERIFIER_KEY")
+        v.retry = RetryPolicy(max_retries=2, backoff_base=0.01, backoff_max=0.02)
+        p = {"prompt_id": "p", "instruction": "What is shown?", "reference": "A cat.", "scene": None}
+        a, b, c = v.verify([_item(p, "ANSWER-A"), _item(p, "ANSWER-B"), _item(p, "ANSWER-C")])
+        assert a.verified and not b.verified and b.failed() == ["no_contradiction"] and c is None
+        assert len(server.requests_containing("ANSWER-C")) == 3          # retried, then given up
+        assert all("Reference answer: A cat." in r.text for r in server.requests)
+        assert all(r.headers["authorization"] == "Bearer sk-v" for r in server.requests)
+    finally:
+        server.stop()
+
+
+def test_sampler_reviser_shows_the_reference_to_the_feedback_step_only(monkeypatch):
+    from m3po_core.sampling.openai_backend import OpenAICompatibleSampler
+
+    server = FakeOpenAIServer(lambda body: [Reply(content="FEEDBACK: too short" if "Point out" in request_text(body)
+                                                  else "A grey cat on a red sofa.")]).start()
+    try:
+        reviser = ipa.SamplerReviser(OpenAICompatibleSampler("reviser", server.base_url), max_new_tokens=32)
+        p = {"prompt_id": "p", "instruction": "What is shown?", "reference": "REF-ANSWER", "scene": None}
+        items = [_item(p, "A cat.")]
+        for with_reference in (False, True):
+            fb = reviser.feedback(items, with_reference)
+            assert fb == ["FEEDBACK: too short"]
+            assert reviser.refine(items, fb, with_reference) == ["A grey cat on a red sofa."]
+        feedback_reqs = server.requests_containing("Point out")
+        refine_reqs = server.requests_containing("Write an improved answer")
+        assert ["REF-ANSWER" in r.text for r in feedback_reqs] == [False, True]
+        assert not any("REF-ANSWER" in r.text for r in refine_reqs)
+        assert all("Feedback: FEEDBACK: too short" in r.text for r in refine_reqs)
+    finally:
+        server.stop()
+
+
+def test_round_pairs_pair_verified_against_failed_and_carry_the_unresolved():
+    def r(pid, idx, verified, origin="normal", feedback=""):
+        return {"prompt_id": pid, "resp_idx": idx, "verified": verified, "origin": origin, "feedback": feedback,
+                "parent_idx": -1, "text": f"{pid}{idx}"}
+    responses = [r("a", 0, False), r("a", 1, True), r("a", 2, None),                         # a pair
+                 r("b", 0, False), r("b", 1, None),                                          # unresolved
+                 r("c", 0, True), r("c", 1, True),                                           # nothing to prefer
+                 r("d", 0, False, "revised", "fb-bad"), r("d", 1, True, "revised", "fb-good")]
+    pairs, fb_pairs, stats = ipa.round_pairs(responses, seed=0, round_no=1)
+    assert [(p["prompt_id"], p["chosen"]["resp_idx"], p["rejected"]["resp_idx"]) for p in pairs] == \
+        [("a", 1, 0), ("d", 1, 0)]
+    assert [(p["chosen"]["feedback"], p["rejected"]["feedback"]) for p in fb_pairs] == [("fb-good", "fb-bad")]
+    assert stats["unresolved"] == ["b"] and stats["all_verified"] == 1 and stats["pairs"] == 2
+
+
+@pytest.mark.slow
+def test_ipa_rounds_end_to_end_on_the_synthetic_world(tmp_path):
+    from flows.ipa import ipa_rounds
+    from m3po_core.config import load_config
+    from m3po_core.store import RunStore
+
+    cfg = load_config(TINY)
+    root = str(tmp_path)
+    out = ipa_rounds(cfg.to_dict(), root, "ipa1")
+    store = RunStore(root, "ipa1")
+    summaries = [store.read_json(f"ipa/round-{r}/summary.json") for r in (1, 2, 3)]
+    # each round's samples are exactly the previous round's unresolved ones
+    for r in (2, 3):
+        n = store.read_json(f"ipa/round-{r}/prompts/_stage.json")["n_shards"]
+        ids = sorted(p for i in range(n) for p in
+                     store.read_table(RunStore.shard_rel(f"ipa/round-{r}/prompts", i)).column("prompt_id").to_pylist())
+        assert ids == sorted(summaries[r - 2]["unresolved"]) and ids
+    responses = {r: store.read_stage(f"ipa/round-{r}/responses").to_pylist() for r in (1, 2, 3)}
+    by_key = {(x["prompt_id"], r, x["resp_idx"]): x for r, rows in responses.items() for x in rows}
+    pairs = store.read_table("pairs.parquet").to_pylist()
+    assert len(pairs) == sum(s["pairs"] for s in summaries) == out["pairs"]["pairs"] > 0
+    for p in pairs:
+        r = int(p["strategy"].rsplit("-", 1)[1])
+        assert by_key[(p["prompt_id"], r, p["chosen_idx"])]["verified"] is True
+        assert by_key[(p["prompt_id"], r, p["rejected_idx"])]["verified"] is False
+        assert p["chosen_token_ids"] and p["rejected_token_ids"]
+    n, k = cfg.ipa.n_normal, cfg.ipa.n_contrastive
+    for x in responses[1]:
+        if x["resp_idx"] < n:
+            assert x["origin"] == "normal" and x["perturbation"] == ""
+        elif x["resp_idx"] < n + k:
+            assert x["origin"] == "contrastive" and x["perturbation"] in ("noise", "blur", "scale")
+        else:
+            assert x["origin"] == "revised" and x["parent_idx"] == x["resp_idx"] - n - k and x["feedback"]
+    # reference-guided feedback from round 3 only
+    assert not any("(reference:" in x["feedback"] for r in (1, 2) for x in responses[r])
+    assert all("(reference:" in x["feedback"] for x in responses[3] if x["origin"] == "revised")
+    # self-evolution: rounds 2 and 3 sample from a generator trained on the earlier pairs
+    assert store.dir_complete("ipa/round-2/generator")
+    assert store.read_json("ipa/round-2/generator.json")["pairs"] == summaries[0]["pairs"]
+
+    # re-run: everything cached; a lost shard is the only one computed again
+    import time
+
+    stage = "ipa/round-1/responses"
+    before = {e["shard"]: e["finished_at"] for e in store.manifest(stage)}
+    Path(store.path(RunStore.shard_rel(stage, 1))).unlink()
+    store.mark_shard(stage, 1, "running", store.shard_entry(stage, 1)["key"])
+    time.sleep(0.01)
+    again = ipa_rounds(cfg.to_dict(), root, "ipa1")
+    after = {e["shard"]: e["finished_at"] for e in store.manifest(stage)}
+    assert after[1] > before[1] and all(after[s] == before[s] for s in before if s != 1)
+    assert again["computed"] == 1 and again["pairs"]["pairs"] == out["pairs"]["pairs"]
