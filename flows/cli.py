@@ -81,7 +81,11 @@ def _status(root: str, run_id: str) -> int:
         print(f"m3po: no run {run_id!r} under {root}", file=sys.stderr)
         return 2
     n = store.read_json("prompts/_stage.json")["n_shards"]
-    for stage in ("candidates", "scores"):
+    stages = [("candidates", n), ("scores", n)]
+    if store.exists("method.json") and store.read_json("method.json")["method"] == "ipa":
+        stages = [(f"ipa/round-{r}/responses", store.read_json(f"ipa/round-{r}/prompts/_stage.json")["n_shards"])
+                  for r in range(1, 100) if store.exists(f"ipa/round-{r}/prompts/_stage.json")]
+    for stage, n in stages:
         entries = {e["shard"]: e for e in store.manifest(stage)}
         states = [entries.get(i, {}).get("state", "missing") for i in range(n)]
         print(f"{stage:<11} " + " ".join(f"{s}={states.count(s)}" for s in dict.fromkeys(states)))

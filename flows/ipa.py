@@ -36,10 +36,10 @@ def collect_pairs(cfg, store: RunStore, n_shards: int, model_ref: str) -> dict[s
     """IPA's rounds on a run's prompts (any store: a run, or an experiment cell sharing its prompts)."""
     rounds_run, computed = 0, 0
     for r in range(1, cfg.ipa.rounds + 1):
-        generator_rel = ti.generator(cfg, store, model_ref, r)
         n_round = ti.prepare_round(cfg, store, r, n_shards)
         if n_round == 0:  # every prompt resolved
             break
+        generator_rel = ti.generator(cfg, store, model_ref, r)
         results = fan_out(ti.ipa_shard, cfg, store, n_round, model_ref, f"ipa-round-{r}",
                           ref_name="model_ref", extra={"r": r, "generator_rel": generator_rel})
         computed += sum(not x.cached for x in results)

@@ -98,7 +98,7 @@ def select_pairs(
     size = np.bincount(group[rated], minlength=n_groups)
 
     # Candidates sampled on a perturbed image (contrastive sampling) are negatives only.
-    clean = (np.asarray(table.column("perturbation").to_pylist(), dtype=object) == "") \
+    clean = np.array([p in ("", None) for p in table.column("perturbation").to_pylist()], dtype=bool) \
         if "perturbation" in table.column_names else np.ones(len(cand), dtype=bool)
     w = _first_per_group(group, rank, cand, rated & clean)                # eq. 1
     has_w = w >= 0

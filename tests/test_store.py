@@ -8,7 +8,8 @@ from m3po_core.store import COMPLETE, FAILED, RunStore
 def cands(n=3):
     return pa.table({"prompt_id": ["p"] * n, "cand_idx": list(range(n)), "text": ["x"] * n,
                      "token_ids": [[1, 2]] * n, "logp_sum": [-1.0] * n, "logp_mean": [-0.5] * n,
-                     "n_tokens": [2] * n, "finish_reason": ["stop"] * n, "sampler": ["t"] * n, "seed": [0] * n},
+                     "n_tokens": [2] * n, "finish_reason": ["stop"] * n, "sampler": ["t"] * n, "seed": [0] * n,
+                     "perturbation": [""] * n},
                     schema=schema.CANDIDATES)
 
 

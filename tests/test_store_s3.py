@@ -20,7 +20,8 @@ def s3_root(s3_server):
 def table(n=4):
     return pa.table({"prompt_id": [f"p{i}" for i in range(n)], "cand_idx": [0] * n, "text": ["t"] * n,
                      "token_ids": [[1]] * n, "logp_sum": [-1.0] * n, "logp_mean": [-1.0] * n, "n_tokens": [1] * n,
-                     "finish_reason": ["stop"] * n, "sampler": ["x"] * n, "seed": [0] * n}, schema=schema.CANDIDATES)
+                     "finish_reason": ["stop"] * n, "sampler": ["x"] * n, "seed": [0] * n, "perturbation": [""] * n},
+                    schema=schema.CANDIDATES)
 
 
 def test_shards_and_manifest_on_s3(s3_root):
