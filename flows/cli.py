@@ -114,6 +114,10 @@ def _experiment(args) -> int:
         seeds, alphas = numbers("--seeds", args.seeds, int), numbers("--alphas", args.alphas, float)
         deltas = numbers("--deltas", args.deltas, float)
         cells = ex.grid(recipes, seeds, alphas, deltas)
+        if "ipa" in recipes:
+            from m3po_core.config import check_ipa
+
+            check_ipa(cfg)
     except (M3POError, ValueError) as e:
         print(f"m3po experiment: {e}", file=sys.stderr)
         return 2
@@ -209,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             method = "ipa" if args.command == "ipa" else "m3po"
             run_id = args.run_id or (cfg.name + "-ipa" if method == "ipa" else cfg.name)
+            if method == "ipa":
+                from m3po_core.config import check_ipa
+
+                check_ipa(cfg)
     except M3POError as e:
         print(f"m3po: {e}", file=sys.stderr)
         return 2

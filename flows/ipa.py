@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import _inline_plots, tag_flow_run
 from flows.stages import _open, fan_out
-from m3po_core.config import config_from_dict, load_config
+from m3po_core.config import check_ipa, config_from_dict, load_config
 from m3po_core.report import build_report
 from m3po_core.store import RunStore
 from tasks import ipa as ti
@@ -34,6 +34,7 @@ def ipa_rounds(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]
 
 def collect_pairs(cfg, store: RunStore, n_shards: int, model_ref: str) -> dict[str, Any]:
     """IPA's rounds on a run's prompts (any store: a run, or an experiment cell sharing its prompts)."""
+    check_ipa(cfg)
     rounds_run, computed = 0, 0
     for r in range(1, cfg.ipa.rounds + 1):
         n_round = ti.prepare_round(cfg, store, r, n_shards)

@@ -429,9 +429,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         allowed = ("reference", "policy") if key == "reviser" else ("reference",)
         if name not in allowed and not name.startswith("openai:"):
             raise ConfigError(f"configuration key 'ipa.{key}': {name!r} is none of {list(allowed)} or 'openai:<model>'")
-        if name == "reference" and cfg.data.source != "synthetic":
-            raise ConfigError(f"configuration key 'ipa.{key}': the reference {key} needs the synthetic world's scene "
-                              f"graphs; data.source={cfg.data.source!r} needs a model ({key}: openai:<model>)")
     if ipa.n_normal + ipa.n_contrastive < 1:
         raise ConfigError("configuration keys 'ipa.n_normal' + 'ipa.n_contrastive': at least one sample per prompt")
     for i, spec in enumerate(cfg.scoring.extra_judges):
@@ -469,6 +466,14 @@ def validate(cfg: RunConfig) -> RunConfig:
                               f"synthetic {bench} set; point it at the "
                               + ("public release's Parquet files" if bench != "ift" else "IFT Parquet (m3po make-ift)"))
     return cfg
+
+
+def check_ipa(cfg: RunConfig) -> None:
+    """What IPA needs beyond `validate` (checked when IPA runs: M3PO runs ignore the ipa section)."""
+    for key in ("reviser", "verifier"):
+        if getattr(cfg.ipa, key) == "reference" and cfg.data.source != "synthetic":
+            raise ConfigError(f"configuration key 'ipa.{key}': the reference {key} needs the synthetic world's scene "
+                              f"graphs; data.source={cfg.data.source!r} needs a model ({key}: openai:<model>)")
 
 
 def fingerprint(obj: Any) -> str:

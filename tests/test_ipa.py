@@ -171,3 +171,16 @@ def test_ipa_rounds_end_to_end_on_the_synthetic_world(tmp_path):
     after = {e["shard"]: e["finished_at"] for e in store.manifest(stage)}
     assert after[1] > before[1] and all(after[s] == before[s] for s in before if s != 1)
     assert again["computed"] == 1 and again["pairs"]["pairs"] == out["pairs"]["pairs"]
+
+
+def test_ipa_on_instruction_data_needs_model_reviser_and_verifier():
+    from m3po_core.config import ConfigError, check_ipa, load_config
+
+    real = ["data.source=llava_instruct", "data.path=x.json", "data.image_root=/img", "scoring.judge=openai:j",
+            "evaluation.benchmarks=[]"]
+    cfg = load_config(TINY, real)   # an M3PO run on real data ignores the ipa section
+    with pytest.raises(ConfigError, match="'ipa.reviser': the reference reviser needs the synthetic world"):
+        check_ipa(cfg)
+    check_ipa(load_config(TINY, real + ["ipa.reviser=policy", "ipa.verifier=openai:v"]))
+    with pytest.raises(ConfigError, match="'ipa.verifier'"):
+        load_config(TINY, ["ipa.verifier=policy"])   # only a reviser can be the policy
