@@ -114,10 +114,13 @@ def _experiment(args) -> int:
         seeds, alphas = numbers("--seeds", args.seeds, int), numbers("--alphas", args.alphas, float)
         deltas = numbers("--deltas", args.deltas, float)
         cells = ex.grid(recipes, seeds, alphas, deltas)
-        if "ipa" in recipes:
+        if "ipa" in recipes:  # checked before any cell runs, not when the IPA cells come up
             from m3po_core.config import check_ipa
 
             check_ipa(cfg)
+            if cfg.execution.shards not in ("in_process", "ray"):
+                raise M3POError(f"recipe ipa: IPA's shards run in process or on Ray, not execution.shards="
+                                f"{cfg.execution.shards!r}; leave it out (--recipes) or change the mode")
     except (M3POError, ValueError) as e:
         print(f"m3po experiment: {e}", file=sys.stderr)
         return 2

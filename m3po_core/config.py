@@ -518,9 +518,12 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
                 "sampling": _without(d["sampling"], "concurrency", "api_key_env", "tensor_parallel_size",
                                      "gpu_memory_utilization", "n", "contrastive_n"),
-                "training": d["training"], "dtype": d["model"]["dtype"]},
+                "dtype": d["model"]["dtype"]},
         "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
         "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
+                     # which backend and served model answered (the evaluation backend defaults to the sampler's)
+                     "answerer": {"backend": d["evaluation"]["backend"] or d["sampling"]["backend"],
+                                  "served_model": d["sampling"]["served_model"]},
                      # the preference test's ratings are the judge's
                      "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight",
                                        "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output")

@@ -55,6 +55,8 @@ from typing import Any
 
 from PIL import Image
 
+from m3po_core.sampling import greedy_batched
+
 log = logging.getLogger(__name__)
 
 CONDITIONS = ("entailment", "completeness", "no_contradiction", "compliance")
@@ -203,8 +205,8 @@ class OpenAIVerifier:
 
         import openai
 
-        from m3po_core.sampling.openai_backend import (MalformedReply, describe_error, png_data_url, run_sync,
-                                                       with_retries)
+        from m3po_core.sampling.openai_backend import (MalformedReply, describe_error, is_retryable, png_data_url,
+                                                       run_sync, with_retries)
 
         async def run() -> list[Verdict | None]:
             gate = asyncio.Semaphore(self.concurrency)
@@ -227,14 +229,22 @@ class OpenAIVerifier:
 
                     try:
                         return await with_retries(attempt, self.retry, f"verifier {item.prompt_id}", self._api_key)
-                    except Exception as error:  # recorded as not verified, never invented
+                    except Exception as error:
+                        if not isinstance(error, MalformedReply) and not is_retryable(error):
+                            # a wrong key, model or request stops the shard instead of emptying it
+                            raise RuntimeError(f"verifier {self.model} at {self.base_url or 'OpenAI'}: "
+                                               f"{describe_error(error, self._api_key)}") from None
                         log.warning("verifier could not judge a response of %s: %s", item.prompt_id,
                                     describe_error(error, self._api_key))
-                        return None
+                        return None  # recorded as not verified, never invented
 
                 return list(await asyncio.gather(*(one(i) for i in items)))
 
-        return run_sync(run)
+        verdicts = run_sync(run)
+        if items and all(v is None for v in verdicts):
+            raise RuntimeError(f"verifier {self.model}: no response of {len(items)} could be judged (see the "
+                               "warnings); the shard is not kept, so a re-run asks again")
+        return verdicts
 
 
 # ------------------------------------------------------------------ revisers
@@ -274,20 +284,20 @@ class ReferenceReviser:
 class SamplerReviser:
     """Any sampler backend as the reviser: greedy answers to the feedback and refinement prompts."""
 
-    def __init__(self, sampler, max_new_tokens: int) -> None:
-        self.sampler, self.max_new_tokens = sampler, max_new_tokens
+    def __init__(self, sampler, max_new_tokens: int, batch_size: int = 16) -> None:
+        self.sampler, self.max_new_tokens, self.batch_size = sampler, max_new_tokens, batch_size
         self.name = f"{getattr(sampler, 'name', 'sampler')}-reviser"
 
     def feedback(self, items: Sequence[Item], with_reference: bool) -> list[str]:
         prompts = [FEEDBACK_PROMPT.format(instruction=i.instruction, response=i.response,
                                           reference=REFERENCE_LINE.format(reference=i.reference) if with_reference else "")
                    for i in items]
-        return self.sampler.greedy([i.image for i in items], prompts, self.max_new_tokens)
+        return greedy_batched(self.sampler, [i.image for i in items], prompts, self.max_new_tokens, self.batch_size)
 
     def refine(self, items: Sequence[Item], feedbacks: Sequence[str], with_reference: bool) -> list[str]:
         prompts = [REFINE_PROMPT.format(instruction=i.instruction, response=i.response, feedback=f)
                    for i, f in zip(items, feedbacks)]
-        return self.sampler.greedy([i.image for i in items], prompts, self.max_new_tokens)
+        return greedy_batched(self.sampler, [i.image for i in items], prompts, self.max_new_tokens, self.batch_size)
 
 
 # ------------------------------------------------------------------ pairs
@@ -317,10 +327,15 @@ def round_pairs(responses: list[dict[str, Any]], seed: int, round_no: int) -> tu
         rng = random.Random(f"{seed}:{round_no}:{pid}")
         w, l = rng.choice(winners), rng.choice(losers)
         pairs.append({"prompt_id": pid, "chosen": w, "rejected": l})
+        # Feedback pairs (P^fb): two feedbacks on the same response text (samples often repeat), one
+        # whose revision verified and one whose revision failed; feedback on different texts is no pair.
+        text_of = {r["resp_idx"]: r["text"] for r in rows}
         good_fb = [r for r in winners if r["origin"] == "revised" and r["feedback"]]
         bad_fb = [r for r in losers if r["origin"] == "revised" and r["feedback"]]
-        if good_fb and bad_fb:
-            fb_pairs.append({"prompt_id": pid, "chosen": rng.choice(good_fb), "rejected": rng.choice(bad_fb)})
+        same = [(g, b) for g in good_fb for b in bad_fb if text_of.get(g["parent_idx"]) == text_of.get(b["parent_idx"])]
+        if same:
+            g, b = rng.choice(same)
+            fb_pairs.append({"prompt_id": pid, "chosen": g, "rejected": b})
     stats = {"round": round_no, "prompts": len(by_prompt), "responses": len(responses), "pairs": len(pairs),
              "feedback_pairs": len(fb_pairs), "all_verified": all_verified, "unresolved": unresolved,
              "verified_rate": {o: origin_verified[o] / origin_total[o] for o in sorted(origin_total)}}

@@ -22,8 +22,9 @@ import pyarrow as pa
 
 from m3po_core import ipa, schema
 from m3po_core.config import RunConfig
-from m3po_core.stages import (ShardResult, _add_candidate, _cached, _run_shard, device_slot, done_record, get_sampler,
-                              get_vlm, load_image, resolve_model, stage_key, train_adapter)
+from m3po_core.stages import (CONTRASTIVE_SEED, _MODELS, ShardResult, _add_candidate, _cached, _run_shard, device_slot,
+                              done_record, get_sampler, get_vlm, load_image, release_engines, resolve_model, stage_key,
+                              train_adapter)
 from m3po_core.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ def generator(cfg: RunConfig, store: RunStore, model_ref: str, r: int,
         return generator(cfg, store, model_ref, r - 1, log_fn)
     rel = f"{_round(r)}/generator"
     info = store.write_table(f"{rel}-pairs.parquet", train_pairs, schema.PAIRS)
-    key = stage_key(cfg, "ipa", "generator", r, info["sha256"], model_ref)
+    key = stage_key(cfg, "train", "ipa-generator", r, info["sha256"], model_ref)
     if done_record(store, f"{rel}.json", key) is not None and store.dir_complete(rel):
         return rel
+    release_engines()
     t0 = time.time()
     with device_slot(), tempfile.TemporaryDirectory() as tmp:
         history = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn, pairs_rel=f"{rel}-pairs.parquet")
@@ -119,6 +121,8 @@ def policy_sampler(cfg: RunConfig, store: RunStore, model_ref: str, adapter_rel:
         model = PeftModel.from_pretrained(model, store.local_dir(adapter_rel)).merge_and_unload().eval()
         return TransformersSampler(model, processor)
 
+    for old in [k for k in _MODELS if k[0] == "vlm+adapter" and k != ("vlm+adapter", model_ref, version)]:
+        del _MODELS[old]  # one merged generator per process: the previous round's is done
     return _cached(("vlm+adapter", model_ref, version), build)
 
 
@@ -140,12 +144,13 @@ def make_reviser(cfg: RunConfig, store: RunStore, model_ref: str, generator_rel:
     if c.reviser == "reference":
         return ipa.ReferenceReviser(c.fix_rate, c.reference_fix_rate, c.seed)
     if c.reviser == "policy":
-        return ipa.SamplerReviser(policy_sampler(cfg, store, model_ref, generator_rel), c.max_new_tokens)
+        return ipa.SamplerReviser(policy_sampler(cfg, store, model_ref, generator_rel), c.max_new_tokens,
+                                  cfg.evaluation.batch_size)
     from m3po_core.sampling.openai_backend import OpenAICompatibleSampler
 
     return ipa.SamplerReviser(_cached(("ipa-reviser", c.reviser, c.reviser_base_url), lambda: OpenAICompatibleSampler(
         model=c.reviser.removeprefix("openai:"), base_url=c.reviser_base_url, api_key_env=c.api_key_env,
-        concurrency=c.concurrency)), c.max_new_tokens)
+        concurrency=c.concurrency)), c.max_new_tokens, cfg.evaluation.batch_size)
 
 
 def make_verifier(cfg: RunConfig):
@@ -193,7 +198,8 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                 one = SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens)
                 with device_slot():
                     cands = sampler.sample([perturb.perturb(batch_images[i], kind, ps) for i, _, kind, ps in jobs],
-                                           [batch[i]["instruction"] for i, *_ in jobs], one, seed + 1)
+                                           [batch[i]["instruction"] for i, *_ in jobs], one,
+                                           batch_seed(c.seed * 1000 + r + CONTRASTIVE_SEED, [p["prompt_id"] for p in batch]))
                 for (i, k, kind, _), (cand,) in zip(jobs, cands):
                     _add_candidate(out, batch[i]["prompt_id"], c.n_normal + k, cand, sampler.name, kind)
         by_id = {p["prompt_id"]: (p, img) for p, img in zip(rows, images)}

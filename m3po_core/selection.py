@@ -39,10 +39,11 @@ class SelectionStats:
     pairs: int
     skipped_too_few: int
     skipped_no_mas_gap: int
+    skipped_no_clean_winner: int = 0   # every rated candidate was sampled on a perturbed image
 
     def as_dict(self) -> dict[str, int]:
         return {"groups": self.groups, "pairs": self.pairs, "skipped_too_few": self.skipped_too_few,
-                "skipped_no_mas_gap": self.skipped_no_mas_gap}
+                "skipped_no_mas_gap": self.skipped_no_mas_gap, "skipped_no_clean_winner": self.skipped_no_clean_winner}
 
 
 def m3p_score(mas_w, mas_j, logp_w, logp_j, alpha: float, delta: float):
@@ -113,8 +114,9 @@ def select_pairs(
     l = _first_per_group(group, primary, cand, eligible)                  # eq. 3
 
     too_few = size < 2
-    made = (~too_few) & (l >= 0)
-    no_gap = (~too_few) & (l < 0)
+    no_winner = (~too_few) & ~has_w
+    made = (~too_few) & has_w & (l >= 0)
+    no_gap = (~too_few) & has_w & (l < 0)
     gw, gl = w[made], l[made]
     pairs = pa.table({
         "prompt_id": pa.array(uniq[made].tolist(), pa.string()),
@@ -126,5 +128,5 @@ def select_pairs(
         "strategy": pa.array([strategy] * int(made.sum()), pa.string()),
     })
     stats = SelectionStats(groups=n_groups, pairs=int(made.sum()), skipped_too_few=int(too_few.sum()),
-                           skipped_no_mas_gap=int(no_gap.sum()))
+                           skipped_no_mas_gap=int(no_gap.sum()), skipped_no_clean_winner=int(no_winner.sum()))
     return pairs, stats

@@ -138,7 +138,7 @@ def prepare_prompts(cfg: RunConfig, store: RunStore) -> int:
                                         turns=extra.turns, source=extra.source, skipped=skipped)
         rows, filtered = quality_filter(rows, data.filter)
         filtered["text_only_records"] = skipped.get("text_only", 0)
-    if data.max_prompts is not None:
+    if data.max_prompts is not None and data.source == "synthetic":  # instruction files cut it while loading
         rows = rows[: data.max_prompts]
     _validate_prompts(rows, f"prompts from {data.source}")
     if not rows:
@@ -483,12 +483,16 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
                                      max_new_tokens=s.max_new_tokens, seed=s.seed)
                 with device_slot():
                     cands = sampler.sample([perturb.perturb(by_id[r["prompt_id"]], kind, ps) for r, _, kind, ps in jobs],
-                                           [r["instruction"] for r, *_ in jobs], one, seed + 1)
+                                           [r["instruction"] for r, *_ in jobs], one,
+                                           batch_seed(s.seed + CONTRASTIVE_SEED, [r["prompt_id"] for r in batch]))
                 for (r, k, kind, _), (c,) in zip(jobs, cands):
                     _add_candidate(out, r["prompt_id"], s.n + k, c, sampler.name, kind)
         return pa.table(out, schema=schema.CANDIDATES)
 
     return _run_shard(store, "candidates", shard, key, compute, schema.CANDIDATES)
+
+
+CONTRASTIVE_SEED = 1_000_003  # the contrastive calls' seeds come from another stream than the normal samples'
 
 
 def _add_candidate(out: dict[str, list], prompt_id: str, idx: int, c, sampler: str, perturbation: str) -> None:
@@ -590,6 +594,7 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
     key = stage_key(cfg, "train", pairs_sha, model_ref)
     if (record := done_record(store, "train_log.json", key)) is not None and store.dir_complete("adapter"):
         return record
+    release_engines()  # also before `accelerate launch`: its ranks need the GPU this process's engine holds
     t0 = time.time()
     with device_slot(), tempfile.TemporaryDirectory() as tmp:
         if cfg.training.num_processes > 1:

@@ -57,3 +57,12 @@ def test_contrastive_candidates_are_sampled_on_perturbed_images(tmp_path):
     assert len(extra) == 3 * n_prompts and all(c["perturbation"] in perturb.KINDS for c in extra)
     assert all(c["perturbation"] == "" for c in cands if c["cand_idx"] < cfg.sampling.n)
     assert all(c["token_ids"] and np.isfinite(c["logp_sum"]) for c in extra)
+
+
+def test_a_prompt_whose_rated_candidates_are_all_perturbed_gives_no_pair():
+    """No clean winner: no pair, counted apart (and never another prompt's answer as the winner)."""
+    table = pa.table({"prompt_id": ["a", "a", "b", "b"], "cand_idx": pa.array([0, 1, 0, 1], pa.int32()),
+                      "mas": [0.9, 0.2, 0.6, 0.5], "logp": [-1.0] * 4, "judge": [0.9, 0.2, 0.6, 0.5],
+                      "perturbation": ["", "", "noise", "blur"]})
+    pairs, stats = select_pairs(table, strategy="m3po")
+    assert pairs.column("prompt_id").to_pylist() == ["a"] and stats.skipped_no_clean_winner == 1

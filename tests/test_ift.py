@@ -60,8 +60,9 @@ def test_judge_below_threshold_fails_and_unrated_is_never_counted():
     ({"type": "bullet_list", "n": 2}, "- a\n- b\n- c", False),
     ({"type": "json_object", "keys": ["a"]}, '{"a": 1} trailing', False),
     ({"type": "lowercase"}, "123", False),
-    ({"type": "ends_with", "phrase": "that is all"}, "A dog. That is all.", False),
+    ({"type": "ends_with", "phrase": "that is all"}, "A dog. That is all.", True),
     ({"type": "ends_with", "phrase": "that is all"}, "A dog. That is all  ", True),
+    ({"type": "ends_with", "phrase": "that is all"}, "That is all, I think.", False),
     ({"type": "yes_no_first"}, "No. There is none.", True),
     ({"type": "yes_no_first"}, "I think yes.", False),
 ])

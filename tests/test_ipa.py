@@ -184,3 +184,30 @@ def test_ipa_on_instruction_data_needs_model_reviser_and_verifier():
     check_ipa(load_config(TINY, real + ["ipa.reviser=policy", "ipa.verifier=openai:v"]))
     with pytest.raises(ConfigError, match="'ipa.verifier'"):
         load_config(TINY, ["ipa.verifier=policy"])   # only a reviser can be the policy
+
+
+def test_openai_verifier_stops_on_a_wrong_key_instead_of_leaving_everything_unverified(monkeypatch):
+    from openai_server import Fault
+
+    monkeypatch.setenv("VERIFIER_KEY", "sk-SECRET-v")
+    server = _verifier_server(lambda text: "{}")
+    server.fail_when("Answer to verify", Fault(kind="status", status=401))
+    try:
+        v = ipa.OpenAIVerifier("verifier-model", server.base_url, "VERIFIER_KEY")
+        p = {"prompt_id": "p", "instruction": "What is shown?", "reference": "A cat.", "scene": None}
+        with pytest.raises(RuntimeError, match="verifier verifier-model") as info:
+            v.verify([_item(p, "A cat.")])
+        assert "sk-SECRET-v" not in str(info.value) and len(server.requests) == 1   # not retried
+        # unreadable replies only: nothing judged, so the shard fails (and is asked again on a re-run)
+        server2 = _verifier_server(lambda text: "fine")
+        try:
+            from m3po_core.sampling.openai_backend import RetryPolicy
+
+            v2 = ipa.OpenAIVerifier("verifier-model", server2.base_url, "VERIFIER_KEY")
+            v2.retry = RetryPolicy(max_retries=1, backoff_base=0.01, backoff_max=0.02)
+            with pytest.raises(RuntimeError, match="no response of 2 could be judged"):
+                v2.verify([_item(p, "A cat."), _item(p, "A dog.")])
+        finally:
+            server2.stop()
+    finally:
+        server.stop()

@@ -52,7 +52,7 @@ def test_candidates_carry_the_servers_tokens_and_logprobs(server: FakeOpenAIServ
     assert truncated.logp_sum == pytest.approx(-1.75) and truncated.n_tokens == 2
 
     bodies = sorted((r.body for r in server.requests), key=lambda b: b["seed"])
-    assert [b["seed"] for b in bodies] == [1000, 1001]
+    assert [b["seed"] for b in bodies] == [1000, 1003]   # n = 3 apart: vLLM seeds choice j with seed + j
     for body, instruction in zip(bodies, instructions):
         assert body["model"] == "llava-hf/llava-1.5-7b-hf"
         assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (3, 1.3, 0.9, 17)

@@ -70,7 +70,8 @@ def test_ties_break_to_lowest_cand_idx_and_skips_are_counted():
                   "mas": [0.8, 0.8, 0.2, 0.5, 0.5, 0.9], "logp": [-1.0, -1.0, -1.0, -1.0, -2.0, -1.0]})
     pairs, stats = select_pairs(t)
     assert pairs.to_pylist()[0]["chosen_idx"] == 0 and pairs.to_pylist()[0]["rejected_idx"] == 1
-    assert stats.as_dict() == {"groups": 3, "pairs": 1, "skipped_too_few": 1, "skipped_no_mas_gap": 1}
+    assert stats.as_dict() == {"groups": 3, "pairs": 1, "skipped_too_few": 1, "skipped_no_mas_gap": 1,
+                              "skipped_no_clean_winner": 0}
 
 
 def test_random_strategy_picks_a_worse_candidate_reproducibly():

@@ -5,12 +5,13 @@ Rules, in this order; a prompt dropped by one is counted under that reason only:
 1. `instruction_length`: the instruction has between `min_instruction_words` and
    `max_instruction_words` whitespace-separated words (too short says nothing to align; too long
    crowds the image out of the context).
-2. `duplicate`: the same image and the same instruction (lower-cased, whitespace collapsed) as an
+2. `image_unreadable`: with `check_images` on, every image is read and decoded by Pillow
+   (`Image.load()`, which reads the pixels; a truncated JPEG fails here); a missing file counts
+   too. Any other read failure (credentials, network) stops the stage naming the image. Reading is
+   threaded (`image_threads`), as images usually sit on object storage.
+3. `duplicate`: the same image and the same instruction (lower-cased, whitespace collapsed) as an
    earlier prompt; the first is kept. "Same image" means the same bytes (SHA-256) when images are
-   read (rule 3 on), else the same path.
-3. `image_unreadable`: with `check_images` on, every image is read and decoded by Pillow
-   (`Image.load()`, which reads the pixels; a truncated JPEG fails here). Reading is threaded
-   (`image_threads`), as images usually sit on object storage.
+   read (rule 2 on), else the same path.
 
 Dropping is not an error: the counts (and the first few dropped prompt ids per reason) go into the
 prompts stage record and the report, so a source that loses much is visible.
@@ -27,6 +28,8 @@ from typing import Any
 import fsspec
 from PIL import Image
 
+from m3po_core.errors import InputError
+
 log = logging.getLogger(__name__)
 EXAMPLES = 5  # dropped prompt ids kept per reason
 
@@ -42,13 +45,20 @@ class QualityFilterConfig:
 
 
 def _image_digest(url: str) -> str | None:
-    """SHA-256 of the image's bytes if Pillow decodes it, else None."""
+    """SHA-256 of the image's bytes if Pillow decodes it; None if the file is missing or does not
+    decode. Any other failure (credentials, throttling, a network error) is raised, naming the
+    image: dropping those prompts would cache a silently smaller data set."""
     try:
         with fsspec.open(url, "rb") as fh:
             data = fh.read()
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        raise InputError(f"{url}: cannot read the image ({type(e).__name__}: {e}); nothing was filtered") from e
+    try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-    except Exception:  # missing, unreadable or undecodable: all the same to the filter
+    except Exception:  # Pillow raises several types for corrupt or truncated data
         return None
     return hashlib.sha256(data).hexdigest()
 

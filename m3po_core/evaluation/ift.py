@@ -23,7 +23,7 @@ runs of letters, digits and apostrophes):
     bullet_list n                    exactly n lines starting "- ", "* " or "• "
     json_object keys                 the reply (``` fences allowed) parses as a JSON object with these keys
     lowercase                        letters present, none upper-case
-    ends_with phrase                 the reply, trailing spaces removed, ends with the phrase
+    ends_with phrase                 the reply ends with the phrase (final punctuation and spaces ignored)
 
 Judge-checked (content, which no rule can decide):
 
@@ -40,6 +40,7 @@ only, no judge needed), `by_type` and `by_category`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -89,7 +90,8 @@ RULES: dict[str, tuple[tuple[str, ...], Callable[[str, Mapping[str, Any]], bool]
     "bullet_list": (("n",), lambda r, a: sum(bool(_BULLET.match(l)) for l in r.splitlines()) == a["n"]),
     "json_object": (("keys",), lambda r, a: _json_object(r, a["keys"])),
     "lowercase": ((), lambda r, a: any(c.isalpha() for c in r) and r == r.lower()),
-    "ends_with": (("phrase",), lambda r, a: r.rstrip().lower().endswith(a["phrase"].strip().lower())),
+    "ends_with": (("phrase",), lambda r, a: re.sub(r"[\s.!?'\"]+$", "", r).lower().endswith(
+        re.sub(r"[\s.!?'\"]+$", "", a["phrase"].strip()).lower())),
 }
 
 
@@ -239,7 +241,8 @@ def make_questions(images: Sequence[str], seed: int = 0, per_image: int = 1,
                     break
                 if all(t[1] != c[1] and frozenset((t[0], c[0])) not in CONFLICTS for c in chosen):
                     chosen.append(t)
-            rows.append({"question_id": f"{image.rsplit('/', 1)[-1]}-{j}", "image": image, "category": task,
+            tag = hashlib.sha1(image.encode()).hexdigest()[:8]  # same file name in two folders: two ids
+            rows.append({"question_id": f"{image.rsplit('/', 1)[-1]}-{tag}-{j}", "image": image, "category": task,
                          "question": " ".join([TASKS[task]] + [c[2] for c in chosen]),
                          "constraints": json.dumps([c[3] for c in chosen] + [dict(JUDGE_CONTENT)]),
                          "answer": ""})

@@ -81,7 +81,7 @@ def load_public_benchmark(source: str, bench: str, answer_suffix: str,
                 from m3po_core.evaluation.ift import parse_constraints
 
                 constraints = json.dumps(parse_constraints(row["constraints"], where))
-                row = {"category": "ift", **row, "answer": row.get("answer") or ""}
+                row = {**row, "category": row.get("category") or "ift", "answer": row.get("answer") or ""}
             for c in ("question", "category") + (("answer",) if bench != "ift" else ()):
                 if not isinstance(row[c], str) or not row[c].strip():
                     raise InputError(f"{where}: empty or missing {c!r}")

@@ -201,11 +201,11 @@ class OpenAICompatibleSampler:
 
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
                seed: int) -> list[list[Candidate]]:
-        # Each prompt gets its own request seed (seed + index) so identical prompts in a batch still
+        # Each prompt gets its own request seed (seed + index * n) so identical prompts in a batch still
         # differ; Candidate.seed records the batch seed, as the transformers backend does.
-        def request(i: int) -> dict[str, Any]:
+        def request(i: int) -> dict[str, Any]:  # vLLM seeds choice j with seed + j: prompts n apart
             return dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                        max_tokens=params.max_new_tokens, seed=seed + i, logprobs=True, top_logprobs=0,
+                        max_tokens=params.max_new_tokens, seed=seed + i * params.n, logprobs=True, top_logprobs=0,
                         extra_body={"return_tokens_as_token_ids": True})
 
         def read(i: int, completion: Any) -> list[Candidate]:

@@ -21,7 +21,9 @@ vllm is imported only when this backend is built: `pip install '.[vllm]'` on the
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 from PIL import Image
@@ -66,7 +68,7 @@ class VLLMSampler:
                        enable_prefix_caching=True, enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                        seed=seed, logprobs_mode="raw_logprobs", limit_mm_per_prompt={"image": 1},
                        **engine_kwargs)
-        self._adapters: dict[str, int] = {}
+        self._adapters: dict[tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"VLLMSampler(model={self.model!r})"
@@ -82,8 +84,9 @@ class VLLMSampler:
                seed: int, adapter_dir: str | None = None) -> list[list[Candidate]]:
         from vllm import SamplingParams as VSamplingParams
 
+        # vLLM seeds completion j of a request with seed + j: requests n apart share no seed
         per_prompt = [VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                      max_tokens=params.max_new_tokens, seed=seed + i, logprobs=0)
+                                      max_tokens=params.max_new_tokens, seed=seed + i * params.n, logprobs=0)
                       for i in range(len(instructions))]
         outputs = self.llm.generate(self.requests(images, instructions), per_prompt, use_tqdm=False,
                                     lora_request=self.lora(adapter_dir))
@@ -95,7 +98,11 @@ class VLLMSampler:
             return None
         from vllm.lora.request import LoRARequest
 
-        lora_id = self._adapters.setdefault(adapter_dir, len(self._adapters) + 1)
+        # keyed by content: an adapter directory rewritten in place (a new training) is a new LoRA,
+        # where vLLM would keep serving its cached weights under the old id
+        weights = Path(adapter_dir) / "adapter_model.safetensors"
+        version = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else ""
+        lora_id = self._adapters.setdefault((adapter_dir, version), len(self._adapters) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter_dir)
 
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int,
