@@ -222,11 +222,14 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                 refined = reviser.refine(items, feedbacks, with_reference)
             processor = policy_processor(cfg, store, model_ref)
             per_prompt = c.n_normal + c.n_contrastive
-            for x, fb, text in zip(list(responses), feedbacks, refined):
+            # under the device lock: a fast tokenizer keeps its padding settings in shared state, and
+            # another shard's sampling pads with the same tokenizer
+            with device_slot():
+                revised_ids = [completion_ids(processor, text.strip(), add_eos=True) for text in refined]
+            for x, fb, text, ids in zip(list(responses), feedbacks, refined, revised_ids):
                 responses.append({"prompt_id": x["prompt_id"], "resp_idx": per_prompt + x["resp_idx"],
                                   "origin": "revised", "perturbation": "", "parent_idx": x["resp_idx"],
-                                  "feedback": fb, "text": text.strip(),
-                                  "token_ids": completion_ids(processor, text.strip(), add_eos=True)})
+                                  "feedback": fb, "text": text.strip(), "token_ids": ids})
         verdicts = make_verifier(cfg).verify([item(x) for x in responses])
         for x, v in zip(responses, verdicts):
             for cond in ipa.CONDITIONS:
@@ -275,9 +278,10 @@ def collect_round(cfg: RunConfig, store: RunStore, r: int, n_shards: int, model_
                 instruction=prompts[p["prompt_id"]]["instruction"], response=parent["text"],
                 reference=ipa.REFERENCE_LINE.format(reference=prompts[p["prompt_id"]].get("reference") or "")
                 if r >= cfg.ipa.reference_feedback_from_round else "")
-            fb_rows.append(row(p["prompt_id"], instruction, p["chosen"], p["rejected"], ("feedback", "feedback"),
-                               (completion_ids(processor, p["chosen"]["feedback"], True),
-                                completion_ids(processor, p["rejected"]["feedback"], True))))
+            with device_slot():
+                ids = (completion_ids(processor, p["chosen"]["feedback"], True),
+                       completion_ids(processor, p["rejected"]["feedback"], True))
+            fb_rows.append(row(p["prompt_id"], instruction, p["chosen"], p["rejected"], ("feedback", "feedback"), ids))
     store.write_table(f"{_round(r)}/feedback_pairs.parquet", pa.Table.from_pylist(fb_rows, schema.PAIRS), schema.PAIRS)
     record = {"key": key, **stats}
     store.write_json(f"{_round(r)}/summary.json", record)
