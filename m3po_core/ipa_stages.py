@@ -65,17 +65,19 @@ def generator(cfg: RunConfig, store: RunStore, model_ref: str, r: int,
     model revises). Returns the adapter's store path, or None for the base model."""
     if r == 1 or not cfg.ipa.self_evolve:
         return None
+    rel = f"{_round(r)}/generator"
+    # the earlier rounds' summaries key their pairs: a cached generator costs no read of them
+    key = stage_key(cfg, "train", "ipa-generator", r, cfg.ipa.reviser == "policy", model_ref,
+                    [store.read_json(f"{_round(k)}/summary.json")["key"] for k in range(1, r)])
+    if done_record(store, f"{rel}.json", key) is not None and store.dir_complete(rel):
+        return rel
     tables = [store.read_table(f"{_round(k)}/pairs.parquet") for k in range(1, r)]
     if cfg.ipa.reviser == "policy":
         tables += [store.read_table(f"{_round(k)}/feedback_pairs.parquet") for k in range(1, r)]
     train_pairs = pa.concat_tables(tables)
     if train_pairs.num_rows == 0:
         return generator(cfg, store, model_ref, r - 1, log_fn)
-    rel = f"{_round(r)}/generator"
-    info = store.write_table(f"{rel}-pairs.parquet", train_pairs, schema.PAIRS)
-    key = stage_key(cfg, "train", "ipa-generator", r, info["sha256"], model_ref)
-    if done_record(store, f"{rel}.json", key) is not None and store.dir_complete(rel):
-        return rel
+    store.write_table(f"{rel}-pairs.parquet", train_pairs, schema.PAIRS)
     release_engines()
     t0 = time.time()
     with device_slot(), tempfile.TemporaryDirectory() as tmp:
@@ -292,12 +294,12 @@ def collect_round(cfg: RunConfig, store: RunStore, r: int, n_shards: int, model_
 
 def finalize(cfg: RunConfig, store: RunStore, rounds_run: int) -> dict[str, Any]:
     """pairs.parquet and pairs_stats.json from every round: M3PO's train/evaluate/report read them."""
-    tables = [store.read_table(f"{_round(r)}/pairs.parquet") for r in range(1, rounds_run + 1)]
-    pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema.PAIRS)
     summaries = [store.read_json(f"{_round(r)}/summary.json") for r in range(1, rounds_run + 1)]
     key = stage_key(cfg, "ipa", "pairs", [s["key"] for s in summaries])
     if (record := done_record(store, "pairs_stats.json", key)) is not None and store.exists("pairs.parquet"):
         return record
+    tables = [store.read_table(f"{_round(r)}/pairs.parquet") for r in range(1, rounds_run + 1)]
+    pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema.PAIRS)
     info = store.write_table("pairs.parquet", pairs, schema.PAIRS)
     first = summaries[0] if summaries else {"prompts": 0}
     last_unresolved = len(summaries[-1]["unresolved"]) if summaries else 0

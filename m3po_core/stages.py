@@ -184,20 +184,8 @@ def _synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None
 
 
 def _synthetic_preference_set(cfg: RunConfig, store: RunStore) -> None:
-    """Open-ended prompts on the held-out scenes (one per scene), for the simulated preference test;
-    rebuilt whenever the held-out scenes change (keyed like the prompts that rendered their images)."""
-    from m3po_core.data import synthetic as world
-
-    key = stage_key(cfg, "prompts")
-    if done_record(store, "eval/preference.json", key) is not None and store.exists("eval/preference.parquet"):
-        return
-    held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes)
-    recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
-             "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"],
-             "image": store.url(f"eval/images/{p['scene_id']}.png")}
-            for p in world.make_prompts(held_out, cfg.seed, per_scene=1)]
-    store.write_table("eval/preference.parquet", pa.Table.from_pylist(recs))
-    store.write_json("eval/preference.json", {"key": key, "questions": len(recs)})
+    """Open-ended prompts on the held-out scenes (one per scene), for the simulated preference test."""
+    _synthetic_open_set(cfg, store, "preference", per_scene=1)
 
 
 def _synthetic_ift_set(cfg: RunConfig, store: RunStore) -> None:
@@ -206,17 +194,27 @@ def _synthetic_ift_set(cfg: RunConfig, store: RunStore) -> None:
     from m3po_core.data import synthetic as world
     from m3po_core.evaluation import ift
 
+    _synthetic_open_set(cfg, store, "ift", per_scene=3, skip_first=True, extra=lambda p: {
+        "constraints": json.dumps(ift.synthetic_constraints(*world.parse_instruction(p["instruction"])))})
+
+
+def _synthetic_open_set(cfg: RunConfig, store: RunStore, name: str, per_scene: int, skip_first: bool = False,
+                        extra: Callable[[dict[str, Any]], dict[str, Any]] = lambda p: {}) -> None:
+    """`eval/{name}.parquet` from the world's prompts on the held-out scenes; rebuilt whenever those
+    scenes change (keyed like the prompts that rendered their images)."""
+    from m3po_core.data import synthetic as world
+
     key = stage_key(cfg, "prompts")
-    if done_record(store, "eval/ift.json", key) is not None and store.exists("eval/ift.parquet"):
+    if done_record(store, f"eval/{name}.json", key) is not None and store.exists(f"eval/{name}.parquet"):
         return
     held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes)
     recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
-             "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"],
-             "constraints": json.dumps(ift.synthetic_constraints(*world.parse_instruction(p["instruction"]))),
+             "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"], **extra(p),
              "image": store.url(f"eval/images/{p['scene_id']}.png")}
-            for p in world.make_prompts(held_out, cfg.seed, per_scene=3) if not p["prompt_id"].endswith("-q0")]
-    store.write_table("eval/ift.parquet", pa.Table.from_pylist(recs))
-    store.write_json("eval/ift.json", {"key": key, "questions": len(recs)})
+            for p in world.make_prompts(held_out, cfg.seed, per_scene=per_scene)
+            if not (skip_first and p["prompt_id"].endswith("-q0"))]
+    store.write_table(f"eval/{name}.parquet", pa.Table.from_pylist(recs))
+    store.write_json(f"eval/{name}.json", {"key": key, "questions": len(recs)})
 
 
 def read_prompts_shard(store: RunStore, shard: int) -> list[dict[str, Any]]:
