@@ -58,24 +58,33 @@ def test_requests_use_the_training_prompt_format(world_batch):
 
 
 @pytest.mark.gpu
-def test_vllm_on_a_gpu_sees_the_training_tokens_and_reports_raw_logprobs(tmp_path, tiny_vlm, world_batch):
+def test_vllm_on_a_gpu_sees_the_training_tokens_and_reports_raw_logprobs(tmp_path, world_batch):
+    """On a llava-hf layout with a Llama tokenizer (BOS added, `<image>` appended after the vocabulary),
+    as llava-1.5-7b-hf ships it (tests/llava_release.py)."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from m3po_core.models import encode_prompts, load_vlm, save_vlm
+    from llava_release import build_llava15
+    from m3po_core.models import encode_prompts, load_vlm
     from m3po_core.sampling import SamplingParams
 
-    model, processor = tiny_vlm
-    save_vlm(model, processor, str(tmp_path / "tiny"))
     images, instructions = world_batch
-    sampler = VLLMSampler(str(tmp_path / "tiny"), dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
+    build_llava15(tmp_path / "llava", [*instructions, "USER: ASSISTANT: yes no red blue one two"])
+    hf, processor = load_vlm(str(tmp_path / "llava"), "cuda", "float32")
+    sampler = VLLMSampler(str(tmp_path / "llava"), dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
     outputs = sampler.llm.generate(VLLMSampler.requests(images[:2], instructions[:2]), use_tqdm=False)
     expected = encode_prompts(processor, images[:1], instructions[:1])["input_ids"][0].tolist()
+    assert expected[0] == processor.tokenizer.bos_token_id
     assert outputs[0].prompt_token_ids == expected  # BOS and image placeholders as training sees them
 
-    cands = sampler.sample(images[:2], instructions[:2], SamplingParams(n=4, max_new_tokens=8), seed=3)
-    assert cands == sampler.sample(images[:2], instructions[:2], SamplingParams(n=4, max_new_tokens=8), seed=3)
-    hf, _ = load_vlm(str(tmp_path / "tiny"), "cuda", "float32")
+    params = SamplingParams(n=4, max_new_tokens=8)
+    cands = sampler.sample(images[:2], instructions[:2], params, seed=3)
+    again = sampler.sample(images[:2], instructions[:2], params, seed=3)
+    # seeded draws repeat exactly; the logits may differ in the last bits with another batch mix or a
+    # prefix-cache hit (vLLM is not batch-invariant by default)
+    assert [[c.token_ids for c in p] for p in cands] == [[c.token_ids for c in p] for p in again]
+    for c, d in zip(cands[0], again[0]):
+        assert math.isclose(c.logp_sum, d.logp_sum, abs_tol=1e-3 * max(1, c.n_tokens))
     for c in cands[0]:
         enc = {k: v.to("cuda") for k, v in encode_prompts(processor, images[:1], instructions[:1]).items()}
         ids = torch.tensor([c.token_ids], device="cuda")
