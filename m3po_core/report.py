@@ -142,14 +142,19 @@ def make_plots(store: RunStore, metrics: dict[str, Any], train_log: dict[str, An
     return written
 
 
+PLOT_POINTS = 50_000
+
+
 def _pair_plots(store: RunStore, n_shards: int, pair_stats: dict[str, Any], plt) -> list[str]:
     """M3PO's pairs: MAS against log P over every candidate, and the gaps of the chosen pairs."""
     from m3po_core.stages import candidates_with_scores
 
     pairs = store.read_table("pairs.parquet")
-    table = candidates_with_scores(store, n_shards)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     logp_col = pair_stats.get("logp", "logp_mean")
+    table = candidates_with_scores(store, n_shards, [logp_col, "mas"])
+    if table.num_rows > PLOT_POINTS:  # an even subsample: the paper's scale has millions of candidates
+        table = table.take(np.linspace(0, table.num_rows - 1, PLOT_POINTS).astype(np.int64))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(table.column(logp_col).to_numpy(), table.column("mas").to_numpy(zero_copy_only=False),
                s=4, alpha=0.25, color="grey", label="candidates")
     ax.scatter(pairs.column("logp_chosen").to_numpy(), pairs.column("mas_chosen").to_numpy(), s=10,

@@ -20,12 +20,15 @@ Choices the paper leaves open, made here:
 Strategies: `m3po` (eq. 1-3), `mas_gap` (alpha = 0, the paper's ablation: the lowest-MAS
 candidate), `random` (R_w as above, R_l uniformly among the worse candidates: vanilla DPO) and
 `rm_best_worst` (RM-DPO: the best against the worst by a reward model's score alone, here the
-judge's rating, column `judge`; MAS and log P play no part).
-Everything is vectorised over the whole table: no Python loop per group.
+judge's rating, column `judge`; MAS and log P play no part). `random` draws from a hash of (seed,
+prompt, candidate): a prompt gets the same pair whichever shard or table it is selected in.
+Everything is vectorised over the given table: no Python loop per group. A prompt's pair depends on
+its own candidates only, so the pipeline selects shard by shard (memory bounded by one shard).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +44,9 @@ class SelectionStats:
     skipped_no_mas_gap: int
     skipped_no_clean_winner: int = 0   # every rated candidate was sampled on a perturbed image
 
+    def __add__(self, other: "SelectionStats") -> "SelectionStats":
+        return SelectionStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
     def as_dict(self) -> dict[str, int]:
         return {"groups": self.groups, "pairs": self.pairs, "skipped_too_few": self.skipped_too_few,
                 "skipped_no_mas_gap": self.skipped_no_mas_gap, "skipped_no_clean_winner": self.skipped_no_clean_winner}
@@ -49,6 +55,13 @@ class SelectionStats:
 def m3p_score(mas_w, mas_j, logp_w, logp_j, alpha: float, delta: float):
     """Eq. 2, elementwise."""
     return (mas_w - mas_j) - alpha * np.maximum(0.0, logp_w - logp_j - delta)
+
+
+def uniform_draws(seed: int, prompt_ids, cand) -> np.ndarray:
+    """One draw in [0, 1) per candidate, a function of (seed, prompt_id, cand_idx) alone."""
+    digests = (hashlib.blake2b(f"{seed}\x00{p}\x00{c}".encode(), digest_size=8).digest()
+               for p, c in zip(prompt_ids, cand))
+    return np.fromiter((int.from_bytes(d, "little") for d in digests), dtype=np.float64, count=len(cand)) / 2.0**64
 
 
 def _first_per_group(group: np.ndarray, primary: np.ndarray, cand: np.ndarray, eligible: np.ndarray) -> np.ndarray:
@@ -108,7 +121,7 @@ def select_pairs(
     eligible = rated & (cand != cand_w) & (rank < rank_w)
     score = m3p_score(rank_w, rank, logp_w, logp, alpha, delta)           # eq. 2
     if strategy == "random":
-        primary = np.random.default_rng(seed).random(len(cand))
+        primary = uniform_draws(seed, prompt_ids, cand)
     else:
         primary = score
     l = _first_per_group(group, primary, cand, eligible)                  # eq. 3

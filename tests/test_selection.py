@@ -117,3 +117,18 @@ def test_rm_dpo_pairs_the_best_and_worst_by_the_reward_alone():
     assert got == {"a": (1, 3)}
     assert stats.skipped_no_mas_gap == 1
     assert pairs.column("mas_chosen").to_pylist() == [0.1]   # MAS still reported for the chosen pair
+
+
+@pytest.mark.parametrize("strategy", ["m3po", "random"])
+def test_a_prompts_pair_does_not_depend_on_the_other_prompts_in_its_table(strategy):
+    """The pipeline selects shard by shard: any split of the prompts must give the same pairs."""
+    rows = random_table(12)
+    whole, stats = select_pairs(pa.Table.from_pylist(rows), strategy=strategy, seed=7)
+    ids = sorted({r["prompt_id"] for r in rows})
+    parts = [select_pairs(pa.Table.from_pylist([r for r in rows[::-1] if r["prompt_id"] in part]),
+                          strategy=strategy, seed=7) for part in (ids[:5], ids[5:])]
+    split = pa.concat_tables([p for p, _ in parts]).sort_by("prompt_id")
+    assert split.equals(whole.sort_by("prompt_id"))
+    assert parts[0][1] + parts[1][1] == stats
+    other_seed, _ = select_pairs(pa.Table.from_pylist(rows), strategy=strategy, seed=8)
+    assert other_seed.equals(whole) == (strategy == "m3po")
