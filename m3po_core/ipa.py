@@ -57,7 +57,7 @@ from PIL import Image
 
 from m3po_core.sampling import greedy_batched
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("m3po.ipa")
 
 CONDITIONS = ("entailment", "completeness", "no_contradiction", "compliance")
 

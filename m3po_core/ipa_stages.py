@@ -27,7 +27,7 @@ from m3po_core.stages import (CONTRASTIVE_SEED, _MODELS, ShardResult, _add_candi
                               train_adapter)
 from m3po_core.store import RunStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("m3po.ipa_stages")
 
 
 def _round(r: int) -> str:

@@ -159,7 +159,7 @@ def test_sharegpt4v_records_skip_text_only_and_prefix_ids(tmp_path):
         load_llava_instruct(_write(tmp_path, SHAREGPT4V, "as_llava.json"), "")
 
 
-def test_quality_filter_counts_every_drop_by_reason(tmp_path):
+def test_quality_filter_counts_every_drop_by_reason(tmp_path, caplog):
     from m3po_core.data.quality import QualityFilterConfig, quality_filter
 
     root = tmp_path / "img"
@@ -177,7 +177,9 @@ def test_quality_filter_counts_every_drop_by_reason(tmp_path):
             row("p4", "truncated.png", "What is shown here?"),       # does not decode
             row("p5", "missing.png", "What is shown here?"),         # not there
             row("p6", "b.png", " ".join(["word"] * 301))]            # too long
-    kept, stats = quality_filter(rows, QualityFilterConfig())
+    with caplog.at_level("INFO", logger="m3po"):  # the logger Prefect routes into the run's logs
+        kept, stats = quality_filter(rows, QualityFilterConfig())
+    assert "quality filter: kept 2 of 7 prompts" in caplog.text
     assert [r["prompt_id"] for r in kept] == ["p0", "p2"]
     assert (stats["input"], stats["kept"], stats["instruction_length"], stats["duplicate"],
             stats["image_unreadable"]) == (7, 2, 2, 1, 2)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from m3po_core.errors import InputError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("m3po.quality")
 EXAMPLES = 5  # dropped prompt ids kept per reason
 
 
@@ -87,9 +87,12 @@ def quality_filter(rows: list[dict[str, Any]], cfg: QualityFilterConfig) -> tupl
     image_key: dict[str, str | None] = {r["image"]: r["image"] for r in sized}
     if cfg.check_images:
         urls = sorted(image_key)
+        every = max(1000, len(urls) // 20)  # progress on long checks (150K images take minutes)
         with ThreadPoolExecutor(max_workers=max(1, cfg.image_threads)) as pool:
-            for url, digest in zip(urls, pool.map(_image_digest, urls)):
+            for done, (url, digest) in enumerate(zip(urls, pool.map(_image_digest, urls)), start=1):
                 image_key[url] = digest
+                if done % every == 0 and done < len(urls):
+                    log.info("quality filter: read and decoded %d of %d images", done, len(urls))
     kept, seen = [], set()
     for r in sized:
         if image_key[r["image"]] is None:

@@ -38,7 +38,7 @@ from PIL import Image
 
 from m3po_core.sampling import Candidate, SamplingParams
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("m3po.sampling.openai")
 T = TypeVar("T")
 
 RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx

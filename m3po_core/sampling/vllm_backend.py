@@ -32,7 +32,7 @@ from PIL import Image
 from m3po_core.models import prompt_text
 from m3po_core.sampling import Candidate, SamplingParams
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("m3po.sampling.vllm")
 
 
 def candidates_from_output(output: Any, seed: int) -> list[Candidate]:

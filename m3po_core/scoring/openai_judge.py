@@ -47,7 +47,7 @@ from m3po_core.sampling.openai_backend import (
 )
 from m3po_core.scoring.judge import JudgeItem, JudgeScore, weighted_score
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("m3po.judge")
 
 RUBRIC_VERSION = "m3po-rubric-1"  # part of every cache key: change it when the prompt changes
 AXES = ("relevance", "accuracy", "adherence")
