@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--per-image", type=int, default=1, help="questions per image (default 1)")
     mk.add_argument("--constraints", type=int, default=2, help="rule constraints per question (default 2)")
     mk.add_argument("--seed", type=int, default=0)
-    status = sub.add_parser("status", help="each stage's shards of a run: complete, failed (with the error), running")
+    status = sub.add_parser("status", help="each stage's shards of a run: complete (with any candidates "
+                                            "the judge left unrated), failed (with the error), running")
     status.add_argument("run_id")
     status.add_argument("--root", default="./m3po-runs")
     return p
@@ -92,6 +93,8 @@ def _status(root: str, run_id: str) -> int:
         for i in range(n):
             if states[i] == "failed":
                 print(f"  shard {i}: {entries[i].get('error')}")
+            elif states[i] == "complete" and entries[i].get("unrated"):  # published, but not done (store.shard_done)
+                print(f"  shard {i}: complete, {entries[i]['unrated']} unrated: re-run to retry")
     for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md"):
         print(f"{name:<20} {'done' if store.exists(name) else 'not yet'}")
     return 0

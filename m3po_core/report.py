@@ -38,7 +38,8 @@ def judge_usage_line(store: RunStore) -> str | None:
     cost = f", cost {sum(costs):.2f}" if all(c is not None for c in costs) else ""
     return (f"- judge: {total['requests']} requests ({total['failed_requests']} failed, {total['cache_hits']} "
             f"ratings from its cache), {total['prompt_tokens']} prompt + {total['completion_tokens']} completion "
-            f"tokens{cost}; {total['unrated']} candidates left unrated")
+            f"tokens{cost}; {total['unrated']} candidates left unrated"
+            + (" (a re-run retries them)" if total["unrated"] else ""))
 
 
 def win_rate_line(metrics: dict[str, Any]) -> str | None:

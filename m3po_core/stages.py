@@ -523,11 +523,16 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         usage.update({k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))})
         if after.get("cost") is not None:
             usage["cost"] = after["cost"] - (before.get("cost") or 0.0)
+        if usage.get("unrated"):
+            log.warning("scores shard %d: the judge left %d candidate rating(s) missing; a re-run retries them",
+                        shard, usage["unrated"])
         return table
 
-    # what this shard cost the judge (requests, tokens, cost), in its manifest record for the report
+    # What this shard cost the judge (requests, tokens, cost), in its manifest record for the report;
+    # `unrated` (ratings still missing after the judge's retries) makes the store treat the shard as
+    # not done, so a re-run asks the judge again for those (the rest come from its cache).
     return _run_shard(store, "scores", shard, key, compute, schema.SCORES,
-                      extra=lambda: {"judge_usage": usage} if usage else {})
+                      extra=lambda: {"judge_usage": usage, "unrated": usage.get("unrated", 0)} if usage else {})
 
 
 # -------------------------------------------------------------------------------------------------

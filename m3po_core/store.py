@@ -2,7 +2,8 @@
 
 Layout:
     prompts/shard-00000.parquet ...      candidates/shard-*.parquet    scores/shard-*.parquet
-    {stage}/_manifest/shard-00000.json   one record per shard: state, key, rows, sha256, error
+    {stage}/_manifest/shard-00000.json   one record per shard: state, key, rows, sha256, error,
+                                         unrated (rows a judge could not rate: retried by a re-run)
     pairs.parquet  metrics.json  report.md  plots/*.png  adapter/  eval/...
     {root}/_models/{name}-{fingerprint}/  models built here (tiny LLaVA, tiny CLIP), shared by runs
 
@@ -148,9 +149,11 @@ class RunStore:
         return [json.loads(_retry(lambda f=f: self.fs.cat_file(f), f)) for f in files]
 
     def shard_done(self, stage: str, shard: int, key: str) -> bool:
-        """Complete under this cache key, and its file is there with the recorded hash."""
+        """Complete under this cache key with nothing left unrated, and its file is there with the
+        recorded hash. A shard published with unrated rows is readable but not done: a re-run
+        computes it again (its judge's cache makes the rated rows free), so a recovered judge fills it."""
         entry = self.shard_entry(stage, shard)
-        if not entry or entry.get("state") != COMPLETE or entry.get("key") != key:
+        if not entry or entry.get("state") != COMPLETE or entry.get("key") != key or entry.get("unrated"):
             return False
         try:
             data = self.read_bytes(self.shard_rel(stage, shard))

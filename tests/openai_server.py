@@ -115,6 +115,12 @@ class FakeOpenAIServer:
         """Requests whose text contains ``substring`` get ``fault``: the first ``times`` of them, or all."""
         self._faults_by_content.append([substring, fault, times])
 
+    def heal(self) -> None:
+        """Forget every scripted fault: the service has recovered."""
+        with self._lock:
+            self._faults_by_number.clear()
+            self._faults_by_content.clear()
+
     def requests_containing(self, substring: str) -> list[RecordedRequest]:
         return [r for r in self.requests if substring in r.text]
 

@@ -26,6 +26,15 @@ def test_shard_publish_manifest_and_cache_key(tmp_path):
     assert not store.shard_done("candidates", 0, "k1")
 
 
+def test_shard_with_unrated_rows_is_published_but_not_done(tmp_path):
+    store = RunStore(str(tmp_path), "r1")
+    store.publish_shard("scores", 0, cands(), schema.CANDIDATES, key="k1", unrated=2)
+    assert store.read_stage("scores", n_shards=1).num_rows == 3    # readable by the next stage
+    assert not store.shard_done("scores", 0, "k1")                 # but a re-run computes it again
+    store.publish_shard("scores", 0, cands(), schema.CANDIDATES, key="k1", unrated=0)
+    assert store.shard_done("scores", 0, "k1")
+
+
 def test_same_table_same_bytes(tmp_path):
     a = RunStore(str(tmp_path), "a").write_table("t.parquet", cands(), schema.CANDIDATES)
     b = RunStore(str(tmp_path), "b").write_table("t.parquet", cands(), schema.CANDIDATES)
