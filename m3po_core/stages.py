@@ -501,6 +501,9 @@ def _add_candidate(out: dict[str, list], prompt_id: str, idx: int, c, sampler: s
         out[col].append(val)
 
 
+SPENDING = ("requests", "failed_requests", "prompt_tokens", "completion_tokens", "cost")  # judge usage that adds up
+
+
 def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> ShardResult:
     from m3po_core.scoring.mas import score_candidates
 
@@ -509,6 +512,10 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         raise RuntimeError(f"scores shard {shard}: candidates shard {shard} is not complete")
     key = stage_key(cfg, "scores", cand_entry["sha256"], clip_ref)
     usage: dict[str, Any] = {}
+    # A retry of a shard left with unrated candidates: its record is replaced, so what the earlier
+    # attempts spent is carried into the new one (the report's requests, tokens and cost stay whole).
+    previous = store.shard_entry("scores", shard) or {}
+    spent_before = previous.get("judge_usage", {}) if previous.get("key") == key and previous.get("unrated") else {}
 
     def compute() -> pa.Table:
         rows = read_prompts_shard(store, shard)
@@ -523,6 +530,9 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         usage.update({k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))})
         if after.get("cost") is not None:
             usage["cost"] = after["cost"] - (before.get("cost") or 0.0)
+        for k in SPENDING:
+            if isinstance(spent_before.get(k), (int, float)) and usage.get(k) is not None:
+                usage[k] += spent_before[k]
         if usage.get("unrated"):
             log.warning("scores shard %d: the judge left %d candidate rating(s) missing; a re-run retries them",
                         shard, usage["unrated"])

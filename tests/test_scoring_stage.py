@@ -97,6 +97,8 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     assert _status(str(root), "j2") == 0
     assert "shard 0: complete, 3 unrated: re-run to retry" in capsys.readouterr().out
 
+    spent = entry["judge_usage"]
+    assert spent["requests"] == len(openai_server.requests) and spent["failed_requests"] > 0
     openai_server.heal()                                                  # the service has recovered
     before = len(openai_server.requests)
     second = stages.score_shard(cfg, store, 0, clip_ref)
@@ -106,6 +108,9 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     assert all(j is not None for j in judged().values()) and len(judged()) == len(rows)
     entry = store.shard_entry("scores", 0)
     assert entry["unrated"] == 0 and entry["judge_usage"]["cache_hits"] == len(rows) - 3
+    # what the failed attempts spent stays in the record (the report's requests and tokens)
+    assert entry["judge_usage"]["requests"] == spent["requests"] + 3
+    assert entry["judge_usage"]["prompt_tokens"] > spent["prompt_tokens"]
     assert _status(str(root), "j2") == 0 and "unrated" not in capsys.readouterr().out
 
     third = stages.score_shard(cfg, store, 0, clip_ref)                   # done now: skipped, no request
