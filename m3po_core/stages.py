@@ -681,7 +681,8 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     every experiment cell on the same prompts and base model shares it."""
     train_key = store.read_json("train_log.json")["key"]
     key = stage_key(cfg, "evaluate", train_key, model_ref, _public_sources(cfg))
-    if (record := done_record(store, "metrics.json", key)) is not None:
+    if (record := done_record(store, "metrics.json", key)) is not None and fully_rated(record["m3po"]) \
+            and fully_rated(record["base"]):
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
     trained = _evaluate_model(cfg, store, model_ref, "m3po", "predictions", log_fn, weights_key=train_key)
@@ -697,10 +698,17 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     return metrics
 
 
+def fully_rated(metrics: dict[str, Any]) -> bool:
+    """No benchmark holds answers the judge could not rate. Metrics with unrated answers are not
+    done: a re-run rates those again (predictions are cached per shard and the judge's ratings in its
+    cache, so only the missing ratings cost anything), as the score stage does."""
+    return not any(m.get("unrated") for m in metrics.values() if isinstance(m, dict))
+
+
 def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
                   log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
     key = stage_key(cfg, "evaluate", "base", model_ref, _public_sources(cfg))
-    if (record := done_record(store, "eval/base_metrics.json", key)) is not None:
+    if (record := done_record(store, "eval/base_metrics.json", key)) is not None and fully_rated(record["metrics"]):
         return record
     record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn,
                                                      weights_key=["base", model_ref])}

@@ -1,0 +1,47 @@
+"""Benchmarks rated by a model judge (IFT's content check, the preference test) when the judge fails
+for some answers: counted unrated, never invented, and rated by the next run once it recovers."""
+import json
+from pathlib import Path
+
+import pytest
+
+from m3po_core import stages
+from m3po_core.config import load_config
+from m3po_core.store import RunStore
+from openai_server import Fault, Reply, openai_server  # noqa: F401 (the fixture)
+
+TINY = Path(__file__).parent / "tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+def rate_everything_7(body: dict) -> list[Reply]:
+    return [Reply(content=json.dumps({"relevance": 7, "accuracy": 7, "adherence": 7}))]
+
+
+def test_answers_the_judge_left_unrated_are_rated_by_a_rerun(openai_server, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-eval")
+    openai_server.responder = rate_everything_7
+    cfg = load_config(TINY, ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}",
+                             "evaluation.benchmarks=[ift]"])
+    store = RunStore(str(tmp_path), "e1")
+    stages.prepare_prompts(cfg, store)
+    model_ref = stages.ensure_base_model(cfg, store)
+    questions = stages.benchmark_questions(cfg, store, "ift")
+    down = questions[1]["instruction"]
+    openai_server.fail_when(down, Fault("status", status=503, headers={"retry-after-ms": "5"}))
+
+    first = stages.evaluate_base(cfg, store, model_ref)["metrics"]["ift"]
+    assert first["n"] == len(questions) and first["unrated"] == 1
+    ratings = store.read_table("eval/ratings-base-ift.parquet").column("overall").to_pylist()
+    assert ratings[1] is None and all(r is not None for i, r in enumerate(ratings) if i != 1)
+
+    openai_server.heal()
+    asked = len(openai_server.requests)
+    second = stages.evaluate_base(cfg, store, model_ref)["metrics"]["ift"]
+    assert second["unrated"] == 0 and second["n"] == first["n"]
+    retried = openai_server.requests[asked:]
+    assert len(retried) == 1 and down in retried[0].text          # the others come from the judge's cache
+    assert second["constraint_accuracy"] >= first["constraint_accuracy"]
+
+    assert stages.evaluate_base(cfg, store, model_ref)["metrics"]["ift"] == second   # done: no request
+    assert len(openai_server.requests) == asked + 1
