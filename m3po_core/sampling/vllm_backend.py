@@ -13,8 +13,8 @@ logits, before temperature and top-p): log P(R | I, Q) under the base model, wit
 
 Per-prompt seeds (vLLM seeds completion j of a request with seed + j; prompts are n apart) make a
 shard's sampled tokens reproducible whatever else the engine is running; their log-probabilities
-agree to rounding (vLLM is not batch-invariant unless VLLM_BATCH_INVARIANT=1). Prefix caching is on (32 samples of a prompt
-share its image and instruction); tensor parallelism is `sampling.tensor_parallel_size` (13B on
+agree to rounding (vLLM is not batch-invariant unless VLLM_BATCH_INVARIANT=1). Prefix caching is
+on (32 samples of a prompt share its image and instruction); tensor parallelism is `sampling.tensor_parallel_size` (13B on
 two GPUs). Evaluation passes the trained adapter as a `LoRARequest` (the engine is built with
 `enable_lora`), so the base weights are loaded once for both models.
 
