@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _status(root: str, run_id: str) -> int:
-    from m3po_core.store import RunStore
+    from m3po_core.store import RunStore, retry_unrated
 
     store = RunStore(root, run_id)
     if not store.exists("prompts/_stage.json"):
@@ -93,8 +93,9 @@ def _status(root: str, run_id: str) -> int:
         for i in range(n):
             if states[i] == "failed":
                 print(f"  shard {i}: {entries[i].get('error')}")
-            elif states[i] == "complete" and entries[i].get("unrated"):  # published, but not done (store.shard_done)
-                print(f"  shard {i}: complete, {entries[i]['unrated']} unrated: re-run to retry")
+            elif states[i] == "complete" and entries[i].get("unrated"):  # published; done once attempts run out
+                more = "re-run to retry" if retry_unrated(entries[i]) else f"kept after {entries[i].get('attempts', 1)} attempts"
+                print(f"  shard {i}: complete, {entries[i]['unrated']} unrated: {more}")
     for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md"):
         print(f"{name:<20} {'done' if store.exists(name) else 'not yet'}")
     return 0

@@ -22,7 +22,8 @@ candidate), `random` (R_w as above, R_l uniformly among the worse candidates: va
 `rm_best_worst` (RM-DPO: the best against the worst by a reward model's score alone, here the
 judge's rating, column `judge`; MAS and log P play no part). `random` draws from a hash of (seed,
 prompt, candidate): a prompt gets the same pair whichever shard or table it is selected in.
-Everything is vectorised over the given table: no Python loop per group. A prompt's pair depends on
+Everything is vectorised over the given table (but `random`'s hash, one per candidate): no Python
+loop per group. A prompt's pair depends on
 its own candidates only, so the pipeline selects shard by shard (memory bounded by one shard).
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ from PIL import Image
 from m3po_core import schema
 from m3po_core.config import PUBLIC_BENCHMARKS, RunConfig, fingerprint, stage_config
 from m3po_core.errors import InputError
-from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, open_url
+from m3po_core.store import COMPLETE, FAILED, RATING_ATTEMPTS, RUNNING, RunStore, open_url, retry_unrated
 
 log = logging.getLogger("m3po.stages")
 
@@ -512,10 +512,13 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         raise RuntimeError(f"scores shard {shard}: candidates shard {shard} is not complete")
     key = stage_key(cfg, "scores", cand_entry["sha256"], clip_ref)
     usage: dict[str, Any] = {}
+    unrated = {"n": 0}
     # A retry of a shard left with unrated candidates: its record is replaced, so what the earlier
     # attempts spent is carried into the new one (the report's requests, tokens and cost stay whole).
     previous = store.shard_entry("scores", shard) or {}
-    spent_before = previous.get("judge_usage", {}) if previous.get("key") == key and previous.get("unrated") else {}
+    retry = previous.get("key") == key and retry_unrated(previous)
+    spent_before = previous.get("judge_usage", {}) if retry else {}
+    attempts = previous.get("attempts", 1) + 1 if retry else 1
 
     def compute() -> pa.Table:
         rows = read_prompts_shard(store, shard)
@@ -533,29 +536,36 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
         for k in SPENDING:
             if isinstance(spent_before.get(k), (int, float)) and usage.get(k) is not None:
                 usage[k] += spent_before[k]
-        if usage.get("unrated"):
-            log.warning("scores shard %d: the judge left %d candidate rating(s) missing; a re-run retries them",
-                        shard, usage["unrated"])
+        # candidates with no rating at all (an ensemble's candidate one judge rated has a score)
+        unrated["n"] = int(np.isnan(table.column("judge").to_numpy(zero_copy_only=False).astype(float)).sum())
+        if unrated["n"]:
+            log.warning("scores shard %d: %d candidate(s) left unrated after attempt %d of %d%s", shard,
+                        unrated["n"], attempts, RATING_ATTEMPTS,
+                        "; a re-run retries them" if attempts < RATING_ATTEMPTS else "")
         return table
 
     # What this shard cost the judge (requests, tokens, cost), in its manifest record for the report;
     # `unrated` (ratings still missing after the judge's retries) makes the store treat the shard as
     # not done, so a re-run asks the judge again for those (the rest come from its cache).
     return _run_shard(store, "scores", shard, key, compute, schema.SCORES,
-                      extra=lambda: {"judge_usage": usage, "unrated": usage.get("unrated", 0)} if usage else {})
+                      extra=lambda: {"judge_usage": usage, "unrated": unrated["n"], "attempts": attempts}
+                      if usage else {})
 
 
 # -------------------------------------------------------------------------------------------------
 # Selection, training, evaluation
 
 
-def shard_candidates_with_scores(store: RunStore, shard: int) -> pa.Table:
-    """One shard's candidates with their scores, one row per (prompt_id, cand_idx), in that order."""
+def shard_candidates_with_scores(store: RunStore, shard: int, columns: list[str] | None = None) -> pa.Table:
+    """One shard's candidates (every column, or the keys and `columns`) with their scores, one row per
+    (prompt_id, cand_idx), in that order."""
     order = [("prompt_id", "ascending"), ("cand_idx", "ascending")]
     for stage in ("candidates", "scores"):
         if (store.shard_entry(stage, shard) or {}).get("state") != COMPLETE:
             raise RuntimeError(f"{store.url(stage)}: shard {shard} is not complete")
-    cands = store.read_table(RunStore.shard_rel("candidates", shard)).sort_by(order)
+    if columns is not None:
+        columns = ["prompt_id", "cand_idx", *(c for c in columns if c in schema.CANDIDATES.names)]
+    cands = store.read_table(RunStore.shard_rel("candidates", shard), columns).sort_by(order)
     scores = store.read_table(RunStore.shard_rel("scores", shard)).sort_by(order)
     # Arrow's hash join cannot carry list columns (token_ids): align by sorted keys instead.
     for k in ("prompt_id", "cand_idx"):
@@ -570,7 +580,7 @@ def shard_candidates_with_scores(store: RunStore, shard: int) -> pa.Table:
 def candidates_with_scores(store: RunStore, n_shards: int, columns: list[str] | None = None) -> pa.Table:
     """Every shard's candidates with their scores; with `columns`, only those (read shard by shard,
     so the texts and token ids of millions of candidates are never in memory together)."""
-    tables = (shard_candidates_with_scores(store, i) for i in range(n_shards))
+    tables = (shard_candidates_with_scores(store, i, columns) for i in range(n_shards))
     return pa.concat_tables([t if columns is None else t.select(columns) for t in tables])
 
 
@@ -610,10 +620,13 @@ def _pairs_with_texts(store: RunStore, shard: int, chosen: pa.Table, candidates:
     token ids. Rows are taken by index (an Arrow hash join would allocate its output for 32K rows,
     and every shard's pairs are kept until the stage ends)."""
     pid = chosen.column("prompt_id").to_pylist()
-    prompts = store.read_table(RunStore.shard_rel("prompts", shard))
+    prompts = store.read_table(RunStore.shard_rel("prompts", shard), ["prompt_id", "image", "instruction"])
     prompt_row = {p: r for r, p in enumerate(prompts.column("prompt_id").to_pylist())}
     cand_row = {k: r for r, k in enumerate(zip(candidates.column("prompt_id").to_pylist(),
                                                candidates.column("cand_idx").to_pylist()))}
+    if missing := sorted(set(pid) - prompt_row.keys()):
+        raise RuntimeError(f"{store.url('prompts')}: shard {shard} lacks prompts {missing[:5]} that its "
+                           "candidates answer (was the prompts stage re-run without sampling?)")
     pairs = chosen
     rows = pa.array([prompt_row[p] for p in pid], pa.int64())
     for name in ("image", "instruction"):
@@ -681,8 +694,8 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     every experiment cell on the same prompts and base model shares it."""
     train_key = store.read_json("train_log.json")["key"]
     key = stage_key(cfg, "evaluate", train_key, model_ref, _public_sources(cfg))
-    if (record := done_record(store, "metrics.json", key)) is not None and fully_rated(record["m3po"]) \
-            and fully_rated(record["base"]):
+    record = done_record(store, "metrics.json", key)
+    if not (attempt := _rating_attempt(record, "base", "m3po")):
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
     trained = _evaluate_model(cfg, store, model_ref, "m3po", "predictions", log_fn, weights_key=train_key)
@@ -693,25 +706,30 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
         trained["preference"].update(preference.win_rate(overall("predictions/ratings-m3po-preference.parquet"),
                                                          overall("eval/ratings-base-preference.parquet")))
         log_fn(f"m3po preference: win rate vs base {trained['preference']['win_rate']:.3f}")
-    metrics = {"key": key, "base": base["metrics"], "m3po": trained}
+    metrics = {"key": key, "base": base["metrics"], "m3po": trained, "attempts": attempt}
     store.write_json("metrics.json", metrics)
     return metrics
 
 
-def fully_rated(metrics: dict[str, Any]) -> bool:
-    """No benchmark holds answers the judge could not rate. Metrics with unrated answers are not
-    done: a re-run rates those again (predictions are cached per shard and the judge's ratings in its
-    cache, so only the missing ratings cost anything), as the score stage does."""
-    return not any(m.get("unrated") for m in metrics.values() if isinstance(m, dict))
+def _rating_attempt(record: dict[str, Any] | None, *sides: str) -> int:
+    """0 when `record` (metrics under the current key, or None) is done; else the number of the
+    attempt to make. Metrics with answers the judge left unrated are not done until they have been
+    tried RATING_ATTEMPTS times: a re-run rates those again (predictions are cached per shard and the
+    other ratings in the judge's cache, so only the missing ratings cost anything), as scores do."""
+    if record is None:
+        return 1
+    unrated = sum(m.get("unrated", 0) for side in sides for m in record[side].values() if isinstance(m, dict))
+    return record.get("attempts", 1) + 1 if retry_unrated({"unrated": unrated, **record}) else 0
 
 
 def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
                   log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
     key = stage_key(cfg, "evaluate", "base", model_ref, _public_sources(cfg))
-    if (record := done_record(store, "eval/base_metrics.json", key)) is not None and fully_rated(record["metrics"]):
+    record = done_record(store, "eval/base_metrics.json", key)
+    if not (attempt := _rating_attempt(record, "metrics")):
         return record
     record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn,
-                                                     weights_key=["base", model_ref])}
+                                                     weights_key=["base", model_ref]), "attempts": attempt}
     store.write_json("eval/base_metrics.json", record)
     return record
 

@@ -52,6 +52,15 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
     raise AssertionError("unreachable")
 
 
+RATING_ATTEMPTS = 3  # runs that try to rate what a judge left unrated, before the gaps are kept
+
+
+def retry_unrated(record: dict[str, Any]) -> bool:
+    """A shard or metrics record with judge-unrated rows that has not used up its attempts."""
+    unrated = record.get("unrated", record.get("judge_usage", {}).get("unrated", 0))  # older records: in the usage
+    return bool(unrated) and record.get("attempts", 1) < RATING_ATTEMPTS
+
+
 class RunStore:
     def __init__(self, root: str, run_id: str):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id or ""):
@@ -124,8 +133,8 @@ class RunStore:
         self.write_bytes(rel, data)
         return {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
 
-    def read_table(self, rel: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
 
     # -- shards and their manifest -------------------------------------------------------------
     @staticmethod
@@ -149,11 +158,12 @@ class RunStore:
         return [json.loads(_retry(lambda f=f: self.fs.cat_file(f), f)) for f in files]
 
     def shard_done(self, stage: str, shard: int, key: str) -> bool:
-        """Complete under this cache key with nothing left unrated, and its file is there with the
-        recorded hash. A shard published with unrated rows is readable but not done: a re-run
-        computes it again (its judge's cache makes the rated rows free), so a recovered judge fills it."""
+        """Complete under this cache key, and its file is there with the recorded hash. A shard
+        published with rows a judge left unrated is readable but not done until it has been tried
+        `RATING_ATTEMPTS` times: a re-run computes it again (the judge's cache makes the rated rows
+        free), so a recovered judge fills it, and a reply that never parses stops costing requests."""
         entry = self.shard_entry(stage, shard)
-        if not entry or entry.get("state") != COMPLETE or entry.get("key") != key or entry.get("unrated"):
+        if not entry or entry.get("state") != COMPLETE or entry.get("key") != key or retry_unrated(entry):
             return False
         try:
             data = self.read_bytes(self.shard_rel(stage, shard))

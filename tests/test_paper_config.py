@@ -121,8 +121,8 @@ def test_the_paper_config_runs_every_stage_on_release_formats(paper_run, release
 
 
 def test_candidates_hold_the_tokens_training_feeds(paper_run, release):
-    """The sampler's ids decode to the stored text and re-encode, after the Llama tokenizer's BOS-led
-    prompt, to what DPO training sees (the collator feeds the stored ids)."""
+    """The pairs carry the sampler's own ids (what the DPO collator feeds): they decode, under the
+    Llama tokenizer, to the stored text and hold neither BOS nor image placeholders (the prompt's)."""
     from transformers import AutoProcessor
 
     run, _, _ = paper_run
