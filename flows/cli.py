@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -193,9 +195,30 @@ def _worker(limit: int) -> int:
     return 0
 
 
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C: no further shard starts in any thread (m3po_core.stages.STOP), and the main thread
+    gets its KeyboardInterrupt. Finished shards are kept; `m3po rerun-failed` resumes."""
+    from m3po_core import stages
+
+    stages.STOP.set()
+    signal.default_int_handler(signum, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        pass
+    print("\nm3po: interrupted; finished shards are kept (`m3po rerun-failed RUN_ID` computes the rest)",
+          file=sys.stderr)
+    return 130
+
+
+def _main(args) -> int:
     from m3po_core.config import config_from_dict, load_config
     from m3po_core.errors import M3POError
     from m3po_core.store import RunStore
@@ -240,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         with tags(f"run:{run_id}", f"config:{cfg.name}", tag):
             result = pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
     except Exception as e:  # Prefect has logged the traceback; end with one line naming the cause
+        from m3po_core.stages import STOP
+
+        if STOP.is_set():  # a stage stopped by Ctrl-C (its shards saw the interrupt, the main thread did not)
+            raise KeyboardInterrupt from e
         kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
         print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`)",
               file=sys.stderr)

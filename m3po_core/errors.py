@@ -6,3 +6,6 @@ class InputError(M3POError):
 
 class ConfigError(M3POError):
     """Bad configuration: the message names the key at fault."""
+
+class Interrupted(M3POError):
+    """The run was interrupted (Ctrl-C): shards not started yet are left for a re-run."""

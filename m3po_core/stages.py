@@ -26,7 +26,7 @@ from PIL import Image
 
 from m3po_core import schema
 from m3po_core.config import PUBLIC_BENCHMARKS, RunConfig, fingerprint, stage_config
-from m3po_core.errors import InputError
+from m3po_core.errors import InputError, Interrupted
 from m3po_core.store import COMPLETE, FAILED, RATING_ATTEMPTS, RUNNING, RunStore, open_url, retry_unrated
 
 log = logging.getLogger("m3po.stages")
@@ -40,6 +40,9 @@ CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scor
 DEVICE_LOCK = threading.RLock()
 _MODELS: dict[tuple, Any] = {}
 _waited = threading.local()  # seconds this thread spent queueing for the device in the current shard
+# Set on Ctrl-C (flows/cli.py): only the main thread sees KeyboardInterrupt, so shards on the task
+# runner's threads check this before they start; those already running finish and are kept.
+STOP = threading.Event()
 
 
 @contextmanager
@@ -433,6 +436,8 @@ def _run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Calla
     if store.shard_done(stage, shard, key):
         entry = store.shard_entry(stage, shard)
         return ShardResult(stage, shard, entry["rows"], True, 0.0)
+    if STOP.is_set():
+        raise Interrupted(f"{stage} shard {shard} not started: the run was interrupted")
     store.mark_shard(stage, shard, RUNNING, key)
     _waited.seconds = 0.0
     try:
