@@ -3,7 +3,8 @@
 Layout:
     prompts/shard-00000.parquet ...      candidates/shard-*.parquet    scores/shard-*.parquet
     {stage}/_manifest/shard-00000.json   one record per shard: state, key, rows, sha256, error,
-                                         unrated (rows a judge could not rate: retried by a re-run)
+                                         unrated, attempts (rows a judge could not rate: re-runs
+                                         retry them until RATING_ATTEMPTS attempts)
     pairs.parquet  metrics.json  report.md  plots/*.png  adapter/  eval/...
     {root}/_models/{name}-{fingerprint}/  models built here (tiny LLaVA, tiny CLIP), shared by runs
 
