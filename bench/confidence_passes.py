@@ -24,7 +24,8 @@ def main() -> None:
     args = ap.parse_args()
     from m3po_core.data import synthetic as world
     from m3po_core.models import build_tiny_llava
-    from m3po_core.sampling import SamplingParams, make_sampler
+    from m3po_core.sampling import SamplingParams
+    from m3po_core.sampling.transformers_backend import TransformersSampler
 
     model, processor = build_tiny_llava(world.vocabulary())
     model.eval()
@@ -33,7 +34,7 @@ def main() -> None:
     scenes = world.make_scenes(0, "eval", args.prompts)
     prompts = world.make_prompts(scenes, 0, per_scene=1)
     images = {s.scene_id: world.render(s) for s in scenes}
-    sampler = make_sampler("transformers", model, processor)
+    sampler = TransformersSampler(model, processor)
     out = sampler.sample([images[p["scene_id"]] for p in prompts], [p["instruction"] for p in prompts],
                          SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens),
                          seed=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def run(root: str, extra: list[str]) -> float:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", "--root", root, *extra], check=True,
+    subprocess.run([sys.executable, "-m", "m3po.flows.cli", "run", "--root", root, *extra], check=True,
                    stdout=subprocess.DEVNULL)
     return time.time() - t0
 

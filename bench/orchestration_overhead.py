@@ -30,7 +30,7 @@ def main() -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterName
 
-    from flows.pipeline import m3po_pipeline
+    from m3po.flows.pipeline import m3po_pipeline
     from m3po_core.config import load_config
     from m3po_core.store import RunStore
 

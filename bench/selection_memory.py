@@ -4,7 +4,7 @@
 
 Writes a run's prompts / candidates / scores shards with random content at the given scale (the
 paper's: 150K prompts x 32 candidates of ~150 tokens; the defaults are a slice of it), then runs in
-fresh processes (a) `stages.select`, which reads, selects and keeps one shard at a time, and (b) the
+fresh processes (a) `select.select`, which reads, selects and keeps one shard at a time, and (b) the
 all-at-once baseline it replaced: every candidate with its scores in one table, plus a Python
 lookup of every text and token list. Prints each one's peak resident memory above the process's
 start and their ratio, and checks that both give the same pairs. Asserts nothing.
@@ -58,7 +58,7 @@ def write_run(root: str, prompts: int, n: int, tokens: int, shard_size: int) -> 
 def all_at_once(store, cfg, shards: int):
     """The select stage before it went shard by shard (for the baseline only)."""
     from m3po_core.selection import select_pairs
-    from m3po_core.stages import candidates_with_scores
+    from m3po_core.stages.select import candidates_with_scores
 
     table = candidates_with_scores(store, shards)
     pairs, _ = select_pairs(table.append_column("logp", table.column(cfg.selection.logp)))
@@ -69,14 +69,14 @@ def all_at_once(store, cfg, shards: int):
 
 
 def child(root: str, shards: int, mode: str) -> None:
-    from m3po_core import stages
+    from m3po_core.stages import select
     from m3po_core.config import RunConfig
     from m3po_core.store import RunStore
 
     store, cfg = RunStore(root, "bench"), RunConfig()
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode == "shards":
-        stages.select(cfg, store, shards)
+        select.select(cfg, store, shards)
         chosen = store.read_table("pairs.parquet").sort_by("prompt_id").column("chosen").to_pylist()
     else:
         chosen = all_at_once(store, cfg, shards)

@@ -14,8 +14,9 @@ import tempfile
 
 import yaml
 
-from m3po_core import models, stages
+from m3po_core import models
 from m3po_core.config import config_from_dict, load_config
+from m3po_core.data.images import load_image
 from m3po_core.data import synthetic as world
 from m3po_core.evaluation import mme, pope
 from m3po_core.sampling import greedy_batched
@@ -60,7 +61,7 @@ def main():
     store = RunStore(args.root, args.run_id)
     model_ref = glob.glob(f"{args.root}/_models/tiny-llava-*")[0]
     pairs = store.read_table("pairs.parquet").to_pylist()
-    pair_images = [stages.load_image(p["image"], "pairs.parquet") for p in pairs]
+    pair_images = [load_image(p["image"], "pairs.parquet") for p in pairs]
     images, benches = val_benchmarks(cfg)
     base = score(*models.load_vlm(model_ref), images, benches, cfg.evaluation.max_new_tokens)
     print(f"{'setting':<60} {'POPE acc':>8} {'yes':>5} {'MME':>6}  MME subtasks (validation split)")

@@ -73,7 +73,23 @@ def _parser() -> argparse.ArgumentParser:
                                             "the judge left unrated), failed (with the error), running")
     status.add_argument("run_id")
     status.add_argument("--root", default="./m3po-runs")
+    config = sub.add_parser("config", help="every configuration key with its type, default and meaning")
+    config.add_argument("section", nargs="?", default=None,
+                        help="one section only, e.g. sampling or data.world (default: all)")
     return p
+
+
+def _config(section: str | None) -> int:
+    from m3po_core.config import describe
+    from m3po_core.errors import ConfigError
+
+    try:
+        text = describe(section)
+    except ConfigError as e:
+        print(f"m3po config: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
 
 
 def _status(root: str, run_id: str) -> int:
@@ -132,7 +148,7 @@ def _experiment(args) -> int:
         return 2
     run_id = args.run_id or cfg.name
     print(f"m3po experiment {run_id}: {len(cells)} cells (select -> train -> evaluate each)", flush=True)
-    from flows.experiment import m3po_experiment
+    from m3po.flows.experiment import m3po_experiment
     from prefect import tags
 
     try:
@@ -187,7 +203,7 @@ def _worker(limit: int) -> int:
               "a task worker on the ephemeral API would never receive a shard", file=sys.stderr)
         return 2
     from prefect.task_worker import serve
-    from tasks.stages import sample_shard_job, score_shard_job
+    from m3po.tasks.stage_tasks import sample_shard_job, score_shard_job
 
     print(f"m3po worker: serving sample and score shards from {PREFECT_API_URL.value()} "
           f"({limit} at a time); Ctrl-C to stop", flush=True)
@@ -196,11 +212,11 @@ def _worker(limit: int) -> int:
 
 
 def _on_interrupt(signum, frame) -> None:
-    """Ctrl-C: no further shard starts in any thread (m3po_core.stages.STOP), and the main thread
-    gets its KeyboardInterrupt. Finished shards are kept; `m3po rerun-failed` resumes."""
-    from m3po_core import stages
+    """Ctrl-C: no further shard starts in any thread (m3po_core.stages.runner.STOP), and the main
+    thread gets its KeyboardInterrupt. Finished shards are kept; `m3po rerun-failed` resumes."""
+    from m3po_core.stages.runner import STOP
 
-    stages.STOP.set()
+    STOP.set()
     signal.default_int_handler(signum, frame)
 
 
@@ -223,6 +239,8 @@ def _main(args) -> int:
     from m3po_core.errors import M3POError
     from m3po_core.store import RunStore
 
+    if args.command == "config":
+        return _config(args.section)
     if args.command == "status":
         return _status(args.root, args.run_id)
     if args.command == "worker":
@@ -250,8 +268,8 @@ def _main(args) -> int:
     except M3POError as e:
         print(f"m3po: {e}", file=sys.stderr)
         return 2
-    from flows.ipa import ipa_pipeline
-    from flows.pipeline import m3po_pipeline
+    from m3po.flows.ipa import ipa_pipeline
+    from m3po.flows.pipeline import m3po_pipeline
     from m3po_core.report import markdown_table
 
     from prefect import tags
@@ -263,7 +281,7 @@ def _main(args) -> int:
         with tags(f"run:{run_id}", f"config:{cfg.name}", tag):
             result = pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
     except Exception as e:  # Prefect has logged the traceback; end with one line naming the cause
-        from m3po_core.stages import STOP
+        from m3po_core.stages.runner import STOP
 
         if STOP.is_set():  # a stage stopped by Ctrl-C (its shards saw the interrupt, the main thread did not)
             raise KeyboardInterrupt from e

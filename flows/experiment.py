@@ -17,9 +17,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from m3po_core import experiment as ex
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.store import CellStore, RunStore
-from flows import stages
-from flows.pipeline import tag_flow_run
-from tasks import stages as t
+from m3po.flows import stage_flows
+from m3po.flows.epilogue import tag_flow_run
+from m3po.tasks import stage_tasks as st
 
 
 @flow(name="m3po-experiment-cell", flow_run_name="cell-{cell_id}")
@@ -29,14 +29,14 @@ def run_cell(config: dict[str, Any], root: str, run_id: str, cell_id: str, n_sha
     cfg = config_from_dict(config)
     store = CellStore(RunStore(root, run_id), cell_id)
     if method == "ipa":
-        from flows.ipa import collect_pairs
+        from m3po.flows.ipa import collect_pairs
 
         pair_stats = collect_pairs(cfg, store, n_shards, model_ref)["pairs"]
     else:
-        pair_stats = t.select_pairs(cfg, store, n_shards)
-    train_log = t.train(cfg, store, model_ref)
-    metrics = t.evaluate(cfg, store, model_ref)
-    return {"pairs": pair_stats, "metrics": metrics["m3po"], "train_seconds": train_log["seconds"]}
+        pair_stats = st.select_pairs(cfg, store, n_shards)
+    train_log = st.train(cfg, store, model_ref, wait_for=[pair_stats])
+    metrics = st.evaluate(cfg, store, model_ref, wait_for=[train_log])
+    return {"pairs": pair_stats, "metrics": metrics["trained"], "train_seconds": train_log["seconds"]}
 
 
 @flow(name="m3po-experiment", flow_run_name="experiment-{run_id}")
@@ -55,15 +55,15 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
     logger = get_run_logger()
     t0 = time.time()
 
-    gen = stages.generate(config, root, run_id)
-    stages.score(config, root, run_id, gen["n_shards"])
-    base = t.evaluate_base(cfg, store, gen["model_ref"])
+    gen = stage_flows.generate(config, root, run_id)
+    scored = stage_flows.score(config, root, run_id, gen["n_shards"], wait_for=[gen])
+    base = st.evaluate_base(cfg, store, gen["model_ref"])
     rows = ex.result_rows(None, base["metrics"], None)
     progress = create_progress_artifact(0.0, key=f"{run_id}-cells-progress".lower().replace("_", "-"),
                                         description="experiment cells finished")
     for i, cell in enumerate(cells, start=1):
         out = run_cell(ex.cell_config(cfg, cell).to_dict(), root, run_id, cell.cell_id, gen["n_shards"],
-                       gen["model_ref"], method="ipa" if cell.recipe == "ipa" else "m3po")
+                       gen["model_ref"], method="ipa" if cell.recipe == "ipa" else "m3po", wait_for=[scored])
         rows += ex.result_rows(cell, out["metrics"], out["pairs"])
         update_progress_artifact(progress, 100.0 * i / len(cells))
         logger.info(f"cell {i}/{len(cells)} {cell.cell_id}: " + ", ".join(

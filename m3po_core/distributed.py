@@ -72,7 +72,7 @@ def _rank_main(job_file: str) -> None:
     import torch
     from accelerate import PartialState
 
-    from m3po_core.stages import train_adapter
+    from m3po_core.training import train_adapter
 
     job = json.loads(Path(job_file).read_text())
     cfg = config_from_dict(job["config"])

@@ -190,7 +190,7 @@ class OpenAIVerifier:
 
     def __init__(self, model: str, base_url: str | None, api_key_env: str, concurrency: int = 8,
                  max_retries: int = 4) -> None:
-        from m3po_core.sampling.openai_backend import RetryPolicy, read_api_key
+        from m3po_core.openai_http import RetryPolicy, read_api_key
 
         self.model, self.base_url, self.concurrency = model, base_url, concurrency
         self.name = f"openai:{model}"
@@ -205,8 +205,8 @@ class OpenAIVerifier:
 
         import openai
 
-        from m3po_core.sampling.openai_backend import (MalformedReply, describe_error, is_retryable, png_data_url,
-                                                       run_sync, with_retries)
+        from m3po_core.openai_http import (MalformedReply, describe_error, is_retryable, png_data_url,
+                                           run_sync, with_retries)
 
         async def run() -> list[Verdict | None]:
             gate = asyncio.Semaphore(self.concurrency)

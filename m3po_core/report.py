@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from m3po_core.config import RunConfig
+from m3po_core.stages.evaluate import trained_under_its_name
 from m3po_core.store import RunStore
 
 # (label, benchmark, key path) rows of the base-vs-trained table.
@@ -43,7 +44,7 @@ def judge_usage_line(store: RunStore) -> str | None:
 
 
 def win_rate_line(metrics: dict[str, Any]) -> str | None:
-    p = metrics.get("m3po", {}).get("preference", {})
+    p = metrics.get("trained", {}).get("preference", {})
     if "win_rate" not in p:
         return None
     return (f"simulated preference, the trained model against the base on the same prompts (judge's overall rating): "
@@ -66,7 +67,7 @@ def filter_line(f: dict[str, Any]) -> str:
 
 def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    base, trained = metrics["base"], metrics["m3po"]
+    base, trained = metrics["base"], metrics["trained"]
     labels = list(HEADLINE)
     for cat in sorted(base.get("mme", {}).get("categories", {})):
         labels.append((f"MME {cat}", "mme", ("categories", cat, "score")))
@@ -76,7 +77,7 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         labels.append((f"IFT {kind}", "ift", ("by_type", kind)))
     for label, bench, path in labels:
         b, t = _get(base, bench, path), _get(trained, bench, path)
-        rows.append({"metric": label, "base": b, "m3po": t, "delta": t - b})
+        rows.append({"metric": label, "base": b, "trained": t, "delta": t - b})
     return rows
 
 
@@ -86,9 +87,9 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
 
 
-def markdown_table(rows: list[dict[str, Any]], trained: str = "m3po") -> str:
+def markdown_table(rows: list[dict[str, Any]], trained: str = "trained") -> str:
     out = [f"| metric | base | {trained} | delta |", "| --- | ---: | ---: | ---: |"]
-    out += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['m3po'])} | {'+' if r['delta'] >= 0 else ''}{_fmt(r['delta'])} |"
+    out += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['trained'])} | {'+' if r['delta'] >= 0 else ''}{_fmt(r['delta'])} |"
             for r in rows]
     return "\n".join(out)
 
@@ -111,14 +112,14 @@ def make_plots(store: RunStore, metrics: dict[str, Any], train_log: dict[str, An
     pope_rows = [r for r in rows if r["metric"].startswith("POPE")]
     x = np.arange(len(pope_rows))
     axes[0].bar(x - 0.2, [r["base"] for r in pope_rows], 0.4, label="base")
-    axes[0].bar(x + 0.2, [r["m3po"] for r in pope_rows], 0.4, label="trained")
+    axes[0].bar(x + 0.2, [r["trained"] for r in pope_rows], 0.4, label="trained")
     axes[0].set_xticks(x, [r["metric"].replace("POPE ", "") for r in pope_rows])
     axes[0].set_title("POPE (held out)")
     axes[0].legend()
     mme_rows = [r for r in comparison_rows(metrics) if r["metric"].startswith("MME ")]
     x = np.arange(len(mme_rows))
     axes[1].bar(x - 0.2, [r["base"] for r in mme_rows], 0.4, label="base")
-    axes[1].bar(x + 0.2, [r["m3po"] for r in mme_rows], 0.4, label="trained")
+    axes[1].bar(x + 0.2, [r["trained"] for r in mme_rows], 0.4, label="trained")
     axes[1].set_xticks(x, [r["metric"].replace("MME ", "") for r in mme_rows], rotation=20)
     axes[1].set_title("MME-style score per subtask (held out)")
     store.write_bytes("plots/base_vs_trained.png", _png(fig))
@@ -148,7 +149,7 @@ PLOT_POINTS = 50_000
 
 def _pair_plots(store: RunStore, n_shards: int, pair_stats: dict[str, Any], plt) -> list[str]:
     """M3PO's pairs: MAS against log P over every candidate, and the gaps of the chosen pairs."""
-    from m3po_core.stages import candidates_with_scores
+    from m3po_core.stages.select import candidates_with_scores
 
     pairs = store.read_table("pairs.parquet")
     logp_col = pair_stats.get("logp", "logp_mean")
@@ -225,7 +226,7 @@ def _ipa_lines(pair_stats: dict[str, Any]) -> list[str]:
 
 def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str, Any]) -> tuple[str, list[dict]]:
     """Write report.md and the plots; return the markdown and the comparison rows."""
-    metrics = store.read_json("metrics.json")
+    metrics = trained_under_its_name(store.read_json("metrics.json"))
     pair_stats = store.read_json("pairs_stats.json")
     train_log = store.read_json("train_log.json")
     rows = comparison_rows(metrics)
@@ -236,7 +237,7 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
     verdict = []
     for label, bench, path in (("POPE accuracy", "pope", ("accuracy",)), ("MME score", "mme", ("score",)),
                                ("IFT prompt accuracy", "ift", ("prompt_accuracy",))):
-        b, t = _get(metrics["base"], bench, path), _get(metrics["m3po"], bench, path)
+        b, t = _get(metrics["base"], bench, path), _get(metrics["trained"], bench, path)
         if math.isnan(b):  # benchmark not run
             continue
         verdict.append(f"{label}: {'better' if t > b else 'not better'} ({_fmt(b)} -> {_fmt(t)})")

@@ -35,6 +35,13 @@ import numpy as np
 import pyarrow as pa
 
 STRATEGIES = ("m3po", "mas_gap", "random", "rm_best_worst")
+ALPHA_ZERO_STRATEGIES = ("mas_gap", "rm_best_worst")  # the confidence term plays no part in these
+
+
+def effective_alpha(strategy: str, alpha: float) -> float:
+    """The alpha a strategy selects with: the configured one, or 0 where the strategy ignores log P
+    (so neither alpha nor delta changes its pairs, and neither is part of its cache key)."""
+    return 0.0 if strategy in ALPHA_ZERO_STRATEGIES else alpha
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,7 @@ def select_pairs(
     for col in ("prompt_id", "cand_idx", "mas", rank_column, logp_column):
         if col not in table.column_names:
             raise ValueError(f"selection input lacks column {col!r} (has {table.column_names})")
-    if strategy in ("mas_gap", "rm_best_worst"):
-        alpha = 0.0
+    alpha = effective_alpha(strategy, alpha)
 
     prompt_ids = np.asarray(table.column("prompt_id").to_pylist(), dtype=object)
     cand = table.column("cand_idx").to_numpy().astype(np.int64)

@@ -7,6 +7,10 @@ Tokens: TRL's own vision collator re-tokenises the response *text*; decoding and
 not always the identity (BPE merges, leading spaces), so the policy could be trained on tokens
 it never sampled. `SampledTokensCollator` instead feeds the prompt exactly as the sampler encoded
 it (`models.encode_prompts`) and the completions as the sampler's own token ids, EOS included.
+
+`train_adapter` is the whole of it over a run's store: read the pairs and their images, train,
+save the adapter (what the train stage and every rank of a distributed run call). Limit: the
+pairs' images are decoded into memory before training starts.
 """
 from __future__ import annotations
 
@@ -17,8 +21,12 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from m3po_core.config import TrainingConfig
+from m3po_core.components import release_engines, resolve_model
+from m3po_core.config import RunConfig, TrainingConfig
+from m3po_core.data.images import load_image
+from m3po_core.errors import InputError
 from m3po_core.models import encode_prompts
+from m3po_core.store import RunStore
 
 log = logging.getLogger("m3po.training")
 
@@ -123,3 +131,23 @@ def train_lora_dpo(
     if trainer.accelerator.is_main_process:  # under DDP every rank holds the same adapter
         trainer.model.save_pretrained(output_dir)
     return [dict(h) for h in trainer.state.log_history]
+
+
+def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: str,
+                  log_fn: Callable[[str], None] = log.info, pairs_rel: str = "pairs.parquet") -> list[dict[str, float]]:
+    """Read the pairs and their images, train, save the adapter to `output_dir` (every rank of a
+    distributed run calls this; the trainer shards the data and rank 0 saves)."""
+    from m3po_core.models import load_vlm
+
+    release_engines()  # a vLLM engine holds most of the GPU: training on the same GPU needs it back
+    pairs = store.read_table(pairs_rel).to_pylist()
+    if not pairs:
+        raise InputError(f"{store.url(pairs_rel)}: no preference pairs to train on")
+    empty = [i for i, p in enumerate(pairs) if not p["chosen_token_ids"] or not p["rejected_token_ids"]]
+    if empty:  # e.g. a server that ignored return_tokens_as_token_ids: DPO would learn nothing
+        raise InputError(f"{store.url(pairs_rel)} rows {empty[:10]}: responses without sampled token ids")
+    images = [load_image(p["image"], f"{pairs_rel} row {i}, prompt_id {p['prompt_id']!r}")
+              for i, p in enumerate(pairs)]
+    model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
+    dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
+    return train_lora_dpo(model, processor, dataset, cfg.training, output_dir, log_fn=log_fn)

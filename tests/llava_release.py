@@ -1,7 +1,7 @@
 """Stand-ins for everything `configs/llava15-7b.yaml` reads, in the layouts of the real releases.
 
 Nothing can be downloaded here, so the tests make each input at toy size and in the very format the
-README tells a user to put on disk:
+docs/llava15.md tells a user to put on disk:
 
 - `llava-1.5-7b-hf/`: a `LlavaForConditionalGeneration` + `LlavaProcessor` directory as
   `llava-hf/llava-1.5-7b-hf` ships it: a CLIP vision tower with 14-px patches (CLS dropped by the
@@ -35,7 +35,7 @@ IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 @dataclass(frozen=True)
 class Release:
-    """Where each input lies (the README's /data/... paths, under a test folder)."""
+    """Where each input lies (docs/llava15.md's /data/... paths, under a test folder)."""
 
     model: Path
     instruct_json: Path

@@ -1,7 +1,8 @@
 import pytest
 
-from m3po_core.config import RunConfig, load_config, stage_config
+from m3po_core.config import RunConfig, load_config
 from m3po_core.errors import ConfigError
+from m3po_core.stages.runner import stage_config  # the cache keys moved there from m3po_core.config
 
 
 def test_demo_config_loads_with_paper_selection_defaults():
@@ -90,3 +91,94 @@ def test_the_llava_configs_load_with_the_papers_settings(name):
     assert (cfg.training.batch_size, cfg.training.learning_rate, cfg.training.warmup_ratio, cfg.training.epochs) == \
         (8, 5e-5, 0.05, 1)
     assert cfg.scoring.clip.name == "ViT-L-14" and cfg.model.name.startswith("llava-hf/llava-1.5-")
+
+
+# -- the configuration documents itself (m3po_core/config/describe.py, `m3po config`) ---------------
+
+def _section_classes(cls=RunConfig, seen=None):
+    """Every section dataclass reachable from RunConfig: nested sections and list items."""
+    import dataclasses
+    import typing
+
+    seen = [] if seen is None else seen
+    if cls in seen:
+        return seen
+    seen.append(cls)
+    for tp in typing.get_type_hints(cls).values():
+        for t in (tp, *typing.get_args(tp)):
+            if dataclasses.is_dataclass(t):
+                _section_classes(t, seen)
+    return seen
+
+
+def test_every_field_of_every_section_has_help():
+    import dataclasses
+
+    from m3po_core.config import DataSourceConfig, EncoderSpec, JudgeSpec, QualityFilterConfig, WorldConfig
+
+    classes = _section_classes()
+    assert {WorldConfig, DataSourceConfig, QualityFilterConfig, JudgeSpec, EncoderSpec} <= set(classes)
+    missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+               if not str(f.metadata.get("help", "")).strip()]
+    assert not missing, missing
+    assert all(cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") for cls in classes)  # not dataclass's
+
+
+def test_describe_one_section():
+    from m3po_core.config import describe
+
+    text = describe("sampling")
+    assert "sampling.n (int; default: 32)" in text
+    assert "Candidates sampled per prompt" in text
+    assert "sampling.backend (one of transformers, vllm, openai; default: transformers)" in text
+    assert "sampling.base_url (str | None; default: null)" in text
+    keys = [line.split(" ")[0] for line in text.splitlines() if line and not line.startswith((" ", "["))][2:]
+    assert keys and all(k.startswith("sampling.") for k in keys), keys
+    for other in ("training.beta", "selection.alpha", "data.shard_size", "ipa.rounds"):  # helps may cite others
+        assert other not in text
+    nested = describe("data.world")
+    assert "data.world.image_size (int; default: 64)" in nested and "data.shard_size" not in nested
+    everything = describe()
+    assert "training.lora_target_modules (list[str]; default: [q_proj," in everything
+    assert "data.extra_sources[].path (str; default: required)" in everything
+    assert 'evaluation.answer_suffix (str; default: "\\nAnswer the question' in everything
+
+
+def test_describe_names_an_unknown_section():
+    from m3po_core.config import describe
+
+    with pytest.raises(ConfigError, match="nosuch") as e:
+        describe("nosuch")
+    assert "sampling" in str(e.value) and "data.world" in str(e.value)
+
+
+def test_cli_config_prints_keys_and_refuses_unknown_sections():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "config", "training"], capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "training.beta" in ok.stdout and "sampling.n" not in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "config", "nosuch"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "m3po config:" in bad.stderr and "nosuch" in bad.stderr
+    assert not bad.stdout
+
+
+def test_defaults_are_the_plain_dataclasses_and_the_papers():
+    import dataclasses
+    import yaml
+
+    from m3po_core.config import CONFIG_DIR, DEFAULT_CONFIG, config_from_dict
+
+    assert CONFIG_DIR.is_dir() and DEFAULT_CONFIG == CONFIG_DIR / "demo.yaml" and DEFAULT_CONFIG.is_file()
+    plain = RunConfig()
+    assert config_from_dict({}).to_dict() == plain.to_dict() == dataclasses.asdict(plain)
+    demo = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert load_config(None).to_dict() == config_from_dict(demo).to_dict()
+    assert (plain.sampling.n, plain.selection.alpha, plain.selection.delta) == (32, 0.5, 0.1)
+    assert (plain.training.batch_size, plain.training.learning_rate) == (8, 5e-5)
+    loaded = load_config(None)  # the demo keeps the paper's where it states no departure
+    assert (loaded.sampling.n, loaded.selection.alpha, loaded.selection.delta, loaded.training.batch_size) == \
+        (32, 0.5, 0.1, 8)

@@ -41,17 +41,17 @@ def test_a_perturbed_candidate_is_never_chosen():
 
 @pytest.mark.slow
 def test_contrastive_candidates_are_sampled_on_perturbed_images(tmp_path):
-    from m3po_core import stages
+    from m3po_core.stages import base_models, prompts, sample
     from m3po_core.config import load_config
     from m3po_core.store import RunStore
 
     cfg = load_config(TINY, ["sampling.contrastive_n=3"])
     store = RunStore(str(tmp_path), "contrastive")
-    stages.prepare_prompts(cfg, store)
-    model_ref = stages.ensure_base_model(cfg, store)
-    stages.sample_shard(cfg, store, 0, model_ref)
+    prompts.prepare_prompts(cfg, store)
+    model_ref = base_models.ensure_base_model(cfg, store)
+    sample.sample_shard(cfg, store, 0, model_ref)
     cands = store.read_table(RunStore.shard_rel("candidates", 0)).to_pylist()
-    n_prompts = len(stages.read_prompts_shard(store, 0))
+    n_prompts = len(prompts.read_prompts_shard(store, 0))
     assert len(cands) == n_prompts * (cfg.sampling.n + 3)
     extra = [c for c in cands if c["cand_idx"] >= cfg.sampling.n]
     assert len(extra) == 3 * n_prompts and all(c["perturbation"] in perturb.KINDS for c in extra)

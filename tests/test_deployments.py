@@ -146,14 +146,14 @@ def test_retrying_the_failed_parent_run_recomputes_only_the_broken_shard(prefect
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from m3po_core import stages
+    from m3po_core.stages import prompts
     from m3po_core.store import RunStore
 
     cfg = load_config(TINY, ["execution.shards=deployment", "execution.poll_seconds=1"])
     root = "s3://m3po/integration"
     store = RunStore(root, "retry1")
-    stages.prepare_prompts(cfg, store)  # the run finds its prompts cached and samples from them
-    victim = stages.read_prompts_shard(store, 1)[0]["image"]
+    prompts.prepare_prompts(cfg, store)  # the run finds its prompts cached and samples from them
+    victim = prompts.read_prompts_shard(store, 1)[0]["image"]
     fs = s3fs.S3FileSystem()
     good = fs.cat_file(victim)
     fs.pipe_file(victim, b"not a png")

@@ -33,7 +33,7 @@ def test_judges_are_averaged_over_those_that_rated(monkeypatch):
                                  f"scoring.extra_judges=[{{judge: 'openai:judge-b', base_url: '{b.base_url}'}}]"])
         judge = make_judge(cfg.scoring)
         assert isinstance(judge, JudgeEnsemble)
-        from m3po_core.sampling.openai_backend import RetryPolicy
+        from m3po_core.openai_http import RetryPolicy
 
         for j in judge.judges:
             j.retry = RetryPolicy(max_retries=1, backoff_base=0.01, backoff_max=0.02)

@@ -61,7 +61,7 @@ def test_a_cell_store_shares_the_runs_samples_and_keeps_its_own_results(tmp_path
 
 @pytest.mark.slow
 def test_experiment_reuses_the_samples_and_writes_the_tables(tmp_path):
-    from flows.experiment import m3po_experiment
+    from m3po.flows.experiment import m3po_experiment
 
     cfg = load_config(TINY)
     root = str(tmp_path)
@@ -97,7 +97,7 @@ def test_experiment_reuses_the_samples_and_writes_the_tables(tmp_path):
 
 @pytest.mark.slow
 def test_ipa_and_m3po_side_by_side_on_the_same_prompts_and_benchmarks(tmp_path):
-    from flows.experiment import m3po_experiment
+    from m3po.flows.experiment import m3po_experiment
 
     cfg = load_config(TINY)
     root = str(tmp_path)

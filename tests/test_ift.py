@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.cli import main as cli
+from m3po.flows.cli import main as cli
 from m3po_core.data import synthetic as world
 from m3po_core.errors import InputError
 from m3po_core.evaluation import ift

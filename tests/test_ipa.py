@@ -67,7 +67,7 @@ def test_openai_verifier_one_failed_condition_means_v0_and_unreadable_means_no_v
     server = _verifier_server(lambda text: good if "ANSWER-A" in text else one_off if "ANSWER-B" in text
                               else "I think it is mostly fine.")
     try:
-        from m3po_core.sampling.openai_backend import RetryPolicy
+        from m3po_core.openai_http import RetryPolicy
 
         v = ipa.OpenAIVerifier("verifier-model", server.base_url, "VERIFIER_KEY")
         v.retry = RetryPolicy(max_retries=2, backoff_base=0.01, backoff_max=0.02)
@@ -120,7 +120,7 @@ def test_round_pairs_pair_verified_against_failed_and_carry_the_unresolved():
 
 @pytest.mark.slow
 def test_ipa_rounds_end_to_end_on_the_synthetic_world(tmp_path):
-    from flows.ipa import ipa_rounds
+    from m3po.flows.ipa import ipa_rounds
     from m3po_core.config import load_config
     from m3po_core.store import RunStore
 
@@ -201,7 +201,7 @@ def test_openai_verifier_stops_on_a_wrong_key_instead_of_leaving_everything_unve
         # unreadable replies only: nothing judged, so the shard fails (and is asked again on a re-run)
         server2 = _verifier_server(lambda text: "fine")
         try:
-            from m3po_core.sampling.openai_backend import RetryPolicy
+            from m3po_core.openai_http import RetryPolicy
 
             v2 = ipa.OpenAIVerifier("verifier-model", server2.base_url, "VERIFIER_KEY")
             v2.retry = RetryPolicy(max_retries=1, backoff_base=0.01, backoff_max=0.02)

@@ -192,7 +192,7 @@ def test_quality_filter_counts_every_drop_by_reason(tmp_path, caplog):
 
 
 def test_prompts_stage_mixes_sources_and_records_the_filter(tmp_path, image_root):
-    from m3po_core import stages
+    from m3po_core.stages import prompts as prompts_step
     from m3po_core.config import load_config
     from m3po_core.store import RunStore
 
@@ -203,8 +203,8 @@ def test_prompts_stage_mixes_sources_and_records_the_filter(tmp_path, image_root
         f"data.extra_sources=[{{source: sharegpt4v, path: {_write(tmp_path, SHAREGPT4V, 's.json')}, "
         f"image_root: {image_root}}}]", "scoring.judge=openai:judge", "evaluation.benchmarks=[]"])
     store = RunStore(str(tmp_path / "store"), "mix")
-    stages.prepare_prompts(cfg, store)
-    ids = [r["prompt_id"] for r in stages.read_prompts_shard(store, 0)]
+    prompts_step.prepare_prompts(cfg, store)
+    ids = [r["prompt_id"] for r in prompts_step.read_prompts_shard(store, 0)]
     # the ShareGPT4V prompt on the same COCO image as LLaVA's first asks another question: kept;
     # sa_1's image is not on disk: dropped and counted
     assert ids == ["000000033471-t0", "000000052846-t0", "sharegpt4v-000000033471-t0"]

@@ -1,6 +1,6 @@
-"""The README's LLaVA-1.5 walkthrough, command for command, on stand-ins of every input it names.
+"""The LLaVA-1.5 walkthrough (docs/llava15.md), command for command, on stand-ins of every input it names.
 
-`configs/llava15-7b.yaml` is run through the CLI exactly as the README's "LLaVA-1.5: the paper's
+`configs/llava15-7b.yaml` is run through the CLI exactly as docs/llava15.md's "LLaVA-1.5: the paper's
 setting" section tells a user to, with inputs in the real releases' layouts (tests/llava_release.py:
 a llava-hf model directory with a Llama tokenizer, LLaVA-Instruct-150K's JSON on COCO-named JPEGs,
 lmms-lab's POPE and MME Parquet, an open_clip ViT-L-14 checkpoint file, an IFT file from
@@ -60,7 +60,7 @@ def judge():
 
 def m3po(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "m3po.flows.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1200)
 
 
@@ -86,7 +86,7 @@ def test_the_paper_config_runs_every_stage_on_release_formats(paper_run, release
     run, _, out = paper_run
     assert "| POPE accuracy |" in out.stdout and (run / "report.md").exists()
     metrics = json.loads((run / "metrics.json").read_text())
-    for model in ("base", "m3po"):
+    for model in ("base", "trained"):
         assert metrics[model]["pope"]["n"] == 24 and set(metrics[model]["pope"]["per_category"]) == {
             "adversarial", "popular", "random"}
         assert set(metrics[model]["mme"]["categories"]) == {"color", "existence"}

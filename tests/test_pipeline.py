@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from m3po_core import stages
+from m3po_core.stages import base_models, evaluate as evaluate_step, prompts, sample, select, train as train_step
 from m3po_core.config import load_config
 from m3po_core.errors import M3POError
 from m3po_core.selection import m3p_score
@@ -26,7 +26,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(root):
-    from flows.pipeline import m3po_pipeline
+    from m3po.flows.pipeline import m3po_pipeline
 
     cfg = load_config(TINY)
     result = m3po_pipeline(config=cfg.to_dict(), root=root, run_id="t1")
@@ -44,7 +44,7 @@ def test_run_writes_every_table_and_the_report(finished_run):
     assert {"prompt_id", "chosen_idx", "rejected_idx", "mas_chosen", "mas_rejected", "logp_chosen",
             "logp_rejected", "m3p_score", "strategy"} <= set(pairs.column_names)
     metrics = json.loads((base / "metrics.json").read_text())
-    for model in ("base", "m3po"):
+    for model in ("base", "trained"):
         assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(metrics[model]["pope"])
         assert "score" in metrics[model]["mme"]
         ift = metrics[model]["ift"]
@@ -63,7 +63,7 @@ def test_run_writes_every_table_and_the_report(finished_run):
 
 def test_pairs_agree_with_equations_recomputed_from_the_run(finished_run):
     cfg, store, _ = finished_run
-    table = stages.candidates_with_scores(store, 3).to_pylist()
+    table = select.candidates_with_scores(store, 3).to_pylist()
     pairs = store.read_table("pairs.parquet").to_pylist()
     assert pairs
     by_prompt = {}
@@ -85,7 +85,7 @@ def test_pairs_agree_with_equations_recomputed_from_the_run(finished_run):
 def test_cli_rerun_recomputes_nothing(finished_run, root):
     store = finished_run[1]
     stamp = {p: p.stat().st_mtime_ns for p in Path(store.path("")).rglob("*.parquet")}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--root", root,
+    out = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "run", "--config", str(TINY), "--root", root,
                           "--run-id", "t1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| POPE accuracy |" in out.stdout
@@ -95,20 +95,20 @@ def test_cli_rerun_recomputes_nothing(finished_run, root):
 
 
 def test_cli_names_a_bad_configuration_key(root):
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--root", root,
+    out = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "run", "--config", str(TINY), "--root", root,
                           "--set", "sampling.temprature=2"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "sampling.temprature" in out.stderr
 
 
 def test_a_broken_image_fails_its_shard_only_and_a_rerun_recomputes_just_it(root, finished_run):
-    from flows.pipeline import m3po_pipeline
+    from m3po.flows.pipeline import m3po_pipeline
     from m3po_core.data import synthetic as world
 
     cfg = load_config(TINY)
     store = RunStore(root, "t2")
-    n_shards = stages.prepare_prompts(cfg, store)
-    victim = stages.read_prompts_shard(store, 1)[0]
+    n_shards = prompts.prepare_prompts(cfg, store)
+    victim = prompts.read_prompts_shard(store, 1)[0]
     image_path = Path(victim["image"])
     good = image_path.read_bytes()
     image_path.write_bytes(b"not a png")
@@ -123,12 +123,12 @@ def test_a_broken_image_fails_its_shard_only_and_a_rerun_recomputes_just_it(root
     assert not list(Path(store.path("")).rglob(".tmp-*"))
     done = {i: entries[i]["finished_at"] for i in (0, 2)}
 
-    status = subprocess.run([sys.executable, "-m", "flows.cli", "status", "t2", "--root", root],
+    status = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "status", "t2", "--root", root],
                             capture_output=True, text=True, timeout=120)
     assert "failed=1" in status.stdout and str(image_path) in status.stdout
 
     image_path.write_bytes(good)  # repair, re-run the failed: only shard 1 is sampled
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "rerun-failed", "t2", "--root", root],
+    out = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "rerun-failed", "t2", "--root", root],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert store.read_json("report_info.json")["computed_shards"]["candidates"] == 1
@@ -144,13 +144,13 @@ def test_empty_instruction_is_named(root):
 
     cfg = load_config(TINY)
     store = RunStore(root, "t3")
-    n = stages.prepare_prompts(cfg, store)
-    rows = stages.read_prompts_shard(store, 0)
+    n = prompts.prepare_prompts(cfg, store)
+    rows = prompts.read_prompts_shard(store, 0)
     rows[2]["instruction"] = "  "
     store.publish_shard("prompts", 0, pa.Table.from_pylist(rows, schema.PROMPTS), schema.PROMPTS,
                         key=store.shard_entry("prompts", 0)["key"])
     with pytest.raises(InputError, match=r"prompts shard 0 row 2 .*empty instruction"):
-        stages.sample_shard(cfg, store, 0, "unused-model")
+        sample.sample_shard(cfg, store, 0, "unused-model")
     assert store.shard_entry("candidates", 0)["state"] == "failed"
     assert not Path(store.path(RunStore.shard_rel("candidates", 0))).exists()
 
@@ -165,7 +165,7 @@ def test_an_interrupted_run_loses_no_finished_shard(root, finished_run, sig):
 
     run_id = f"interrupted-{sig.lower()}"
     store = RunStore(root, run_id)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--root", root,
+    proc = subprocess.Popen([sys.executable, "-m", "m3po.flows.cli", "run", "--config", str(TINY), "--root", root,
                              "--run-id", run_id, "--set", "sampling.n=12"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
@@ -187,7 +187,7 @@ def test_an_interrupted_run_loses_no_finished_shard(root, finished_run, sig):
     if sig == "SIGINT":  # the interrupted shard says so (a SIGKILL leaves it "running": not complete either)
         assert all(e["state"] in ("complete", "failed") for e in entries.values()), entries
 
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "rerun-failed", run_id, "--root", root],
+    out = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "rerun-failed", run_id, "--root", root],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     after = {e["shard"]: e for e in store.manifest("candidates")}
@@ -206,9 +206,9 @@ def test_training_over_two_processes_keeps_the_global_batch(root, finished_run, 
     shutil.copytree(store.path(""), ddp_store.path(""))
     shutil.rmtree(ddp_store.path("adapter"))
     ddp_cfg = load_config(TINY, ["training.num_processes=2"])
-    model_ref = stages.ensure_base_model(ddp_cfg, ddp_store)
+    model_ref = base_models.ensure_base_model(ddp_cfg, ddp_store)
     lines = []
-    result = stages.train(ddp_cfg, ddp_store, model_ref, log_fn=lines.append)
+    result = train_step.train(ddp_cfg, ddp_store, model_ref, log_fn=lines.append)
     assert result["num_processes"] == 2
     assert any("training on 2 processes" in l for l in lines) and any("DPO step" in l for l in lines)
     steps = lambda h: max(e["step"] for e in h if "loss" in e)
@@ -267,8 +267,8 @@ def test_the_public_benchmark_path_scores_like_the_synthetic_one(root, finished_
     public_cfg = load_config(TINY, [f"evaluation.pope_path={paths['pope']}", f"evaluation.mme_path={paths['mme']}",
                                     "evaluation.answer_suffix=", "evaluation.benchmarks=[pope,mme]"])
     public_store = RunStore(root, "t1-public")
-    model_ref = stages.ensure_base_model(cfg, store)
-    public = stages.evaluate_base(public_cfg, public_store, model_ref)["metrics"]
+    model_ref = base_models.ensure_base_model(cfg, store)
+    public = evaluate_step.evaluate_base(public_cfg, public_store, model_ref)["metrics"]
     synthetic = store.read_json("eval/base_metrics.json")["metrics"]
     assert public["pope"] == synthetic["pope"]
     assert public["mme"] == synthetic["mme"]
@@ -284,26 +284,26 @@ def test_evaluation_is_cached_per_shard_and_resumes_where_it_stopped(root, finis
     shutil.copytree(store.path(""), run.path(""))
     Path(run.path("metrics.json")).unlink()
     small = load_config(TINY, ["evaluation.shard_size=16"])
-    model_ref = stages.ensure_base_model(small, run)
-    first = stages.evaluate(small, run, model_ref)
-    stage = "predictions/predictions-m3po-pope"
+    model_ref = base_models.ensure_base_model(small, run)
+    first = evaluate_step.evaluate(small, run, model_ref)
+    stage = "predictions/predictions-trained-pope"
     entries = {e["shard"]: e for e in run.manifest(stage)}
     assert len(entries) >= 3 and all(e["state"] == "complete" for e in entries.values())
 
     Path(run.path(RunStore.shard_rel(stage, 1))).unlink()        # shard 1 lost, its record says running
     run.mark_shard(stage, 1, "running", entries[1]["key"])
     Path(run.path("metrics.json")).unlink()
-    again = stages.evaluate(small, run, model_ref)
+    again = evaluate_step.evaluate(small, run, model_ref)
     after = {e["shard"]: e for e in run.manifest(stage)}
     assert after[1]["finished_at"] > entries[1]["finished_at"]
     assert all(after[s]["finished_at"] == entries[s]["finished_at"] for s in entries if s != 1)
-    assert again["m3po"] == first["m3po"] and again["base"] == first["base"]
+    assert again["trained"] == first["trained"] and again["base"] == first["base"]
 
 
 def test_shards_no_worker_takes_fail_the_stage_after_the_timeout(root, finished_run):
     """`execution.shards: task_worker` with no `m3po worker` running: the shards stay scheduled, and
     with `shard_timeout_seconds` the stage fails naming them instead of waiting for ever."""
-    from flows.stages import score
+    from m3po.flows.stage_flows import score
 
     cfg = load_config(TINY, ["execution.shards=task_worker", "execution.shard_timeout_seconds=3",
                              "execution.poll_seconds=0.5"])
@@ -329,9 +329,9 @@ def test_evaluation_through_an_openai_compatible_server_with_the_adapter_loaded_
     try:
         served = load_config(TINY, ["evaluation.backend=openai", f"sampling.base_url={server.base_url}",
                                     "sampling.served_model=tiny-base", "evaluation.benchmarks=[pope]"])
-        model_ref = stages.ensure_base_model(served, run)
-        metrics = stages.evaluate(served, run, model_ref)
-        assert metrics["base"]["pope"]["yes_ratio"] == 0.0 and metrics["m3po"]["pope"]["yes_ratio"] == 1.0
+        model_ref = base_models.ensure_base_model(served, run)
+        metrics = evaluate_step.evaluate(served, run, model_ref)
+        assert metrics["base"]["pope"]["yes_ratio"] == 0.0 and metrics["trained"]["pope"]["yes_ratio"] == 1.0
         (name, path), = server.adapters.items()
         assert name.startswith("m3po-t1-served-") and Path(path, "adapter_config.json").exists()
         chats = [r.body for r in server.requests if r.path.endswith("/chat/completions")]
@@ -342,7 +342,36 @@ def test_evaluation_through_an_openai_compatible_server_with_the_adapter_loaded_
         # a re-evaluation (new metrics asked for) finds the adapter already served and goes on
         Path(run.path("metrics.json")).unlink()
         shutil.rmtree(run.path("predictions"))
-        assert stages.evaluate(served, run, model_ref)["m3po"]["pope"] == metrics["m3po"]["pope"]
+        assert evaluate_step.evaluate(served, run, model_ref)["trained"]["pope"] == metrics["trained"]["pope"]
         assert len(server.adapters) == 1
     finally:
         server.stop()
+
+
+def _graph_edges(client, flow_run_id) -> set[tuple[str, str]]:
+    """(upstream, downstream) labels of a flow run's graph as the Prefect UI draws it (graph-v2): a
+    subflow's label is "flow / run", and each run name's suffix (`-t1`, `-0a1`, `-00003`) is cut, so
+    a mapped task is one name."""
+    import re
+
+    graph = client.request("GET", "/flow_runs/{id}/graph-v2", path_params={"id": flow_run_id}).json()
+    label = {node_id: re.sub(r"-(t1|[0-9a-f]{3}|\d{5})$", "", node["label"].split(" / ")[-1]) for node_id, node in graph["nodes"]}
+    return {(label[parent["id"]], label[node_id]) for node_id, node in graph["nodes"] for parent in node["parents"]}
+
+
+def test_the_run_graph_in_prefect_is_the_dag(finished_run):
+    """The pipeline's graph, read through the API the UI draws it from: every stage hangs off the one
+    it waits for, and inside `generate` the sample shards wait for the prompts and the base model."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["m3po-t1"])))
+        assert runs
+        edges = _graph_edges(client, runs[0].id)
+        assert {("generate", "score"), ("score", "select"), ("select", "train"), ("train", "evaluate"),
+                ("evaluate", "report")} <= edges, edges
+        (generate,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["generate-t1"])), limit=1)
+        inner = _graph_edges(client, generate.id)
+        assert {("prepare-prompts", "sample-shard"), ("base-model", "sample-shard")} <= inner, inner

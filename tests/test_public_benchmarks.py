@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from m3po_core import stages
+from m3po_core.stages import benchmarks
+from m3po_core.data.images import load_image
 from m3po_core.config import load_config
 from m3po_core.errors import InputError
 from m3po_core.store import RunStore
@@ -39,13 +40,13 @@ def test_pope_release_with_embedded_images_becomes_the_runs_questions(tmp_path):
     _pope(src / "test-00001-of-00002.parquet", [("3", "Is there a car in the image?", "No", "blue", "adversarial")])
     cfg = load_config(TINY, [f"evaluation.pope_path={src}"])
     store = RunStore(str(tmp_path / "runs"), "r")
-    qs = stages.benchmark_questions(cfg, store, "pope")
+    qs = benchmarks.benchmark_questions(cfg, store, "pope")
     assert [q["question_id"] for q in qs] == ["1", "2", "3"]
     assert qs[0]["instruction"] == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
     assert [q["answer"] for q in qs] == ["yes", "no", "no"] and qs[2]["category"] == "adversarial"
     assert qs[0]["image"] == qs[1]["image"] != qs[2]["image"]            # one stored file per distinct image
     assert len(list((tmp_path / "runs/r/eval/images").iterdir())) == 2
-    assert stages.load_image(qs[2]["image"], "x").getpixel((0, 0)) == (0, 0, 255)
+    assert load_image(qs[2]["image"], "x").getpixel((0, 0)) == (0, 0, 255)
 
 
 def test_mme_release_with_image_paths_relative_to_the_file(tmp_path):
@@ -56,7 +57,7 @@ def test_mme_release_with_image_paths_relative_to_the_file(tmp_path):
                              "answer": ["Yes", "No"], "image": ["images/0001.png"] * 2,
                              "category": ["code_reasoning"] * 2}), tmp_path / "mme.parquet")
     cfg = load_config(TINY, [f"evaluation.mme_path={tmp_path / 'mme.parquet'}", "evaluation.answer_suffix="])
-    qs = stages.benchmark_questions(cfg, RunStore(str(tmp_path / "runs"), "r"), "mme")
+    qs = benchmarks.benchmark_questions(cfg, RunStore(str(tmp_path / "runs"), "r"), "mme")
     assert [q["question_id"] for q in qs] == ["code_reasoning/0001.png"] * 2       # acc+ pairs them
     assert qs[0]["instruction"] == "Is the output 3? Please answer yes or no." and qs[1]["answer"] == "no"
     assert qs[0]["row_id"] != qs[1]["row_id"]
@@ -75,7 +76,7 @@ def test_a_broken_release_is_refused_naming_file_row_and_field(tmp_path, broken,
     pq.write_table(pa.table(cols), tmp_path / "pope.parquet")
     cfg = load_config(TINY, [f"evaluation.pope_path={tmp_path / 'pope.parquet'}"])
     with pytest.raises(InputError, match=message) as err:
-        stages.benchmark_questions(cfg, RunStore(str(tmp_path / "runs"), "r"), "pope")
+        benchmarks.benchmark_questions(cfg, RunStore(str(tmp_path / "runs"), "r"), "pope")
     assert "pope.parquet" in str(err.value)
 
 

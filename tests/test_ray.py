@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_sampling_shards_run_as_ray_tasks_in_ray_workers(tmp_path):
-    from flows.stages import generate
+    from m3po.flows.stage_flows import generate
 
     cfg = load_config(TINY, ["execution.shards=ray", "execution.ray_gpus_per_shard=0"])
     out = generate(cfg.to_dict(), str(tmp_path), "ray1")
@@ -28,7 +28,7 @@ def test_sampling_shards_run_as_ray_tasks_in_ray_workers(tmp_path):
 def test_a_gpu_request_a_local_cpu_instance_cannot_meet_is_refused(tmp_path):
     import torch
 
-    from flows.stages import generate
+    from m3po.flows.stage_flows import generate
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -6,7 +6,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from m3po_core import schema, stages
+from m3po_core import schema
+from m3po_core.stages import base_models, prompts as prompts_step, score
 from m3po_core.config import load_config
 from m3po_core.store import RunStore
 from openai_server import Reply, openai_server  # noqa: F401 (the fixture)
@@ -34,15 +35,15 @@ def test_score_shard_with_the_openai_judge(openai_server, root, monkeypatch):  #
                              "scoring.clip_weight=0.0", "scoring.judge_weight=1.0",
                              "scoring.judge_price_per_1k_input=1.0", "scoring.judge_price_per_1k_output=2.0"])
     store = RunStore(str(root), "j1")
-    stages.prepare_prompts(cfg, store)
-    prompts = stages.read_prompts_shard(store, 0)
+    prompts_step.prepare_prompts(cfg, store)
+    prompts = prompts_step.read_prompts_shard(store, 0)
     rows = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": text, "token_ids": [1], "logp_sum": -1.0,
              "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop", "sampler": "test", "seed": 0}
             for p in prompts for j, text in enumerate(["yes , it is .", "no , it is not ."])]
     store.publish_shard("candidates", 0, pa.Table.from_pylist(rows, schema.CANDIDATES), schema.CANDIDATES, key="c")
-    clip_ref = stages.ensure_clip(cfg, store)
+    clip_ref = base_models.ensure_clip(cfg, store)
 
-    result = stages.score_shard(cfg, store, 0, clip_ref)
+    result = score.score_shard(cfg, store, 0, clip_ref)
     scores = store.read_table(RunStore.shard_rel("scores", 0)).to_pylist()
     assert result.rows == len(rows) == len(scores)
     assert len(openai_server.requests) == len(rows)                      # one rating request per candidate
@@ -57,14 +58,14 @@ def test_score_shard_with_the_openai_judge(openai_server, root, monkeypatch):  #
     from m3po_core.report import judge_usage_line
     assert f"{len(rows)} requests" in judge_usage_line(store) and "cost" in judge_usage_line(store)
 
-    again = stages.score_shard(cfg, store, 0, clip_ref)                  # complete under its key: skipped
+    again = score.score_shard(cfg, store, 0, clip_ref)                  # complete under its key: skipped
     assert again.cached and len(openai_server.requests) == len(rows)
 
 
 def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, monkeypatch, capsys):  # noqa: F811
     """A judge outage leaves some candidates unrated (NaN): the shard is published, but a re-run
     computes it again and asks the judge only for those; once all are rated it is skipped."""
-    from flows.cli import _status
+    from m3po.flows.cli import _status
     from m3po_core.report import judge_usage_line
     from openai_server import Fault
 
@@ -72,14 +73,14 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     openai_server.responder = rate_yes_high
     cfg = load_config(TINY, ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}"])
     store = RunStore(str(root), "j2")
-    stages.prepare_prompts(cfg, store)
-    prompts = stages.read_prompts_shard(store, 0)
+    prompts_step.prepare_prompts(cfg, store)
+    prompts = prompts_step.read_prompts_shard(store, 0)
     # each response carries a marker <prompt_id#j>, so faults and requests name their candidate
     rows = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": f"{text} <{p['prompt_id']}#{j}>", "token_ids": [1],
              "logp_sum": -1.0, "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop", "sampler": "test", "seed": 0}
             for p in prompts for j, text in enumerate(["yes , it is .", "no , it is not ."])]
     store.publish_shard("candidates", 0, pa.Table.from_pylist(rows, schema.CANDIDATES), schema.CANDIDATES, key="c")
-    clip_ref = stages.ensure_clip(cfg, store)
+    clip_ref = base_models.ensure_clip(cfg, store)
     down = [f"<{prompts[0]['prompt_id']}#1>", f"<{prompts[2]['prompt_id']}#0>", f"<{prompts[3]['prompt_id']}#1>"]
     for marker in down:  # every attempt fails (a short Retry-After keeps the judge's retries fast)
         openai_server.fail_when(marker, Fault("status", status=503, headers={"retry-after-ms": "5"}))
@@ -88,7 +89,7 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
         table = store.read_table(RunStore.shard_rel("scores", 0)).to_pylist()
         return {f"<{s['prompt_id']}#{s['cand_idx']}>": s["judge"] for s in table}
 
-    first = stages.score_shard(cfg, store, 0, clip_ref)
+    first = score.score_shard(cfg, store, 0, clip_ref)
     assert not first.cached and first.rows == len(rows)
     assert sorted(m for m, j in judged().items() if j is None) == sorted(down)   # missing, never invented
     entry = store.shard_entry("scores", 0)
@@ -102,7 +103,7 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     assert spent["requests"] == len(openai_server.requests) and spent["failed_requests"] > 0
     openai_server.heal()                                                  # the service has recovered
     before = len(openai_server.requests)
-    second = stages.score_shard(cfg, store, 0, clip_ref)
+    second = score.score_shard(cfg, store, 0, clip_ref)
     assert not second.cached                                              # not done: recomputed
     retried = openai_server.requests[before:]
     assert sorted(m for r in retried for m in down if m in r.text) == sorted(down) and len(retried) == 3
@@ -114,5 +115,5 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     assert entry["judge_usage"]["prompt_tokens"] > spent["prompt_tokens"]
     assert _status(str(root), "j2") == 0 and "unrated" not in capsys.readouterr().out
 
-    third = stages.score_shard(cfg, store, 0, clip_ref)                   # done now: skipped, no request
+    third = score.score_shard(cfg, store, 0, clip_ref)                   # done now: skipped, no request
     assert third.cached and len(openai_server.requests) == before + 3

@@ -2,7 +2,7 @@
 import pytest
 
 from m3po_core.errors import InputError
-from m3po_core.stages import _validate_prompts
+from m3po_core.stages.prompts import validate_prompts
 
 
 def test_duplicate_prompt_ids_name_both_rows():
@@ -10,9 +10,9 @@ def test_duplicate_prompt_ids_name_both_rows():
             {"prompt_id": "b", "instruction": "q", "image": "x.png"},
             {"prompt_id": "a", "instruction": "q2", "image": "y.png"}]
     with pytest.raises(InputError, match=r"shard 0 row 2: prompt_id 'a' repeats row 0"):
-        _validate_prompts(rows, "shard 0")
+        validate_prompts(rows, "shard 0")
 
 
 def test_missing_image_reference_is_named():
     with pytest.raises(InputError, match=r"row 0 .*'p'.*no image"):
-        _validate_prompts([{"prompt_id": "p", "instruction": "q", "image": ""}], "prompts")
+        validate_prompts([{"prompt_id": "p", "instruction": "q", "image": ""}], "prompts")

@@ -81,15 +81,16 @@ def test_run_id_is_checked(tmp_path):
 def test_no_shard_starts_after_an_interrupt(tmp_path):
     """Ctrl-C reaches only the main thread; shards on the task runner's threads see STOP instead, and
     one that has not started leaves no record (a re-run computes it)."""
-    from m3po_core import schema, stages
+    from m3po_core import schema
+    from m3po_core.stages import runner
     from m3po_core.errors import Interrupted
 
     store = RunStore(str(tmp_path), "r")
-    stages.STOP.set()
+    runner.STOP.set()
     try:
         with pytest.raises(Interrupted, match="candidates shard 0 not started"):
-            stages._run_shard(store, "candidates", 0, "k", lambda: pytest.fail("computed after the interrupt"),
-                              schema.CANDIDATES)
+            runner.run_shard(store, "candidates", 0, "k", lambda: pytest.fail("computed after the interrupt"),
+                             schema.CANDIDATES)
         assert store.shard_entry("candidates", 0) is None
     finally:
-        stages.STOP.clear()
+        runner.STOP.clear()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from m3po_core import schema
-from m3po_core.stages import load_image
+from m3po_core.data.images import load_image
 from m3po_core.store import COMPLETE, RunStore
 
 

@@ -1,1 +1,1 @@
-"""Prompt sources: the synthetic image world and LLaVA-Instruct-150K."""
+"""Prompt sources (the synthetic image world, LLaVA-Instruct-150K), their quality filter, image reading."""

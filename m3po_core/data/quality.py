@@ -22,7 +22,7 @@ import hashlib
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -36,12 +36,24 @@ EXAMPLES = 5  # dropped prompt ids kept per reason
 
 @dataclass
 class QualityFilterConfig:
-    enabled: bool = True
-    min_instruction_words: int = 2
-    max_instruction_words: int = 300
-    dedupe: bool = True
-    check_images: bool = True
-    image_threads: int = 16
+    """The quality filter on instruction data (`data.filter`): instruction length, unreadable images, duplicates."""
+
+    enabled: bool = field(default=True, metadata={"help": "Off: every prompt is kept, no rule runs."})
+    min_instruction_words: int = field(default=2, metadata={
+        "help": "Rule instruction_length: fewer whitespace-separated words drop the prompt (too short says "
+                "nothing to align)."})
+    max_instruction_words: int = field(default=300, metadata={
+        "help": "Rule instruction_length: more words drop the prompt (too long crowds the image out of the "
+                "context)."})
+    dedupe: bool = field(default=True, metadata={
+        "help": "Rule duplicate: drop a prompt with the same image and the same instruction (lower-cased, "
+                "whitespace collapsed) as an earlier one; same image = same bytes with check_images, else "
+                "same path."})
+    check_images: bool = field(default=True, metadata={
+        "help": "Rule image_unreadable: read and decode every image with Pillow; a missing or undecodable one "
+                "drops its prompts, any other read failure stops the stage naming the image."})
+    image_threads: int = field(default=16, metadata={
+        "help": "Threads that read the images (check_images), as they usually sit on object storage."})
 
 
 def _image_digest(url: str) -> str | None:

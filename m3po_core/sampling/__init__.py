@@ -7,6 +7,7 @@
 Every backend returns, per prompt, `n` `Candidate`s whose log-probabilities are the raw
 (untempered, unfiltered) model log-probabilities of the sampled tokens taken from the generation
 itself: log P(R | I, Q) under the base model, the confidence term of the M3P-Score (paper 3.4).
+A run builds its sampler for (model, adapter, backend) through `m3po_core.components.sampler_for`.
 """
 from __future__ import annotations
 
@@ -75,11 +76,3 @@ class AdapterSampler:
 
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
         return self.engine.greedy(images, instructions, max_new_tokens, adapter_dir=self.adapter_dir)
-
-
-def make_sampler(backend: str, model, processor) -> Sampler:
-    if backend == "transformers":
-        from m3po_core.sampling.transformers_backend import TransformersSampler
-
-        return TransformersSampler(model, processor)
-    raise ValueError(f"unknown sampling backend {backend!r}")

@@ -18,143 +18,30 @@ exponential backoff and jitter (a ``retry-after-ms`` / ``retry-after`` header is
 exact. A prompt that still fails raises ``SamplingError`` naming its index: a shard fails whole
 rather than storing partial candidates.
 
-The retry helpers here are shared with ``m3po_core.scoring.openai_judge``.
+Transport, retries and redaction: ``m3po_core.openai_http`` (shared with the judge and the verifier).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import concurrent.futures
-import io
 import logging
-import os
-import random
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion
 from PIL import Image
 
+from m3po_core.openai_http import (MalformedReply, RetryPolicy, describe_error, png_data_url, read_api_key, redact,
+                                   run_sync, with_retries)
 from m3po_core.sampling import Candidate, SamplingParams
 
 log = logging.getLogger("m3po.sampling.openai")
 T = TypeVar("T")
 
-RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
-MAX_RETRY_AFTER_S = 60.0  # a server asking for longer is treated as a failure of this attempt's budget
 TOKEN_ID_PREFIX = "token_id:"
 
 
 class SamplingError(RuntimeError):
     """A prompt could not be sampled; the message names its index in the batch."""
-
-
-class MalformedReply(ValueError):
-    """The server answered 200 but not with what was asked for (counts as a failed attempt)."""
-
-
-# ---------------------------------------------------------------- shared transport helpers
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_retries: int = 4  # attempts = max_retries + 1
-    backoff_base: float = 0.5  # seconds before the first retry; doubles each retry
-    backoff_max: float = 8.0
-
-    def delay(self, retry_number: int, error: BaseException | None = None) -> float:
-        """Seconds to wait before retry ``retry_number`` (0-based): the server's Retry-After if it
-        gave a sane one, else capped exponential backoff with 0-25 % jitter (spreads a thundering herd)."""
-        retry_after = retry_after_seconds(error)
-        if retry_after is not None:
-            return retry_after
-        backoff = min(self.backoff_base * 2.0 ** retry_number, self.backoff_max)
-        return backoff * (1.0 - 0.25 * random.random())
-
-
-def retry_after_seconds(error: BaseException | None) -> float | None:
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            seconds = float(headers.get(header)) / divisor
-        except (TypeError, ValueError):
-            continue
-        if 0.0 <= seconds <= MAX_RETRY_AFTER_S:
-            return seconds
-    return None
-
-
-def is_retryable(error: BaseException) -> bool:
-    if isinstance(error, openai.APIStatusError):
-        return error.status_code in RETRYABLE_STATUS or error.status_code >= 500
-    # APITimeoutError is an APIConnectionError. A 200 whose body is not JSON surfaces from the
-    # client as a bare json.JSONDecodeError (a ValueError), not an openai error.
-    return isinstance(error, (openai.APIConnectionError, ValueError))
-
-
-def describe_error(error: BaseException, secret: str | None = None) -> str:
-    """A one-line, secret-free description: the type and status, never request headers."""
-    status = getattr(error, "status_code", None)
-    text = f"{type(error).__name__}" + (f" (HTTP {status})" if status else "")
-    detail = str(error).splitlines()[0][:200] if str(error) else ""
-    if detail:
-        text += f": {detail}"
-    return redact(text, secret)
-
-
-def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
-async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str,
-                       secret: str | None = None) -> T:
-    """Run ``attempt`` until it succeeds or ``policy.max_retries`` retries are spent; re-raise the last
-    error (non-retryable errors at once)."""
-    for retry_number in range(policy.max_retries + 1):
-        try:
-            return await attempt()
-        except Exception as error:  # noqa: BLE001 (classified just below)
-            if not is_retryable(error) or retry_number == policy.max_retries:
-                raise
-            pause = policy.delay(retry_number, error)
-            log.warning("%s: attempt %d/%d failed (%s); retrying in %.2f s", what, retry_number + 1,
-                        policy.max_retries + 1, describe_error(error, secret), pause)
-            await asyncio.sleep(pause)
-    raise AssertionError("unreachable")
-
-
-def read_api_key(api_key_env: str, base_url: str | None) -> str:
-    """The key from the environment. A self-hosted server (base_url given) may need none: vLLM's
-    convention is the placeholder "EMPTY"."""
-    key = os.environ.get(api_key_env)
-    if key:
-        return key
-    if base_url:
-        return "EMPTY"
-    raise ValueError(f"environment variable {api_key_env} is not set (it must hold the API key)")
-
-
-def png_data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def run_sync(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from sync code: directly when this thread has no running event
-    loop (including worker threads), else on a fresh thread (asyncio.run cannot nest)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine_factory())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(coroutine_factory())).result()
 
 
 # ---------------------------------------------------------------- the sampler

@@ -36,7 +36,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from m3po_core.errors import InputError, M3POError
-from m3po_core.sampling.openai_backend import (
+from m3po_core.openai_http import (
     MalformedReply,
     RetryPolicy,
     describe_error,

@@ -1,11 +1,13 @@
-"""The stage flows. Each takes the run configuration as a plain dict, the store root and the run id,
-so it can run alone, as a subflow of the pipeline, or as a deployment.
+"""Fan a stage's shards out and gather them: the machinery the stage flows share.
 
-    generate:  prepare prompts -> base model -> sample shard 0..S-1 (fan-out)
-    score:     CLIP encoder -> score shard 0..S-1 (fan-out)
-    select:    candidates + scores -> pairs.parquet
-    train:     pairs -> LoRA adapter
-    evaluate:  base and trained model on the held-out benchmarks -> metrics.json
+    in_process    one task run per shard on the flow run's task runner (the embedded default)
+    ray           tasks on a Ray cluster through prefect-ray, models kept loaded in Ray's workers
+    deployment    one flow run per shard of the shard deployments, on a GPU work pool
+    task_worker   one background task run per shard, taken by long-lived `m3po worker` processes
+
+Every mode reports progress as shards finish and fails naming the failed shards only after every
+other shard finished (their results stay in the store; a re-run skips them). Limit: the remote
+modes read back one state per outstanding shard per poll.
 """
 from __future__ import annotations
 
@@ -16,31 +18,29 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from m3po_core.config import RunConfig, config_from_dict
+from m3po_core.config import RunConfig
 from m3po_core.errors import M3POError
-from m3po_core.stages import ShardResult
+from m3po_core.stages.runner import ShardResult
 from m3po_core.store import RunStore
-from tasks import stages as t
-
-
-def _open(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, RunStore]:
-    return config_from_dict(config), RunStore(root, run_id)
+from m3po.tasks import stage_tasks
 
 
 def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str,
-            ref_name: str | None = None, extra: dict[str, Any] | None = None) -> list[ShardResult]:
+            ref_name: str | None = None, extra: dict[str, Any] | None = None,
+            wait_for: list | None = None) -> list[ShardResult]:
     """Run every shard: as tasks of this flow run (in_process), as flow runs of the shard deployment
     (deployment), as background task runs on `m3po worker` processes (task_worker) or as tasks on
     a Ray cluster (ray). Progress as
     shards finish; fail naming the failed shards only after every other shard finished (their
-    results stay in the store, and a re-run skips them)."""
+    results stay in the store, and a re-run skips them). `wait_for`: upstream futures the shard
+    tasks depend on beyond their arguments (drawn as edges of the run graph)."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key=f"{store.run_id}-{stage}-progress".lower().replace("_", "-"),
                                         description=f"{stage} shards finished")
     ref_name = ref_name or ("model_ref" if stage == "candidates" else "clip_ref")
     mode = cfg.execution.shards
     if mode == "in_process":
-        outcomes = map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress, extra)
+        outcomes = map_shards(task_fn, cfg, store, n_shards, ref_name, ref, progress, extra, wait_for)
     elif mode == "ray":
         outcomes = _on_ray(cfg)(task_fn, cfg, store, n_shards, ref_name, ref, progress, extra)
     elif extra:
@@ -59,11 +59,12 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
 
 
 def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str,
-               progress, extra: dict[str, Any] | None = None) -> dict[int, ShardResult | str]:
+               progress, extra: dict[str, Any] | None = None, wait_for: list | None = None) -> dict[int, ShardResult | str]:
     """One task run per shard on this flow's task runner; each shard's result or error message."""
     outcomes: dict[int, ShardResult | str] = {}
     futures = task_fn.map(cfg=unmapped(cfg), store=unmapped(store), shard=list(range(n_shards)),
-                          **{ref_name: unmapped(ref)}, **{k: unmapped(v) for k, v in (extra or {}).items()})
+                          **{ref_name: unmapped(ref)}, **{k: unmapped(v) for k, v in (extra or {}).items()},
+                          wait_for=wait_for)
     shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
     for done, fut in enumerate(as_completed(futures), start=1):
         try:
@@ -115,16 +116,14 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
     if not PREFECT_API_URL.value():
         raise M3POError(f"execution.shards={cfg.execution.shards!r} hands shards to workers through a Prefect server: "
                         "set PREFECT_API_URL (on the ephemeral API no worker would ever take them)")
-    started = time.time()
-    warned_at = started
-    runs = {}
+    started = warned_at = time.time()
+    runs = {shard: _submit_shard(cfg, stage, {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id,
+                                              "shard": shard, ref_name: ref})
+            for shard in range(n_shards)}
+    outcomes: dict[int, ShardResult | str] = {}
     with get_client(sync_client=True) as client:
-        for shard in range(n_shards):
-            params = {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
-            runs[shard] = _submit_shard(cfg, stage, params)
         read_state = (lambda i: client.read_flow_run(i).state) if cfg.execution.shards == "deployment" else \
             (lambda i: client.read_task_run(i).state)
-        outcomes: dict[int, ShardResult | str] = {}
         while len(outcomes) < n_shards:
             waiting = []  # shards no worker has taken yet (read once per pass, reported below)
             for shard, run_id in runs.items():
@@ -133,29 +132,38 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
                 state = read_state(run_id)
                 if state is not None and state.is_scheduled():
                     waiting.append(shard)
-                if state is None or not state.is_final():
-                    timeout = cfg.execution.shard_timeout_seconds
-                    if timeout is not None and time.time() - started > timeout:
-                        outcomes[shard] = (f"no result after {timeout:g}s (run {run_id} "
-                                           f"{state.type.value if state else 'without state'}): is a worker running?")
-                        update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
-                    continue
-                entry = store.shard_entry(stage, shard) or {}
-                if state.is_completed() and entry.get("state") == "complete":
-                    cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
-                    outcomes[shard] = ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
-                else:
-                    outcomes[shard] = entry.get("error") or f"run {run_id} ended {state.type.value}: {state.message}"
-                update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
+                if (outcome := _shard_outcome(cfg, store, stage, shard, run_id, state, started)) is not None:
+                    outcomes[shard] = outcome
+                    update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
             if len(outcomes) < n_shards:
                 if time.time() - warned_at > 120:  # say so when nothing takes the shards (no worker running?)
-                    if waiting:
-                        who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
-                        get_run_logger().warning(f"{stage}: {len(waiting)} shards still waiting for {who} "
-                                                 f"after {time.time() - started:.0f}s (e.g. shard {waiting[0]})")
+                    _warn_waiting(cfg, stage, waiting, started)
                     warned_at = time.time()
                 time.sleep(cfg.execution.poll_seconds)
     return outcomes
+
+
+def _shard_outcome(cfg: RunConfig, store: RunStore, stage: str, shard: int, run_id, state,
+                   started: float) -> ShardResult | str | None:
+    """A remote shard's result, its error message, or None while its run is not final."""
+    if state is None or not state.is_final():
+        timeout = cfg.execution.shard_timeout_seconds
+        if timeout is not None and time.time() - started > timeout:
+            return (f"no result after {timeout:g}s (run {run_id} "
+                    f"{state.type.value if state else 'without state'}): is a worker running?")
+        return None
+    entry = store.shard_entry(stage, shard) or {}
+    if state.is_completed() and entry.get("state") == "complete":
+        cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
+        return ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
+    return entry.get("error") or f"run {run_id} ended {state.type.value}: {state.message}"
+
+
+def _warn_waiting(cfg: RunConfig, stage: str, waiting: list[int], started: float) -> None:
+    if waiting:
+        who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
+        get_run_logger().warning(f"{stage}: {len(waiting)} shards still waiting for {who} "
+                                 f"after {time.time() - started:.0f}s (e.g. shard {waiting[0]})")
 
 
 def _submit_shard(cfg: RunConfig, stage: str, params: dict[str, Any]):
@@ -167,42 +175,6 @@ def _submit_shard(cfg: RunConfig, stage: str, params: dict[str, Any]):
         return run_deployment(name, parameters=params, timeout=0, tags=tags).id
     from prefect import tags as tag_context
 
-    job = t.sample_shard_job if stage == "candidates" else t.score_shard_job
+    job = stage_tasks.sample_shard_job if stage == "candidates" else stage_tasks.score_shard_job
     with tag_context(*tags):
         return job.delay(**params).task_run_id
-
-
-@flow(name="m3po-generate", flow_run_name="generate-{run_id}")
-def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
-    cfg, store = _open(config, root, run_id)
-    n_shards = t.prepare_prompts(cfg, store)
-    model_ref = t.ensure_base_model(cfg, store)
-    results = fan_out(t.sample_shard, cfg, store, n_shards, model_ref, "candidates")
-    return {"n_shards": n_shards, "model_ref": model_ref, "rows": sum(r.rows for r in results),
-            "computed": sum(not r.cached for r in results)}
-
-
-@flow(name="m3po-score", flow_run_name="score-{run_id}")
-def score(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
-    cfg, store = _open(config, root, run_id)
-    clip_ref = t.ensure_clip(cfg, store)
-    results = fan_out(t.score_shard, cfg, store, n_shards, clip_ref, "scores")
-    return {"clip_ref": clip_ref, "rows": sum(r.rows for r in results), "computed": sum(not r.cached for r in results)}
-
-
-@flow(name="m3po-select", flow_run_name="select-{run_id}")
-def select(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
-    cfg, store = _open(config, root, run_id)
-    return t.select_pairs(cfg, store, n_shards)
-
-
-@flow(name="m3po-train", flow_run_name="train-{run_id}")
-def train(config: dict[str, Any], root: str, run_id: str, model_ref: str) -> dict[str, Any]:
-    cfg, store = _open(config, root, run_id)
-    return t.train(cfg, store, model_ref)
-
-
-@flow(name="m3po-evaluate", flow_run_name="evaluate-{run_id}")
-def evaluate(config: dict[str, Any], root: str, run_id: str, model_ref: str) -> dict[str, Any]:
-    cfg, store = _open(config, root, run_id)
-    return t.evaluate(cfg, store, model_ref)

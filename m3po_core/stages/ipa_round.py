@@ -1,4 +1,5 @@
-"""IPA's stages over the store (m3po_core/ipa.py is the method; this is where its tables live).
+"""DAG step 3-5 of IPA, its rounds over the store (m3po_core/ipa.py is the method; this is where
+its tables live).
 
     ipa/round-{r}/prompts/shard-*.parquet     the round's prompts (round 1: all; then the unresolved)
     ipa/round-{r}/responses/shard-*.parquet   sampled, contrastive and revised responses, verified
@@ -9,7 +10,7 @@
     pairs.parquet, pairs_stats.json           every round's pairs: M3PO's train and evaluate stages take over
 
 Every table is cached under a key of its inputs, like M3PO's stages; a round's shards are computed,
-failed and re-run one by one.
+failed and re-run one by one. Limit: a round's responses are read whole to pair them.
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from m3po_core import ipa, schema
+from m3po_core.components import Adapter, cached, processor_for, release_engines, sampler_for
 from m3po_core.config import RunConfig
-from m3po_core.stages import (CONTRASTIVE_SEED, _MODELS, ShardResult, _add_candidate, _cached, _run_shard, device_slot,
-                              done_record, get_sampler, get_vlm, load_image, release_engines, resolve_model, stage_key,
-                              train_adapter)
+from m3po_core.data.images import load_image
+from m3po_core.stages.runner import ShardResult, device_slot, done_record, run_shard, stage_key
+from m3po_core.stages.sample import CONTRASTIVE_SEED, add_candidate
 from m3po_core.store import RunStore
 
-log = logging.getLogger("m3po.ipa_stages")
+log = logging.getLogger("m3po.stages.ipa")
 
 
 def _round(r: int) -> str:
@@ -80,6 +82,8 @@ def generator(cfg: RunConfig, store: RunStore, model_ref: str, r: int,
     store.write_table(f"{rel}-pairs.parquet", train_pairs, schema.PAIRS)
     release_engines()
     t0 = time.time()
+    from m3po_core.training import train_adapter
+
     with device_slot(), tempfile.TemporaryDirectory() as tmp:
         history = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn, pairs_rel=f"{rel}-pairs.parquet")
         store.put_dir(tmp, rel)
@@ -95,50 +99,8 @@ def _generator_key(store: RunStore, rel: str | None) -> str | None:
 
 def policy_sampler(cfg: RunConfig, store: RunStore, model_ref: str, adapter_rel: str | None):
     """The sampling backend's sampler, with a generator adapter applied when there is one."""
-    if adapter_rel is None:
-        return get_sampler(cfg, store, model_ref)
-    version = _generator_key(store, adapter_rel)
-    backend = cfg.sampling.backend
-    if backend == "vllm":
-        from m3po_core.sampling import AdapterSampler
-        from m3po_core.stages import get_vllm
-
-        return AdapterSampler(get_vllm(cfg, store, model_ref), store.local_dir(adapter_rel))
-    if backend == "openai":
-        from m3po_core.sampling.openai_backend import OpenAICompatibleSampler, load_lora_adapter
-
-        s = cfg.sampling
-        name = load_lora_adapter(s.base_url, s.api_key_env, f"ipa-{store.run_id}-{version[:8]}",
-                                 store.local_dir(adapter_rel))
-        return OpenAICompatibleSampler(model=name, base_url=s.base_url, api_key_env=s.api_key_env,
-                                       concurrency=s.concurrency)
-
-    def build():
-        from peft import PeftModel
-
-        from m3po_core.models import load_vlm
-        from m3po_core.sampling.transformers_backend import TransformersSampler
-
-        model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)
-        model = PeftModel.from_pretrained(model, store.local_dir(adapter_rel)).merge_and_unload().eval()
-        return TransformersSampler(model, processor)
-
-    for old in [k for k in _MODELS if k[0] == "vlm+adapter" and k != ("vlm+adapter", model_ref, version)]:
-        del _MODELS[old]  # one merged generator per process: the previous round's is done
-    return _cached(("vlm+adapter", model_ref, version), build)
-
-
-def policy_processor(cfg: RunConfig, store: RunStore, model_ref: str):
-    """The policy's processor, to turn revised texts into the tokens training feeds."""
-    if cfg.sampling.backend == "transformers":
-        return get_vlm(cfg, store, model_ref)[1]
-
-    def build():
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(resolve_model(store, model_ref))
-
-    return _cached(("processor", model_ref), build)
+    adapter = None if adapter_rel is None else Adapter(adapter_rel, _generator_key(store, adapter_rel), label="ipa")
+    return sampler_for(cfg, store, model_ref, adapter)
 
 
 def make_reviser(cfg: RunConfig, store: RunStore, model_ref: str, generator_rel: str | None):
@@ -150,7 +112,7 @@ def make_reviser(cfg: RunConfig, store: RunStore, model_ref: str, generator_rel:
                                   cfg.evaluation.batch_size)
     from m3po_core.sampling.openai_backend import OpenAICompatibleSampler
 
-    return ipa.SamplerReviser(_cached(("ipa-reviser", c.reviser, c.reviser_base_url), lambda: OpenAICompatibleSampler(
+    return ipa.SamplerReviser(cached(("ipa-reviser", c.reviser, c.reviser_base_url), lambda: OpenAICompatibleSampler(
         model=c.reviser.removeprefix("openai:"), base_url=c.reviser_base_url, api_key_env=c.api_key_env,
         concurrency=c.concurrency)), c.max_new_tokens, cfg.evaluation.batch_size)
 
@@ -159,7 +121,7 @@ def make_verifier(cfg: RunConfig):
     c = cfg.ipa
     if c.verifier == "reference":
         return ipa.ReferenceVerifier()
-    return _cached(("ipa-verifier", c.verifier, c.verifier_base_url), lambda: ipa.OpenAIVerifier(
+    return cached(("ipa-verifier", c.verifier, c.verifier_base_url), lambda: ipa.OpenAIVerifier(
         c.verifier.removeprefix("openai:"), c.verifier_base_url, c.api_key_env, c.concurrency))
 
 
@@ -193,7 +155,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                     cands = sampler.sample(batch_images, [p["instruction"] for p in batch], params, seed)
                 for p, row in zip(batch, cands):
                     for j, cand in enumerate(row):
-                        _add_candidate(out, p["prompt_id"], j, cand, sampler.name, "")
+                        add_candidate(out, p["prompt_id"], j, cand, sampler.name, "")
             if c.n_contrastive:
                 jobs = [(i, k, *perturb.draw(c.seed * 1000 + r, p["prompt_id"], k))
                         for i, p in enumerate(batch) for k in range(c.n_contrastive)]
@@ -203,7 +165,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                                            [batch[i]["instruction"] for i, *_ in jobs], one,
                                            batch_seed(c.seed * 1000 + r + CONTRASTIVE_SEED, [p["prompt_id"] for p in batch]))
                 for (i, k, kind, _), (cand,) in zip(jobs, cands):
-                    _add_candidate(out, batch[i]["prompt_id"], c.n_normal + k, cand, sampler.name, kind)
+                    add_candidate(out, batch[i]["prompt_id"], c.n_normal + k, cand, sampler.name, kind)
         by_id = {p["prompt_id"]: (p, img) for p, img in zip(rows, images)}
         responses = [{"prompt_id": pid, "resp_idx": idx, "origin": "contrastive" if pert else "normal",
                       "perturbation": pert, "parent_idx": -1, "feedback": "", "text": text, "token_ids": ids}
@@ -222,7 +184,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
             with device_slot():
                 feedbacks = reviser.feedback(items, with_reference)
                 refined = reviser.refine(items, feedbacks, with_reference)
-            processor = policy_processor(cfg, store, model_ref)
+            processor = processor_for(cfg, store, model_ref)
             per_prompt = c.n_normal + c.n_contrastive
             # under the device lock: a fast tokenizer keeps its padding settings in shared state, and
             # another shard's sampling pads with the same tokenizer
@@ -239,7 +201,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
             x["verified"] = v.verified if v is not None else None
         return pa.Table.from_pylist(responses, schema.IPA_RESPONSES)
 
-    return _run_shard(store, stage, shard, key, compute, schema.IPA_RESPONSES)
+    return run_shard(store, stage, shard, key, compute, schema.IPA_RESPONSES)
 
 
 # ------------------------------------------------------------------ a round's pairs, all pairs
@@ -272,7 +234,7 @@ def collect_round(cfg: RunConfig, store: RunStore, r: int, n_shards: int, model_
         schema.PAIRS), schema.PAIRS)
     fb_rows = []
     if fb_pairs and cfg.ipa.reviser == "policy":  # feedback pairs train the reviser only when it is the policy
-        processor = policy_processor(cfg, store, model_ref)
+        processor = processor_for(cfg, store, model_ref)
         by_key = {(x["prompt_id"], x["resp_idx"]): x for x in responses}
         for p in fb_pairs:
             parent = by_key[(p["prompt_id"], p["chosen"]["parent_idx"])]

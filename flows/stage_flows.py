@@ -1,0 +1,61 @@
+"""The stage flows. Each takes the run configuration as a plain dict, the store root and the run id,
+so it can run alone, as a subflow of the pipeline, or as a deployment.
+
+    generate:  prepare prompts -> base model -> sample shard 0..S-1 (fan-out)
+    score:     CLIP encoder -> score shard 0..S-1 (fan-out)
+    select:    candidates + scores -> pairs.parquet
+    train:     pairs -> LoRA adapter
+    evaluate:  base and trained model on the held-out benchmarks -> metrics.json
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from m3po_core.config import RunConfig, config_from_dict
+from m3po_core.store import RunStore
+from m3po.flows.fan_out import fan_out
+from m3po.tasks import stage_tasks as st
+
+
+def open_run(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, RunStore]:
+    """The typed configuration and the store of a flow's plain parameters."""
+    return config_from_dict(config), RunStore(root, run_id)
+
+
+@flow(name="m3po-generate", flow_run_name="generate-{run_id}")
+def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
+    cfg, store = open_run(config, root, run_id)
+    prompts = st.prepare_prompts.submit(cfg, store)  # a future, so the shards can wait for it by name
+    n_shards = prompts.result()
+    model_ref = st.ensure_base_model(cfg, store)
+    results = fan_out(st.sample_shard, cfg, store, n_shards, model_ref, "candidates", wait_for=[prompts])
+    return {"n_shards": n_shards, "model_ref": model_ref, "rows": sum(r.rows for r in results),
+            "computed": sum(not r.cached for r in results)}
+
+
+@flow(name="m3po-score", flow_run_name="score-{run_id}")
+def score(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
+    cfg, store = open_run(config, root, run_id)
+    clip_ref = st.ensure_clip(cfg, store)
+    results = fan_out(st.score_shard, cfg, store, n_shards, clip_ref, "scores")
+    return {"clip_ref": clip_ref, "rows": sum(r.rows for r in results), "computed": sum(not r.cached for r in results)}
+
+
+@flow(name="m3po-select", flow_run_name="select-{run_id}")
+def select(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
+    cfg, store = open_run(config, root, run_id)
+    return st.select_pairs(cfg, store, n_shards)
+
+
+@flow(name="m3po-train", flow_run_name="train-{run_id}")
+def train(config: dict[str, Any], root: str, run_id: str, model_ref: str) -> dict[str, Any]:
+    cfg, store = open_run(config, root, run_id)
+    return st.train(cfg, store, model_ref)
+
+
+@flow(name="m3po-evaluate", flow_run_name="evaluate-{run_id}")
+def evaluate(config: dict[str, Any], root: str, run_id: str, model_ref: str) -> dict[str, Any]:
+    cfg, store = open_run(config, root, run_id)
+    return st.evaluate(cfg, store, model_ref)

@@ -1,0 +1,43 @@
+"""The run's typed configuration: one dataclass per stage, loaded from YAML, strictly checked.
+
+Defaults are the paper's (sections 3.2-3.6, 4.1) where it gives one; `configs/demo.yaml` states
+where the embedded demo departs from them and why. Every stage's cache key contains that stage's
+section (see `m3po_core.stages.runner.stage_config`), so changing a setting recomputes exactly the stages it decides.
+
+One concern per module: `sections` (the dataclasses, each field with its help), `loading` (typed
+loading from YAML and dicts, overrides), `checks` (ranges and rules across sections), `describe`
+(every key with its type, default and meaning: `m3po config`). This package only re-exports their
+public names; importers use `from m3po_core.config import ...`.
+"""
+from m3po_core.config.checks import check_ipa, validate
+from m3po_core.config.describe import describe
+from m3po_core.config.loading import CONFIG_DIR, DEFAULT_CONFIG, config_from_dict, load_config, parse_override
+from m3po_core.config.sections import (
+    BENCHMARKS,
+    PUBLIC_BENCHMARKS,
+    ClipConfig,
+    DataConfig,
+    DataSourceConfig,
+    EncoderSpec,
+    EvaluationConfig,
+    ExecutionConfig,
+    IPAConfig,
+    JudgeSpec,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    ScoringConfig,
+    SelectionConfig,
+    TrainingConfig,
+    WorldConfig,
+)
+from m3po_core.data.quality import QualityFilterConfig
+from m3po_core.errors import ConfigError
+
+__all__ = [
+    "BENCHMARKS", "CONFIG_DIR", "DEFAULT_CONFIG", "PUBLIC_BENCHMARKS", "ClipConfig", "ConfigError", "DataConfig",
+    "DataSourceConfig", "EncoderSpec", "EvaluationConfig", "ExecutionConfig", "IPAConfig", "JudgeSpec",
+    "ModelConfig", "QualityFilterConfig", "RunConfig", "SamplingConfig", "ScoringConfig", "SelectionConfig",
+    "TrainingConfig", "WorldConfig", "check_ipa", "config_from_dict", "describe", "load_config", "parse_override",
+    "validate",
+]

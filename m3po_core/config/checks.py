@@ -1,0 +1,82 @@
+"""Checks of a loaded configuration: value ranges and rules across sections, each naming the key at fault.
+
+`validate` runs on every load (loading.py); `check_ipa` only when IPA runs, as M3PO runs ignore the
+ipa section. Limit: they check the configuration alone, not whether the files, servers, models or
+deployments it names exist or answer: the stages find that out when they use them.
+"""
+from __future__ import annotations
+
+from m3po_core.config.sections import BENCHMARKS, PUBLIC_BENCHMARKS, RunConfig
+from m3po_core.errors import ConfigError
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks across sections and of value ranges, each naming the key at fault."""
+    positive = {"sampling.n": cfg.sampling.n, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
+                "sampling.batch_prompts": cfg.sampling.batch_prompts, "data.shard_size": cfg.data.shard_size,
+                "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size,
+                "training.num_processes": cfg.training.num_processes, "evaluation.shard_size": cfg.evaluation.shard_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")
+    if cfg.sampling.temperature <= 0 or not 0 < cfg.sampling.top_p <= 1:
+        raise ConfigError("configuration keys 'sampling.temperature' (> 0) and 'sampling.top_p' (0, 1]: "
+                          f"got {cfg.sampling.temperature}, {cfg.sampling.top_p}")
+    if cfg.selection.alpha < 0 or cfg.selection.delta < 0:
+        raise ConfigError(f"configuration keys 'selection.alpha' and 'selection.delta' must be >= 0")
+    if cfg.scoring.judge != "reference" and not cfg.scoring.judge.startswith("openai:"):
+        raise ConfigError(f"configuration key 'scoring.judge': {cfg.scoring.judge!r} is neither 'reference' "
+                          "nor 'openai:<model>'")
+    if "openai" in (cfg.sampling.backend, cfg.evaluation.backend) and not cfg.sampling.base_url:
+        raise ConfigError("configuration key 'sampling.base_url': the openai sampling backend needs the "
+                          "server's URL (e.g. http://host:8000/v1)")
+    ipa = cfg.ipa
+    for key, name in (("reviser", ipa.reviser), ("verifier", ipa.verifier)):
+        allowed = ("reference", "policy") if key == "reviser" else ("reference",)
+        if name not in allowed and not name.startswith("openai:"):
+            raise ConfigError(f"configuration key 'ipa.{key}': {name!r} is none of {list(allowed)} or 'openai:<model>'")
+    if ipa.n_normal + ipa.n_contrastive < 1:
+        raise ConfigError("configuration keys 'ipa.n_normal' + 'ipa.n_contrastive': at least one sample per prompt")
+    for i, spec in enumerate(cfg.scoring.extra_judges):
+        if not spec.judge.startswith("openai:"):
+            raise ConfigError(f"configuration key 'scoring.extra_judges[{i}].judge': {spec.judge!r} is not "
+                              "'openai:<model>'")
+    for i, spec in enumerate(cfg.scoring.extra_encoders):
+        if spec.name == "m3po-tiny-clip":
+            raise ConfigError(f"configuration key 'scoring.extra_encoders[{i}].name': the tiny CLIP is built for "
+                              "scoring.clip only; name a pretrained encoder")
+    if cfg.data.source != "synthetic" and cfg.scoring.judge == "reference":
+        raise ConfigError("configuration key 'scoring.judge': the reference judge needs the synthetic world's "
+                          f"scene graphs; data.source={cfg.data.source!r} needs a model judge")
+    t = cfg.training
+    if "vllm" in (cfg.sampling.backend, cfg.evaluation.backend) and t.lora_r > 512:
+        raise ConfigError(f"configuration key 'training.lora_r': vLLM serves LoRA ranks up to 512, got {t.lora_r}")
+    if t.batch_size % t.num_processes:
+        raise ConfigError(f"configuration key 'training.batch_size': the global batch {t.batch_size} does not "
+                          f"split over training.num_processes={t.num_processes} processes")
+    if t.deepspeed_zero not in (None, 2, 3):
+        raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
+    if t.deepspeed_zero and t.num_processes < 2:
+        raise ConfigError("configuration key 'training.deepspeed_zero': DeepSpeed runs under accelerate launch; "
+                          "set training.num_processes to the number of GPUs (>= 2)")
+    unknown = [b for b in cfg.evaluation.benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: "
+                          + ", ".join(BENCHMARKS))
+    if cfg.data.source != "synthetic" and "preference" in cfg.evaluation.benchmarks:
+        raise ConfigError("configuration key 'evaluation.benchmarks': the simulated preference test has prompts on "
+                          "the synthetic world only so far; drop 'preference' for other data")
+    for bench in PUBLIC_BENCHMARKS:
+        if bench in cfg.evaluation.benchmarks and cfg.data.source != "synthetic" and getattr(cfg.evaluation, f"{bench}_path") is None:
+            raise ConfigError(f"configuration key 'evaluation.{bench}_path': data.source={cfg.data.source!r} has no "
+                              f"synthetic {bench} set; point it at the "
+                              + ("public release's Parquet files" if bench != "ift" else "IFT Parquet (m3po make-ift)"))
+    return cfg
+
+
+def check_ipa(cfg: RunConfig) -> None:
+    """What IPA needs beyond `validate` (checked when IPA runs: M3PO runs ignore the ipa section)."""
+    for key in ("reviser", "verifier"):
+        if getattr(cfg.ipa, key) == "reference" and cfg.data.source != "synthetic":
+            raise ConfigError(f"configuration key 'ipa.{key}': the reference {key} needs the synthetic world's scene "
+                              f"graphs; data.source={cfg.data.source!r} needs a model ({key}: openai:<model>)")

@@ -1,0 +1,157 @@
+"""What invalidates a cache, and how a shard is run against it: the one place that decides both.
+
+A stage's output is cached under a key built from what decides its content: the stage's code
+version (`CODE_VERSION`), the part of the configuration that the stage reads (`stage_config`) and
+the content hashes of its inputs (`stage_key`). A shard complete in the manifest under its key is
+skipped (`run_shard`), so a re-run computes only what changed or failed, whichever worker or flow
+run computed the rest. Limit: inputs are hashed as the caller names them; a caller that hashes a
+reference instead of the referenced bytes gets a key that does not see those bytes change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from m3po_core.config import RunConfig
+from m3po_core.errors import Interrupted
+from m3po_core.selection import ALPHA_ZERO_STRATEGIES
+from m3po_core.store import FAILED, RUNNING, RunStore
+
+# Bump a stage's version when its code changes what it writes: it is part of the cache key.
+CODE_VERSION = {"prompts": 1, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 2,
+                "train": 1, "evaluate": 3, "ipa": 1}
+
+# One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
+# resource, and HF sampling seeds torch's global generator.
+DEVICE_LOCK = threading.RLock()
+_waited = threading.local()  # seconds this thread spent queueing for the device in the current shard
+# Set on Ctrl-C (the CLI): only the main thread sees KeyboardInterrupt, so shards on the task
+# runner's threads check this before they start; those already running finish and are kept.
+STOP = threading.Event()
+
+
+@contextmanager
+def device_slot():
+    """Hold the device; the time spent waiting for it is not the shard's compute time."""
+    t0 = time.time()
+    with DEVICE_LOCK:
+        _waited.seconds = getattr(_waited, "seconds", 0.0) + time.time() - t0
+        yield
+
+
+# -------------------------------------------------------------------------------------------------
+# Cache keys
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of any JSON-able value (dataclasses included)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """A section minus settings that change how fast, not what (concurrency, batch sizes, key names)."""
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
+    """Only the selection settings the strategy reads."""
+    if sel["strategy"] in ALPHA_ZERO_STRATEGIES:
+        return _without(sel, "alpha", "delta", "seed")  # alpha = 0 (so delta plays no part); no randomness
+    if sel["strategy"] == "m3po":
+        return _without(sel, "seed")
+    return sel
+
+
+def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The part of the configuration that decides a stage's output: what goes into its cache key."""
+    d = cfg.to_dict()
+    world = d["data"]["world"]
+    sampling_key = _without(d["sampling"], "concurrency", "api_key_env", "tensor_parallel_size", "gpu_memory_utilization")
+    sections = {
+        "prompts": {"seed": d["seed"], "data": d["data"]},
+        # models built here depend on the warm-start split only, not on the prompt/eval split sizes
+        "base_model": {"seed": d["seed"], "model": d["model"], "sft_scenes": world["n_sft_scenes"],
+                       "image_size": world["image_size"]},
+        "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
+                 "image_size": world["image_size"]},
+        "candidates": {"sampling": sampling_key, "dtype": d["model"]["dtype"]},
+        "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip",
+                                       "judge_price_per_1k_input", "judge_price_per_1k_output"),
+                   "clip": _without(d["scoring"]["clip"], "batch_size")},
+        "pairs": {"selection": _selection_key(d["selection"])},
+        "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
+                "sampling": _without(sampling_key, "n", "contrastive_n"), "dtype": d["model"]["dtype"]},
+        "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
+        "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
+                     # which backend and served model answered (the evaluation backend defaults to the sampler's)
+                     "answerer": {"backend": d["evaluation"]["backend"] or d["sampling"]["backend"],
+                                  "served_model": d["sampling"]["served_model"]},
+                     # the preference test's ratings are the judge's
+                     "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight",
+                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output")
+                     if {"preference", "ift"} & set(d["evaluation"]["benchmarks"]) else None},
+    }
+    return sections[stage]
+
+
+def stage_key(cfg: RunConfig, stage: str, *inputs: Any) -> str:
+    return fingerprint({"stage": stage, "version": CODE_VERSION[stage], "config": stage_config(cfg, stage),
+                        "inputs": list(inputs)})
+
+
+def done_record(store: RunStore, rel: str, key: str) -> dict[str, Any] | None:
+    """A whole-stage record (JSON holding its cache key) if it was written under `key`, read once."""
+    try:
+        record = store.read_json(rel)
+    except FileNotFoundError:
+        return None
+    return record if record.get("key") == key else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Running a shard
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    stage: str
+    shard: int
+    rows: int
+    cached: bool
+    seconds: float
+
+
+def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callable[[], pa.Table],
+              table_schema: pa.Schema, extra: Callable[[], dict[str, Any]] | None = None) -> ShardResult:
+    """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure."""
+    t0 = time.time()
+    if store.shard_done(stage, shard, key):
+        entry = store.shard_entry(stage, shard)
+        return ShardResult(stage, shard, entry["rows"], True, 0.0)
+    if STOP.is_set():
+        raise Interrupted(f"{stage} shard {shard} not started: the run was interrupted")
+    store.mark_shard(stage, shard, RUNNING, key)
+    _waited.seconds = 0.0
+    try:
+        table = compute()
+        wall = time.time() - t0
+        entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=wall - _waited.seconds,
+                                    wall_seconds=wall, host=socket.gethostname(), pid=os.getpid(),
+                                    **(extra() if extra else {}))
+    except BaseException as e:  # KeyboardInterrupt too: the manifest must say the shard is not done
+        store.mark_shard(stage, shard, FAILED, key, error=f"{type(e).__name__}: {e}")
+        raise
+    return ShardResult(stage, shard, entry["rows"], False, entry["seconds"])
