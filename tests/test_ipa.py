@@ -144,6 +144,17 @@ def test_ipa_rounds_end_to_end_on_the_synthetic_world(tmp_path):
         assert by_key[(p["prompt_id"], r, p["chosen_idx"])]["verified"] is True
         assert by_key[(p["prompt_id"], r, p["rejected_idx"])]["verified"] is False
         assert p["chosen_token_ids"] and p["rejected_token_ids"]
+    # the run graph (as the Prefect UI draws it) has the rounds in order: a round's prompts wait for
+    # the previous round's pairs, its shards for its prompts and generator
+    from prefect.client.orchestration import get_client
+
+    from prefect_graph import flow_run_id, graph_edges
+
+    with get_client(sync_client=True) as client:
+        edges = graph_edges(client, flow_run_id(client, "ipa-rounds-ipa1"))
+    assert {("ipa-collect-round-1", "ipa-prompts-round-2"), ("ipa-collect-round-2", "ipa-prompts-round-3"),
+            ("ipa-prompts-round-1", "ipa-round-1-shard"), ("ipa-generator-round-2", "ipa-round-2-shard"),
+            ("ipa-collect-round-3", "ipa-pairs")} <= edges, edges
     n, k = cfg.ipa.n_normal, cfg.ipa.n_contrastive
     for x in responses[1]:
         if x["resp_idx"] < n:

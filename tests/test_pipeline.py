@@ -348,30 +348,16 @@ def test_evaluation_through_an_openai_compatible_server_with_the_adapter_loaded_
         server.stop()
 
 
-def _graph_edges(client, flow_run_id) -> set[tuple[str, str]]:
-    """(upstream, downstream) labels of a flow run's graph as the Prefect UI draws it (graph-v2): a
-    subflow's label is "flow / run", and each run name's suffix (`-t1`, `-0a1`, `-00003`) is cut, so
-    a mapped task is one name."""
-    import re
-
-    graph = client.request("GET", "/flow_runs/{id}/graph-v2", path_params={"id": flow_run_id}).json()
-    label = {node_id: re.sub(r"-(t1|[0-9a-f]{3}|\d{5})$", "", node["label"].split(" / ")[-1]) for node_id, node in graph["nodes"]}
-    return {(label[parent["id"]], label[node_id]) for node_id, node in graph["nodes"] for parent in node["parents"]}
-
-
 def test_the_run_graph_in_prefect_is_the_dag(finished_run):
     """The pipeline's graph, read through the API the UI draws it from: every stage hangs off the one
     it waits for, and inside `generate` the sample shards wait for the prompts and the base model."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from prefect_graph import flow_run_id, graph_edges
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["m3po-t1"])))
-        assert runs
-        edges = _graph_edges(client, runs[0].id)
+        edges = graph_edges(client, flow_run_id(client, "m3po-t1"))
         assert {("generate", "score"), ("score", "select"), ("select", "train"), ("train", "evaluate"),
                 ("evaluate", "report")} <= edges, edges
-        (generate,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            name=FlowRunFilterName(any_=["generate-t1"])), limit=1)
-        inner = _graph_edges(client, generate.id)
+        inner = graph_edges(client, flow_run_id(client, "generate-t1"))
         assert {("prepare-prompts", "sample-shard"), ("base-model", "sample-shard")} <= inner, inner
