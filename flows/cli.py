@@ -15,6 +15,27 @@ import time
 import warnings
 
 
+# A cold Prefect database on 2 cores takes 20-28 s to create and migrate before the ephemeral API
+# answers, and Prefect waits 20 s by default: a first run on a fresh machine would often not start.
+EPHEMERAL_STARTUP_SECONDS = "180"
+STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def ephemeral_startup_budget() -> None:
+    """Give the ephemeral API time to start on a fresh machine, unless the user set a budget (in the
+    environment or in the active Prefect profile: theirs wins)."""
+    if STARTUP_SETTING in os.environ:
+        return
+    try:
+        from prefect.context import get_settings_context
+
+        if STARTUP_SETTING in {s.name for s in get_settings_context().profile.settings}:
+            return
+    except Exception:  # no readable profile: the default applies
+        pass
+    os.environ[STARTUP_SETTING] = EPHEMERAL_STARTUP_SECONDS
+
+
 def _quiet_libraries() -> None:
     # Route our loggers into Prefect's run logs; keep library chatter out of the terminal.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "m3po,transformers,trl,peft,accelerate,vllm")
@@ -223,6 +244,7 @@ def _on_interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    ephemeral_startup_budget()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_interrupt)
     try:
@@ -285,6 +307,11 @@ def _main(args) -> int:
 
         if STOP.is_set():  # a stage stopped by Ctrl-C (its shards saw the interrupt, the main thread did not)
             raise KeyboardInterrupt from e
+        if "attempting to connect to ephemeral Prefect API server" in str(e):
+            print(f"\nm3po: Prefect's ephemeral API server did not start within "
+                  f"{os.environ.get(STARTUP_SETTING, '20')} s; raise {STARTUP_SETTING}, or start a server "
+                  "(`prefect server start`) and set PREFECT_API_URL to it", file=sys.stderr)
+            return 1
         kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
         print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`)",
               file=sys.stderr)
