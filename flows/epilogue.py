@@ -63,7 +63,10 @@ def report(cfg: RunConfig, store: RunStore, method: str, n_shards: int, info: di
     key = f"{method}-{store.run_id}".lower().replace("_", "-")
     label = "M3PO" if method == "m3po" else method.upper()
     create_markdown_artifact(inline_plots(markdown, store), key=f"{key}-report", description=f"{label} report card")
-    create_table_artifact(rows, key=f"{key}-metrics", description=f"base vs {label} on held-out benchmarks")
+    flat = [{**{k: v for k, v in r.items() if k != "interval"},
+             "ci95_low": (r["interval"] or {}).get("low"), "ci95_high": (r["interval"] or {}).get("high")} for r in rows]
+    create_table_artifact(flat, key=f"{key}-metrics", description=f"base vs {label} on held-out benchmarks "
+                                                                   "(ci95: paired bootstrap interval of the delta)")
     suffix, table, description = extra_table
     create_table_artifact(table, key=f"{key}-{suffix}", description=description)
     get_run_logger().info(f"report: {store.url('report.md')}")

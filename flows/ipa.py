@@ -67,5 +67,5 @@ def ipa_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs"
     info = run_info(store, clock.timings, {"ipa": rounds["computed"]})
     url = report(cfg, store, "ipa", rounds["n_shards"], info, ("rounds", rounds["pairs"]["ipa_rounds"], "IPA rounds"),
                  wait_for=[metrics])
-    return {"metrics": {k: metrics[k] for k in ("base", "trained")}, "pairs": rounds["pairs"], "info": info,
-            "report": url}
+    return {"metrics": {k: metrics.get(k) for k in ("base", "trained", "intervals")}, "pairs": rounds["pairs"],
+            "info": info, "report": url}

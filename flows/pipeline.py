@@ -39,4 +39,5 @@ def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs
     info.update(model_quality(store, gen["model_ref"], scored["clip_ref"]))
     url = report(cfg, store, "m3po", gen["n_shards"], info, ("pairs", [pairs], "pair selection statistics"),
                  wait_for=[metrics])
-    return {"metrics": {k: metrics[k] for k in ("base", "trained")}, "pairs": pairs, "info": info, "report": url}
+    return {"metrics": {k: metrics.get(k) for k in ("base", "trained", "intervals")}, "pairs": pairs, "info": info,
+            "report": url}

@@ -75,10 +75,25 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         labels.append((f"POPE {cat} accuracy", "pope", ("per_category", cat, "accuracy")))
     for kind in sorted(base.get("ift", {}).get("by_type", {})):
         labels.append((f"IFT {kind}", "ift", ("by_type", kind)))
+    intervals = metrics.get("intervals") or {}
     for label, bench, path in labels:
         b, t = _get(base, bench, path), _get(trained, bench, path)
-        rows.append({"metric": label, "base": b, "trained": t, "delta": t - b})
+        ci = intervals.get(bench, {}).get(path[0]) if len(path) == 1 else None
+        rows.append({"metric": label, "base": b, "trained": t, "delta": t - b, "interval": ci})
     return rows
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """"better" / "worse" only where the paired 95 % interval excludes zero."""
+    ci = row.get("interval")
+    if ci is None:
+        return ("higher" if row["delta"] > 0 else "not higher") + " (no interval)"
+    word = "better" if ci["low"] > 0 else "worse" if ci["high"] < 0 else "no clear difference"
+    return f"{word} (95 % interval {_signed(ci['low'])} to {_signed(ci['high'])})"
+
+
+def _signed(x: float) -> str:
+    return ("+" if x >= 0 else "") + _fmt(x)
 
 
 def _fmt(x: float) -> str:
@@ -88,9 +103,15 @@ def _fmt(x: float) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], trained: str = "trained") -> str:
-    out = [f"| metric | base | {trained} | delta |", "| --- | ---: | ---: | ---: |"]
-    out += [f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['trained'])} | {'+' if r['delta'] >= 0 else ''}{_fmt(r['delta'])} |"
-            for r in rows]
+    """Base against trained; with a paired 95 % interval of the delta where one was computed."""
+    with_ci = any(r.get("interval") for r in rows)
+    out = [f"| metric | base | {trained} | delta |" + (" 95 % interval |" if with_ci else ""),
+           "| --- | ---: | ---: | ---: |" + (" ---: |" if with_ci else "")]
+    for r in rows:
+        ci = r.get("interval")
+        interval = f" {_signed(ci['low'])} to {_signed(ci['high'])} |" if ci else " |"
+        out.append(f"| {r['metric']} | {_fmt(r['base'])} | {_fmt(r['trained'])} | {_signed(r['delta'])} |"
+                   + (interval if with_ci else ""))
     return "\n".join(out)
 
 
@@ -234,13 +255,9 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
     losses = [h["loss"] for h in train_log.get("history", []) if "loss" in h]
     timings = info.get("timings", {})
     total = sum(timings.values()) or float("nan")
-    verdict = []
-    for label, bench, path in (("POPE accuracy", "pope", ("accuracy",)), ("MME score", "mme", ("score",)),
-                               ("IFT prompt accuracy", "ift", ("prompt_accuracy",))):
-        b, t = _get(metrics["base"], bench, path), _get(metrics["trained"], bench, path)
-        if math.isnan(b):  # benchmark not run
-            continue
-        verdict.append(f"{label}: {'better' if t > b else 'not better'} ({_fmt(b)} -> {_fmt(t)})")
+    verdicts = [f"{r['metric']}: {verdict(r)} ({_fmt(r['base'])} -> {_fmt(r['trained'])})" for r in rows
+                if r["metric"] in ("POPE accuracy", "POPE F1", "MME score", "IFT prompt accuracy")
+                and not math.isnan(r["base"])]  # benchmarks run
     ipa_run = pair_stats.get("strategy") == "ipa"
     method = "IPA" if ipa_run else "M3PO"
     c = cfg.ipa
@@ -253,7 +270,7 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
             f"strategy `{cfg.selection.strategy}` (alpha={cfg.selection.alpha}, delta={cfg.selection.delta}, "
             f"log P = {cfg.selection.logp})"),
         "",
-        "**Trained vs base:** " + "; ".join(verdict),
+        "**Trained vs base** (paired bootstrap over questions): " + "; ".join(verdicts),
         "",
         f"## Base model vs {method} (held-out benchmarks)",
         "",

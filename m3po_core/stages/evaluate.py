@@ -34,6 +34,9 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     key = stage_key(cfg, "evaluate", train_key, model_ref, public_sources(cfg))
     record = trained_under_its_name(done_record(store, "metrics.json", key))
     if not (attempt := _rating_attempt(record, "base", "trained")):
+        if "intervals" not in record:  # metrics written before intervals were: add them from the predictions
+            record["intervals"] = base_vs_trained_intervals(cfg, store)
+            store.write_json("metrics.json", record)
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
     trained = _evaluate_model(cfg, store, model_ref, "trained", "predictions", log_fn, weights_key=train_key)
@@ -44,9 +47,26 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
         trained["preference"].update(preference.win_rate(overall("predictions/ratings-trained-preference.parquet"),
                                                          overall("eval/ratings-base-preference.parquet")))
         log_fn(f"trained preference: win rate vs base {trained['preference']['win_rate']:.3f}")
-    metrics = {"key": key, "base": base["metrics"], "trained": trained, "attempts": attempt}
+    metrics = {"key": key, "base": base["metrics"], "trained": trained, "attempts": attempt,
+               "intervals": base_vs_trained_intervals(cfg, store)}
     store.write_json("metrics.json", metrics)
     return metrics
+
+
+def base_vs_trained_intervals(cfg: RunConfig, store: RunStore) -> dict[str, Any]:
+    """Paired bootstrap 95 % intervals of trained - base over the benchmark's questions (POPE accuracy
+    and F1, MME score; m3po_core/evaluation/paired.py), from both models' cached predictions."""
+    from m3po_core.evaluation import paired
+
+    out: dict[str, Any] = {}
+    for bench, intervals in (("pope", paired.pope_intervals), ("mme", paired.mme_intervals)):
+        if bench not in cfg.evaluation.benchmarks:
+            continue
+        n_shards = -(-len(benchmark_questions(cfg, store, bench)) // cfg.evaluation.shard_size)
+        base, trained = (store.read_stage(f"{folder}/predictions-{model}-{bench}", n_shards).to_pylist()
+                         for folder, model in (("eval", "base"), ("predictions", "trained")))
+        out[bench] = intervals(base, trained, seed=cfg.seed)
+    return out
 
 
 def trained_under_its_name(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
