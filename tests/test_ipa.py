@@ -222,3 +222,30 @@ def test_openai_verifier_stops_on_a_wrong_key_instead_of_leaving_everything_unve
             server2.stop()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_m3po_ipa_runs_end_to_end_through_the_cli(tmp_path):
+    """`m3po ipa`: IPA's rounds, training, evaluation and its report card, through the same epilogue
+    as M3PO's pipeline; `m3po status` then shows its rounds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env = {k: v for k, v in env.items() if not k.startswith("PREFECT_API")}
+    root = str(tmp_path / "runs")
+    out = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "ipa", "--config", str(TINY), "--root", root],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| POPE accuracy |" in out.stdout and "round(s)" in out.stdout
+    run = tmp_path / "runs" / "tiny-ipa"
+    assert json.loads((run / "method.json").read_text()) == {"method": "ipa"}
+    assert (run / "report.md").read_text().startswith("# IPA report card: run `tiny-ipa`")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"base", "trained", "intervals"} <= set(metrics) and "m3po" not in metrics
+    assert {"accuracy", "f1"} <= set(metrics["intervals"]["pope"])
+    status = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "status", "tiny-ipa", "--root", root],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and "ipa/round-1/responses" in status.stdout
