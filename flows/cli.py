@@ -23,17 +23,29 @@ STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 def ephemeral_startup_budget() -> None:
     """Give the ephemeral API time to start on a fresh machine, unless the user set a budget (in the
-    environment or in the active Prefect profile: theirs wins)."""
-    if STARTUP_SETTING in os.environ:
+    environment or in the active Prefect profile: theirs wins). Must run before Prefect is imported:
+    Prefect reads its settings once, at import, so the profile is read here from its file."""
+    if STARTUP_SETTING in os.environ or STARTUP_SETTING in _active_profile():
         return
-    try:
-        from prefect.context import get_settings_context
-
-        if STARTUP_SETTING in {s.name for s in get_settings_context().profile.settings}:
-            return
-    except Exception:  # no readable profile: the default applies
-        pass
     os.environ[STARTUP_SETTING] = EPHEMERAL_STARTUP_SECONDS
+
+
+def _active_profile() -> dict:
+    """The settings of the active Prefect profile (PREFECT_PROFILES_PATH, else PREFECT_HOME/profiles.toml)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: no profile check, the default applies unless the environment sets it
+        return {}
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return profiles.get("profiles", {}).get(active, {})
 
 
 def _quiet_libraries() -> None:
@@ -243,8 +255,8 @@ def _on_interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
     ephemeral_startup_budget()
+    _quiet_libraries()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_interrupt)
     try:
