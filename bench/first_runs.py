@@ -43,7 +43,8 @@ def try_once(mode: str) -> tuple[bool, float, str]:
     env.update({"PREFECT_HOME": tempfile.mkdtemp(prefix="m3po-first-run-"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=600)
-    why = "" if out.returncode == 0 else (out.stderr.strip().splitlines() or ["?"])[-1][:160]
+    errors = [line for line in out.stderr.splitlines() if "Error" in line or "Timed out" in line]
+    why = "" if out.returncode == 0 else (errors or out.stderr.strip().splitlines() or ["?"])[-1][:160]
     return out.returncode == 0, time.time() - t0, why
 
 
