@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,8 +39,6 @@ def cached(key: tuple, build: Callable[[], Any]) -> Any:
     """Build a component once per process under `key` (its first element names its kind)."""
     with device_slot():
         if key not in _MODELS:
-            import time
-
             t0 = time.time()
             _MODELS[key] = build()
             log.info("loaded %s %s in this process (pid %d) in %.1fs", key[0], key[1], os.getpid(), time.time() - t0)

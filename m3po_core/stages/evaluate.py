@@ -39,7 +39,9 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
             store.write_json("metrics.json", record)
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
-    trained = _evaluate_model(cfg, store, model_ref, "trained", "predictions", log_fn, weights_key=train_key)
+    adapter = components.Adapter("adapter", train_key, label="m3po", served_name=cfg.evaluation.served_adapter)
+    trained = _evaluate_model(cfg, store, model_ref, "trained", "predictions", log_fn, weights_key=train_key,
+                              adapter=adapter)
     if "preference" in trained:  # pairwise against the base model's responses to the same prompts
         from m3po_core.evaluation import preference
 
@@ -101,11 +103,14 @@ def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
 
 
 def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name: str, folder: str,
-                    log_fn: Callable[[str], None], weights_key: Any) -> dict[str, Any]:
+                    log_fn: Callable[[str], None], weights_key: Any,
+                    adapter: components.Adapter | None = None) -> dict[str, Any]:
     """One model on every configured benchmark. Predictions are cached per shard of questions
     (`{folder}/predictions-{model}-{bench}/shard-*.parquet` with a manifest, like sampling): an
     interrupted evaluation resumes where it stopped, and the model is loaded only if a shard
-    needs computing. `weights_key` says which weights answered (base model, or the adapter's run)."""
+    needs computing. `weights_key` says which weights answered (base model, or the adapter's run);
+    `adapter` is applied to the base model (None: the base model answers), through
+    `evaluation.backend` (default: the sampling backend)."""
     from m3po_core.evaluation import ift, mme, pope, preference
     from m3po_core.sampling import greedy_batched
 
@@ -113,7 +118,8 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
 
     def sampler():
         if "sampler" not in loaded:
-            loaded["sampler"] = _answerer(cfg, store, model_ref, weights_key)
+            loaded["sampler"] = components.sampler_for(cfg, store, model_ref, adapter,
+                                                       backend=cfg.evaluation.backend or cfg.sampling.backend)
         return loaded["sampler"]
 
     images: dict[str, Image.Image] = {}
@@ -192,12 +198,3 @@ def _headline(bench: str, m: dict[str, Any]) -> str:
     if bench == "pope":
         return f"accuracy {m['accuracy']:.3f} f1 {m['f1']:.3f} yes-ratio {m['yes_ratio']:.2f}"
     return f"score {m['score']:.1f}"
-
-
-def _answerer(cfg: RunConfig, store: RunStore, model_ref: str, weights_key: Any):
-    """The sampler that answers for the base model (`weights_key` ["base", ref]) or for the
-    trained adapter (`weights_key` its train key), through `evaluation.backend` (default: the
-    sampling backend)."""
-    adapter = None if isinstance(weights_key, list) else components.Adapter(
-        "adapter", weights_key, label="m3po", served_name=cfg.evaluation.served_adapter)
-    return components.sampler_for(cfg, store, model_ref, adapter, backend=cfg.evaluation.backend or cfg.sampling.backend)
