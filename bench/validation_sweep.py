@@ -18,6 +18,7 @@ from m3po_core import models
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.data.images import load_image
 from m3po_core.data import synthetic as world
+from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
 from m3po_core.evaluation import mme, pope
 from m3po_core.sampling import greedy_batched
 from m3po_core.sampling.transformers_backend import TransformersSampler
@@ -26,10 +27,11 @@ from m3po_core.training import pairs_dataset, train_lora_dpo
 
 
 def val_benchmarks(cfg, n_scenes=200):
-    sft = world.make_scenes(cfg.seed, "sft", cfg.data.world.n_sft_scenes)
-    val = world.make_scenes(cfg.seed, "val", n_scenes)
+    bias = world.WorldBias.of(cfg.data.world)
+    sft = world.make_scenes(cfg.seed, "sft", cfg.data.world.n_sft_scenes, bias)
+    val = world.make_scenes(cfg.seed, "val", n_scenes, bias)
     images = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in val}
-    return images, {"pope": world.pope_questions(val, cfg.seed + 1, sft), "mme": world.mme_questions(val, cfg.seed + 1)}
+    return images, {"pope": pope_questions(val, cfg.seed + 1, sft, bias), "mme": mme_questions(val, cfg.seed + 1, bias)}
 
 
 def score(model, processor, images, benches, max_new_tokens):

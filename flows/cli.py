@@ -6,6 +6,7 @@ show in that server's UI.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -52,9 +53,14 @@ def _quiet_libraries() -> None:
     # Route our loggers into Prefect's run logs; keep library chatter out of the terminal.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "m3po,transformers,trl,peft,accelerate,vllm")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the ephemeral server
+    # The terminal shows one progress line per stage (m3po_core/progress.py) and warnings; every log
+    # line still goes to Prefect's run logs (the UI) and to the run's log file (`_run_log`).
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # open_clip warns that a model it built has no pretrained weights: the tiny CLIP is trained here
+    logging.getLogger().addFilter(lambda r: not r.getMessage().startswith("No pretrained weights loaded for model 'm3po-tiny-clip'"))
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -123,6 +129,52 @@ def _config(section: str | None) -> int:
         return 2
     print(text, end="")
     return 0
+
+
+class _RunLog:
+    """Every log record of a command (Prefect's flow and task run logs, the m3po and library loggers
+    routed into them) also in a file in the run: `{run}/logs/{command}-{time}.log`. For a remote
+    root the file is written locally and uploaded when the command ends (`close`)."""
+
+    def __init__(self, root: str, run_id: str, command: str):
+        import tempfile
+
+        from m3po_core.store import RunStore
+
+        self.store = RunStore(root, run_id)
+        self.rel = f"logs/{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        if self.store.is_local:
+            os.makedirs(os.path.dirname(self.store.path(self.rel)), exist_ok=True)
+            self.local = self.store.path(self.rel)
+        else:
+            self.local = os.path.join(tempfile.mkdtemp(prefix="m3po-log-"), os.path.basename(self.rel))
+        self.handler = logging.FileHandler(self.local, encoding="utf-8")
+        self.handler.setLevel(logging.INFO)
+        from prefect.logging.formatters import PrefectFormatter
+
+        self.handler.setFormatter(PrefectFormatter(
+            "%(asctime)s %(levelname)-7s %(name)s - %(message)s",
+            flow_run_fmt="%(asctime)s %(levelname)-7s flow run %(flow_run_name)r - %(message)s",
+            task_run_fmt="%(asctime)s %(levelname)-7s task run %(task_run_name)r - %(message)s"))
+        # "prefect" carries the flow and task run loggers; the others are the loggers Prefect routes
+        # into run logs (PREFECT_LOGGING_EXTRA_LOGGERS), which do not propagate through "prefect"
+        self.loggers = [logging.getLogger(n) for n in ["prefect", *os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"].split(",")]]
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+
+    def close(self) -> str:
+        """Detach, publish (remote roots) and return where the log is."""
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+        self.handler.close()
+        if self.store.is_local:
+            return self.local
+        try:
+            with open(self.local, "rb") as f:
+                self.store.write_bytes(self.rel, f.read())
+            return self.store.url(self.rel)
+        except Exception as e:  # the run's result stands without its log copy
+            return f"{self.local} (not uploaded to {self.store.url(self.rel)}: {type(e).__name__})"
 
 
 def _status(root: str, run_id: str) -> int:
@@ -304,6 +356,7 @@ def _main(args) -> int:
         return 2
     from m3po.flows.ipa import ipa_pipeline
     from m3po.flows.pipeline import m3po_pipeline
+    from m3po_core import progress
     from m3po_core.report import markdown_table
 
     from prefect import tags
@@ -311,6 +364,9 @@ def _main(args) -> int:
     t0 = time.time()
     pipeline, tag = (ipa_pipeline, "method:ipa") if method == "ipa" else \
         (m3po_pipeline, f"strategy:{cfg.selection.strategy}")
+    print(f"m3po {args.command} {run_id}: {RunStore(args.root, run_id).url()}", flush=True)
+    run_log = _RunLog(args.root, run_id, args.command)
+    progress.install(sys.stderr)
     try:
         with tags(f"run:{run_id}", f"config:{cfg.name}", tag):
             result = pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
@@ -325,9 +381,11 @@ def _main(args) -> int:
                   "(`prefect server start`) and set PREFECT_API_URL to it", file=sys.stderr)
             return 1
         kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
-        print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`)",
-              file=sys.stderr)
+        print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`; "
+              f"full log: {run_log.close()})", file=sys.stderr)
         return 1
+    finally:
+        progress.uninstall()
     from m3po_core.report import HEADLINE, comparison_rows, win_rate_line
 
     rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if not math.isnan(r["base"])]  # benchmarks run
@@ -344,6 +402,7 @@ def _main(args) -> int:
         print(f"\npairs: {p['pairs']} of {p['groups']} prompts; mean MAS gap {p['mean_mas_gap']:.3f}, "
               f"mean log P gap {p['mean_logp_gap']:.3f}")
     print(f"report card: {result['report']}  ({time.time() - t0:.0f}s)")
+    print(f"full log: {run_log.close()}")
     return 0
 
 

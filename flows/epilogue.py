@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from m3po_core import progress
 from m3po_core.components import resolve_model
 from m3po_core.config import RunConfig
 from m3po_core.report import build_report
@@ -49,7 +50,11 @@ class StageClock:
 
     def __call__(self, name: str, stage: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t0 = time.time()
-        out = stage(*args, **kwargs)
+        progress.begin(name)
+        try:
+            out = stage(*args, **kwargs)
+        finally:
+            progress.end()
         self.timings[name] = time.time() - t0
         return out
 

@@ -70,8 +70,15 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
             f"{r['metric']} {r['value']:.3f}" for r in rows if r["cell_id"] == cell.cell_id))
 
     store.write_table("experiment/results.parquet", pa.Table.from_pylist(rows))
+    paired = ex.paired_rows(cells, lambda cell_id, bench: _answers(cfg, store, cell_id, bench))
+    if paired:
+        store.write_table("experiment/comparisons.parquet", pa.Table.from_pylist(paired))
     markdown = "\n".join([f"# M3PO experiment `{run_id}`", "", ex.tables(rows, recipes, alphas, deltas, len(seeds)),
-                          "### Does M3PO beat the others?", "", *ex.verdicts(rows, recipes), "",
+                          "### Does M3PO beat the others?", "",
+                          "Paired bootstrap over the benchmark's questions, M3PO's answers against the other's "
+                          "on the same questions, per seed; a verdict only where every seed's interval excludes "
+                          "zero (m3po_core/evaluation/paired.py).", "",
+                          *ex.verdicts(rows, recipes, paired), "",
                           *[f"![{p}]({p})" for p in _sweep_plots(store, rows, alphas, deltas)], "",
                           f"{len(cells)} cells in {time.time() - t0:.0f} s; nothing was tuned on the evaluation "
                           "split (the demo's settings were chosen on a validation split, bench/validation_sweep.py)."])
@@ -80,6 +87,20 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
                              description="M3PO experiment tables")
     logger.info(f"tables: {store.url('experiment/tables.md')}")
     return {"rows": rows, "tables": store.url("experiment/tables.md"), "markdown": markdown}
+
+
+def _answers(cfg, store: RunStore, cell_id: str, bench: str) -> list[dict[str, Any]] | None:
+    """A cell's (or the base model's) cached answers to a benchmark; None where it has none."""
+    from m3po_core.stages.evaluate import predictions
+
+    if bench not in cfg.evaluation.benchmarks:
+        return None
+    try:
+        if cell_id == "base":
+            return predictions(cfg, store, bench, "base")
+        return predictions(cfg, CellStore(store, cell_id), bench, "trained")
+    except (FileNotFoundError, RuntimeError):  # not evaluated (or not completely): no interval
+        return None
 
 
 def _sweep_plots(store: RunStore, rows: list[dict[str, Any]], alphas: list[float], deltas: list[float]) -> list[str]:

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
+from m3po_core import progress as terminal
 from m3po_core.config import RunConfig
 from m3po_core.errors import M3POError
 from m3po_core.stages.runner import ShardResult
@@ -66,13 +67,23 @@ def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name
                           **{ref_name: unmapped(ref)}, **{k: unmapped(v) for k, v in (extra or {}).items()},
                           wait_for=wait_for)
     shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
+    terminal.shards(n_shards)
     for done, fut in enumerate(as_completed(futures), start=1):
         try:
             outcomes[shard_of[fut.task_run_id]] = fut.result()
         except Exception as e:
             outcomes[shard_of[fut.task_run_id]] = f"{type(e).__name__}: {e}"
+        _count(outcomes[shard_of[fut.task_run_id]])
         update_progress_artifact(progress, 100.0 * done / n_shards)
     return outcomes
+
+
+def _count(outcome: ShardResult | str) -> None:
+    """One more shard finished, on the terminal's progress line (a failed one adds no rows)."""
+    if isinstance(outcome, ShardResult):
+        terminal.shard_done(outcome.rows, outcome.cached)
+    else:
+        terminal.shard_done()
 
 
 @flow(name="m3po-ray-shards")
@@ -121,6 +132,7 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
                                               "shard": shard, ref_name: ref})
             for shard in range(n_shards)}
     outcomes: dict[int, ShardResult | str] = {}
+    terminal.shards(n_shards)
     with get_client(sync_client=True) as client:
         read_state = (lambda i: client.read_flow_run(i).state) if cfg.execution.shards == "deployment" else \
             (lambda i: client.read_task_run(i).state)
@@ -134,6 +146,7 @@ def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str
                     waiting.append(shard)
                 if (outcome := _shard_outcome(cfg, store, stage, shard, run_id, state, started)) is not None:
                     outcomes[shard] = outcome
+                    _count(outcome)
                     update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
             if len(outcomes) < n_shards:
                 if time.time() - warned_at > 120:  # say so when nothing takes the shards (no worker running?)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from m3po_core.config import RunConfig, config_from_dict
 
@@ -160,15 +160,71 @@ def tables(rows: list[dict[str, Any]], recipes: list[str], alphas: list[float], 
     return "\n".join(out)
 
 
-def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
-    """Plain statements: does M3PO beat each comparator, per metric, seed by seed (paired on the
-    seed; the base model is one number)? 'beats' only when it is ahead on every seed."""
+COMPARATORS = ("m3po_alpha0", "dpo", "rm_dpo", "sft", "ipa", "base")
+# metrics with a paired bootstrap interval over questions (m3po_core/evaluation/paired.py)
+PAIRED = (("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("MME score", "mme", "score"))
+
+
+def paired_rows(cells: list[Cell], read_predictions: Callable[[str, str], list[dict] | None]) -> list[dict[str, Any]]:
+    """M3PO against each comparator, seed by seed: paired bootstrap 95 % intervals over questions of
+    (M3PO - comparator), from both cells' answers to the same questions. `read_predictions(cell_id,
+    bench)` gives a cell's answers ("base": the base model's), or None where there are none."""
+    from m3po_core.evaluation import paired
+
+    by_id = {c.cell_id: c for c in cells}
+    ours = sorted((c for c in cells if c.recipe == "m3po" and c.alpha is None and c.delta is None), key=lambda c: c.seed)
+    rows = []
+    for other in COMPARATORS:
+        for cell in ours:
+            theirs = "base" if other == "base" else Cell(other, cell.seed).cell_id
+            if theirs != "base" and theirs not in by_id:
+                continue
+            for bench in sorted({b for _, b, _ in PAIRED}):
+                a, b = read_predictions(theirs, bench), read_predictions(cell.cell_id, bench)
+                if a is None or b is None:
+                    continue
+                found = paired.intervals(bench, a, b, seed=cell.seed)
+                rows += [{"comparator": other, "seed": cell.seed, "metric": label, **found[key]}
+                         for label, bench_of, key in PAIRED if bench_of == bench]
+    return rows
+
+
+def _digits(metric: str) -> int:
+    return 1 if metric.startswith("MME") else 2 if "(1-5)" in metric else 3
+
+
+def interval_verdicts(paired: list[dict[str, Any]]) -> list[str]:
+    """'beats' / 'loses to' only where every seed's interval excludes zero on that side."""
     out = []
+    for other in COMPARATORS:
+        for metric, _, _ in PAIRED:
+            found = sorted((r for r in paired if r["comparator"] == other and r["metric"] == metric),
+                           key=lambda r: r["seed"])
+            if not found:
+                continue
+            d = _digits(metric)
+            above, below = sum(r["low"] > 0 for r in found), sum(r["high"] < 0 for r in found)
+            word = "beats" if above == len(found) else "loses to" if below == len(found) else "does not clearly beat"
+            mean, sd = mean_sd([r["delta"] for r in found])
+            spans = ", ".join(f"[{r['low']:+.{d}f}, {r['high']:+.{d}f}]" for r in found)
+            out.append(f"- M3PO {word} {LABELS[other]} on {metric}: difference {mean:+.{d}f} ± {sd:.{d}f} over "
+                       f"{len(found)} seed(s); 95 % intervals over questions, seed by seed: {spans} "
+                       f"({above} above zero, {below} below)")
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]], recipes: list[str], paired: list[dict[str, Any]] | None = None) -> list[str]:
+    """Plain statements. Metrics with paired intervals (`paired_rows`) get a verdict from them
+    (`interval_verdicts`); the others are compared seed by seed and get no verdict word."""
     if "m3po" not in recipes:
-        return out
+        return []
+    out = interval_verdicts(paired or [])
+    with_intervals = {r["metric"] for r in paired or []}
     plain = dict(alpha=None, delta=None)
-    for other in [r for r in ("m3po_alpha0", "dpo", "rm_dpo", "sft", "ipa", "base") if r in recipes or r == "base"]:
+    for other in [r for r in COMPARATORS if r in recipes or r == "base"]:
         for metric in ("POPE acc", "MME score", "IFT prompt acc", "Accuracy (1-5)"):
+            if metric in with_intervals:
+                continue
             ours = {r["seed"]: r["value"] for r in rows if r["recipe"] == "m3po" and r["metric"] == metric
                     and r["alpha"] is None and r["delta"] is None}
             if other == "base":
@@ -182,10 +238,7 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
                 continue
             diffs = [ours[s] - theirs[s] for s in seeds]
             mean, sd = mean_sd(diffs)
-            wins = sum(d > 0 for d in diffs)
-            word = "beats" if wins == len(diffs) else "loses to" if wins == 0 and all(d < 0 for d in diffs) \
-                else "does not clearly beat"
-            digits = 1 if metric.startswith("MME") else 2 if "(1-5)" in metric else 3
-            out.append(f"- M3PO {word} {LABELS[other]} on {metric}: difference {mean:+.{digits}f} ± {sd:.{digits}f} "
-                       f"(ahead on {wins} of {len(diffs)} seeds)")
+            d = _digits(metric)
+            out.append(f"- M3PO against {LABELS[other]} on {metric}: difference {mean:+.{d}f} ± {sd:.{d}f} "
+                       f"(ahead on {sum(x > 0 for x in diffs)} of {len(diffs)} seeds; no paired interval, so no verdict)")
     return out

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
+from m3po_core import progress as terminal
 from m3po_core.components import release_engines, resolve_model
 from m3po_core.config import RunConfig, TrainingConfig
 from m3po_core.data.images import load_image
@@ -118,6 +119,10 @@ def train_lora_dpo(
                       target_modules=target, task_type="CAUSAL_LM")
 
     class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                terminal.steps(state.global_step, state.max_steps)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if log_fn and logs and "loss" in logs and (state.global_step % 10 == 0 or state.global_step == state.max_steps):
                 log_fn(f"DPO step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "

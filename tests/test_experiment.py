@@ -25,13 +25,43 @@ def test_tables_show_mean_and_sample_sd_over_seeds():
     assert "| SFT" not in md and "Table 3" not in md  # recipes not run are not shown
 
 
-def test_verdicts_pair_seeds_and_say_beats_only_when_ahead_on_every_seed():
+def test_without_paired_intervals_the_seeds_are_compared_but_no_verdict_is_given():
     rows = (_rows("base", [0.65], seeds=(None,)) + _rows("m3po", [0.6, 0.7, 0.8])
             + _rows("m3po_alpha0", [0.5, 0.6, 0.7]) + _rows("dpo", [0.7, 0.6, 0.9]))
     lines = "\n".join(ex.verdicts(rows, ["base", "dpo", "m3po", "m3po_alpha0"]))
-    assert "M3PO beats M3PO (alpha = 0) on POPE acc: difference +0.100 ± 0.000 (ahead on 3 of 3 seeds)" in lines
-    assert "M3PO does not clearly beat Vanilla DPO on POPE acc: difference -0.033 ± 0.115 (ahead on 1 of 3 seeds)" in lines
-    assert "M3PO does not clearly beat Base model on POPE acc: difference +0.050 ± 0.100 (ahead on 2 of 3 seeds)" in lines
+    assert ("M3PO against M3PO (alpha = 0) on POPE acc: difference +0.100 ± 0.000 (ahead on 3 of 3 seeds; "
+            "no paired interval, so no verdict)") in lines
+    assert "M3PO against Vanilla DPO on POPE acc: difference -0.033 ± 0.115 (ahead on 1 of 3 seeds;" in lines
+    assert "beats" not in lines
+
+
+def _answers(right: list[bool], category="random"):
+    """POPE-style answers to questions 0..n-1 (gold: yes for even ids), right or wrong as given."""
+    rows = []
+    for i, ok in enumerate(right):
+        gold = "yes" if i % 2 == 0 else "no"
+        said = gold if ok else ("no" if gold == "yes" else "yes")
+        rows.append({"question_id": f"q{i}", "category": category, "instruction": f"is there a thing {i} ?",
+                     "answer": gold, "prediction": f"{said} ."})
+    return rows
+
+
+def test_method_against_method_verdicts_come_from_paired_intervals_seed_by_seed():
+    n = 400
+    cells = ex.grid(["m3po", "dpo", "rm_dpo"], [0, 1])
+    clearly = [i % 5 != 0 for i in range(n)]                  # 80 % right
+    worse = [i % 5 != 0 and i % 7 != 0 for i in range(n)]     # the same, and wrong on every 7th as well
+    answers = {"m3po-seed0": clearly, "m3po-seed1": clearly, "dpo-seed0": worse, "dpo-seed1": worse,
+               "rm_dpo-seed0": clearly, "rm_dpo-seed1": worse, "base": worse}
+    read = lambda cell_id, bench: _answers(answers[cell_id]) if bench == "pope" else None
+    paired = ex.paired_rows(cells, read)
+    assert {(r["comparator"], r["seed"]) for r in paired} == {(c, s) for c in ("dpo", "rm_dpo", "base") for s in (0, 1)}
+    dpo0 = next(r for r in paired if r["comparator"] == "dpo" and r["seed"] == 0 and r["metric"] == "POPE acc")
+    assert dpo0["delta"] == pytest.approx(sum(clearly) / n - sum(worse) / n) and dpo0["low"] > 0
+    lines = "\n".join(ex.verdicts([], ["base", "m3po", "dpo", "rm_dpo"], paired))
+    assert "M3PO beats Vanilla DPO on POPE acc" in lines and "(2 above zero, 0 below)" in lines
+    # one seed tied (identical answers: a zero-width interval at 0): no verdict
+    assert "M3PO does not clearly beat RM-DPO on POPE acc" in lines and "(1 above zero, 0 below)" in lines
 
 
 def test_cells_apply_their_recipe_and_seed():
@@ -85,7 +115,11 @@ def test_experiment_reuses_the_samples_and_writes_the_tables(tmp_path):
     md = (base / "experiment/tables.md").read_text()
     for heading in ("Table 1", "Table 3", "Table 5"):
         assert heading in md
-    assert "| M3PO | " in md and "±" in md and "(ahead on" in md
+    assert "| M3PO | " in md and "±" in md and "95 % intervals over questions, seed by seed" in md
+    comparisons = pq.read_table(base / "experiment/comparisons.parquet").to_pylist()
+    assert {(r["comparator"], r["metric"]) for r in comparisons} >= {("dpo", "POPE acc"), ("m3po_alpha0", "MME score"),
+                                                                   ("base", "POPE F1")}
+    assert all(r["low"] <= r["high"] and r["n_boot"] > 0 for r in comparisons)
     assert (base / "experiment/alpha_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert out["markdown"] == md
 

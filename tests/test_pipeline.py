@@ -89,6 +89,17 @@ def test_cli_rerun_recomputes_nothing(finished_run, root):
                           "--run-id", "t1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| POPE accuracy |" in out.stdout
+    # the terminal: one progress line per stage (plain lines, not a terminal), no per-shard log lines
+    lines = out.stderr.splitlines()
+    for stage in ("generate", "score", "select", "train", "evaluate"):
+        assert any(line.startswith(stage) and line.endswith("done") for line in lines), out.stderr[-2000:]
+    assert any("3/3 shards" in line for line in lines if line.startswith("score"))
+    assert not any("Finished in state" in line for line in lines)
+    # ... while the full log is in a file in the run, whose path the end of the run prints
+    log_path = Path(out.stdout.split("full log: ")[1].split()[0])
+    assert log_path.parent == Path(store.path("logs")) and log_path.exists()
+    log_text = log_path.read_text()
+    assert "Beginning flow run 'm3po-t1'" in log_text and "task run 'sample-shard" in log_text
     info = store.read_json("report_info.json")
     assert info["computed_shards"] == {"candidates": 0, "scores": 0}
     assert {p: p.stat().st_mtime_ns for p in Path(store.path("")).rglob("*.parquet")} == stamp

@@ -13,13 +13,12 @@ from m3po_core.data.synthetic import (
     instruction_text,
     make_prompts,
     make_scenes,
-    mme_questions,
     parse_instruction,
-    pope_questions,
     reference_answer,
     render,
     vocabulary,
 )
+from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
 from m3po_core.errors import ConfigError
 
 

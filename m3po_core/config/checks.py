@@ -19,6 +19,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")
+    for key in ("cooccurrence", "answer_bias"):
+        if not 0 <= getattr(cfg.data.world, key) <= 1:
+            raise ConfigError(f"configuration key 'data.world.{key}': a probability in [0, 1], "
+                              f"got {getattr(cfg.data.world, key)}")
     if cfg.sampling.temperature <= 0 or not 0 < cfg.sampling.top_p <= 1:
         raise ConfigError("configuration keys 'sampling.temperature' (> 0) and 'sampling.top_p' (0, 1]: "
                           f"got {cfg.sampling.temperature}, {cfg.sampling.top_p}")

@@ -31,6 +31,14 @@ class WorldConfig:
     prompts_per_scene: int = field(default=2, metadata={"help": "Instructions per train scene: n_train_scenes x "
                                                                 "prompts_per_scene M3PO prompts."})
     image_size: int = field(default=64, metadata={"help": "Side of the rendered square scene images, in pixels."})
+    cooccurrence: float = field(default=0.0, metadata={
+        "help": "The world's co-occurrence statistics: the probability that a scene with room for another object "
+                "holds the companion (synthetic.COMPANIONS) of one it holds, as forks come with knives. 0: objects "
+                "independent (and no questions aimed at companions)."})
+    answer_bias: float = field(default=0.0, metadata={
+        "help": "Co-occurrence bias of the instruction data (the sft and train splits, never val/eval): the share of "
+                "questions about an absent companion of a present object whose answer says it is there, as answers "
+                "written from captions and co-occurrence priors do. 0: every answer true to the image."})
 
 
 @dataclass

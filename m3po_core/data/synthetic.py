@@ -17,6 +17,13 @@ construction is that splits draw from independent rngs derived from
 from the scene_id (pixel noise and shape jitter), so no held-out image is
 pixel-identical to a training image: the model can learn the world, not
 memorise images.
+
+Co-occurrence (`WorldBias`), the regime M3PO is for: objects come in companion couples
+(`COMPANIONS`, like fork and knife) that scenes tend to hold together, and the instruction data
+(`sft` and `train` splits) may answer a question about an absent companion of a present object
+with "yes", as answers written from captions and priors do (POPE, Li et al. 2023; LURE, Zhou et
+al. 2024). A base trained on it hallucinates companions confidently; its own samples sometimes say
+"no", and the judge knows which is right. `WorldBias()` (all zero) is the control world.
 """
 
 from __future__ import annotations
@@ -60,6 +67,14 @@ MME_CATEGORIES = {
 }
 
 ALL_PAIRS = tuple(product(COLOURS, SHAPES))  # every (colour, shape)
+# Six couples of objects that co-occur in a world with WorldBias.cooccurrence > 0. Each couple
+# differs in colour and shape, so a companion is never a look-alike: only the prior links them.
+_COUPLES = ((("red", "circle"), ("blue", "square")), (("red", "square"), ("yellow", "triangle")),
+            (("red", "triangle"), ("green", "circle")), (("green", "square"), ("yellow", "circle")),
+            (("green", "triangle"), ("blue", "circle")), (("blue", "triangle"), ("yellow", "square")))
+COMPANIONS = {a: b for pair in _COUPLES for a, b in (pair, pair[::-1])}
+assert sorted(COMPANIONS) == sorted(ALL_PAIRS)
+COMPANION_QUESTION_SHARE = 0.5  # in a biased world, half of the "no" existence questions ask about a companion
 MAX_OBJECTS = 3
 MAX_COUNT_ASKED = 4  # count_check may ask about 1..4 shapes
 
@@ -71,6 +86,26 @@ _RGB = {
 }
 _BACKGROUND = 215  # light grey
 _NOISE = 4  # +- per channel: makes every image unique without hiding shapes
+
+
+@dataclass(frozen=True)
+class WorldBias:
+    """The world's co-occurrence (data.world.cooccurrence, answer_bias); all zero: the control world."""
+
+    cooccurrence: float = 0.0
+    answer_bias: float = 0.0
+
+    @staticmethod
+    def of(world) -> WorldBias:
+        """The bias of a `data.world` section (config.WorldConfig)."""
+        return WorldBias(world.cooccurrence, world.answer_bias)
+
+    @property
+    def active(self) -> bool:
+        return self.cooccurrence > 0 or self.answer_bias > 0
+
+
+NO_BIAS = WorldBias()
 
 
 @dataclass(frozen=True)
@@ -106,6 +141,11 @@ class Scene:
     def find(self, colour: str, shape: str) -> SceneObject | None:
         return next((o for o in self.objects if (o.colour, o.shape) == (colour, shape)), None)
 
+    def absent_companions(self) -> list[tuple[str, str]]:
+        """Absent objects whose companion is in the scene (the ones a biased prior asserts)."""
+        present = self.pairs()
+        return sorted({COMPANIONS[p] for p in present} - present, key=ALL_PAIRS.index)
+
     def unique_shapes(self) -> list[str]:
         """Shapes appearing exactly once (those a colour question can name)."""
         counts = Counter(o.shape for o in self.objects)
@@ -117,7 +157,7 @@ class Scene:
         return next(o.colour for o in self.objects if o.shape == shape)
 
 
-def _rng(seed: int, *parts: str) -> random.Random:
+def seeded_rng(seed: int, *parts: str) -> random.Random:
     # random.Random seeds from a str via SHA-512: stable across processes.
     return random.Random("/".join([str(seed), *parts]))
 
@@ -125,19 +165,19 @@ def _rng(seed: int, *parts: str) -> random.Random:
 # ---------------------------------------------------------------- scenes
 
 
-def make_scenes(seed: int, split: str, n: int) -> list[Scene]:
+def make_scenes(seed: int, split: str, n: int, bias: WorldBias = NO_BIAS) -> list[Scene]:
     """``n`` scenes of ``split``, ids f"{split}-{i:05d}"; see the module docstring."""
     if split not in SPLITS:
         raise ConfigError(f"split: unknown split {split!r}; expected one of {SPLITS}")
-    rng = _rng(seed, "scenes", split)
-    return [_random_scene(rng, f"{split}-{i:05d}") for i in range(n)]
+    rng = seeded_rng(seed, "scenes", split)
+    return [_random_scene(rng, f"{split}-{i:05d}", bias.cooccurrence) for i in range(n)]
 
 
-def _random_scene(rng: random.Random, scene_id: str) -> Scene:
+def _random_scene(rng: random.Random, scene_id: str, cooccurrence: float = 0.0) -> Scene:
     while True:
         k = rng.randint(1, MAX_OBJECTS)
         positions = rng.sample(POSITIONS, k)
-        pairs = rng.sample(ALL_PAIRS, k)
+        pairs = _cooccurring_pairs(rng, k, cooccurrence) if cooccurrence else rng.sample(ALL_PAIRS, k)
         objects = tuple(
             sorted(
                 (SceneObject(shape=s, colour=c, position=p) for (c, s), p in zip(pairs, positions)),
@@ -147,6 +187,19 @@ def _random_scene(rng: random.Random, scene_id: str) -> Scene:
         scene = Scene(scene_id=scene_id, objects=objects)
         if scene.unique_shapes():
             return scene
+
+
+def _cooccurring_pairs(rng: random.Random, k: int, cooccurrence: float) -> list[tuple[str, str]]:
+    """``k`` distinct objects; each after the first is, with probability ``cooccurrence``, the
+    companion of one already placed (while one is missing), else any other."""
+    pairs = [rng.choice(ALL_PAIRS)]
+    while len(pairs) < k:
+        missing = [COMPANIONS[p] for p in pairs if COMPANIONS[p] not in pairs]
+        if missing and rng.random() < cooccurrence:
+            pairs.append(rng.choice(missing))
+        else:
+            pairs.append(rng.choice([p for p in ALL_PAIRS if p not in pairs]))
+    return pairs
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
@@ -312,13 +365,17 @@ def vocabulary() -> list[str]:
 # ---------------------------------------------------------------- prompts
 
 
-def _sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random) -> dict:
-    """Question parameters for ``kind``; ``answer_yes`` picks the answer of yes/no kinds."""
+def sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random,
+                   bias: WorldBias = NO_BIAS) -> dict:
+    """Question parameters for ``kind``; ``answer_yes`` picks the answer of yes/no kinds. In a
+    biased world some "no" existence questions ask about an absent companion."""
     obj = rng.choice(scene.objects)
     if kind in ("exist", "position"):
         if answer_yes or kind == "position":
             return {"colour": obj.colour, "shape": obj.shape}
         absent = [pair for pair in ALL_PAIRS if pair not in scene.pairs()]
+        if bias.active and scene.absent_companions() and rng.random() < COMPANION_QUESTION_SHARE:
+            absent = scene.absent_companions()
         colour, shape = rng.choice(absent)
         return {"colour": colour, "shape": shape}
     if kind in ("colour", "colour_check"):
@@ -343,94 +400,34 @@ def _sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random
 
 
 def make_prompts(
-    scenes: list[Scene], seed: int, kinds: tuple[str, ...] = KINDS, per_scene: int = 2
+    scenes: list[Scene], seed: int, kinds: tuple[str, ...] = KINDS, per_scene: int = 2,
+    bias: WorldBias = NO_BIAS,
 ) -> list[dict]:
-    """``per_scene`` prompts of distinct kinds per scene; yes/no kinds alternate yes, no."""
+    """``per_scene`` prompts of distinct kinds per scene; yes/no kinds alternate yes, no. With
+    ``bias.answer_bias`` (instruction data only) an absent companion may be answered "yes"."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ConfigError(f"kinds: unknown instruction kinds {unknown}; expected some of {KINDS}")
     asked: Counter[str] = Counter()  # per kind, so yes/no answers stay balanced
     prompts = []
     for scene in scenes:
-        rng = _rng(seed, "prompts", scene.scene_id)
+        rng = seeded_rng(seed, "prompts", scene.scene_id)
         for j, kind in enumerate(rng.sample(list(kinds), min(per_scene, len(kinds)))):
-            params = _sample_params(scene, kind, answer_yes=asked[kind] % 2 == 0, rng=rng)
+            params = sample_params(scene, kind, answer_yes=asked[kind] % 2 == 0, rng=rng, bias=bias)
             asked[kind] += 1
+            reference = answer_text(scene, kind, params)
+            if (kind == "exist" and bias.answer_bias
+                    and (params["colour"], params["shape"]) in scene.absent_companions()
+                    and rng.random() < bias.answer_bias):
+                reference = f"yes , there is a {params['colour']} {params['shape']} ."
             prompts.append(
                 {
                     "prompt_id": f"{scene.scene_id}-q{j}",
                     "scene_id": scene.scene_id,
                     "kind": kind,
                     "instruction": instruction_text(kind, params),
-                    "reference": answer_text(scene, kind, params),
+                    "reference": reference,
                     "scene": scene.to_json(),
                 }
             )
     return prompts
-
-
-# ---------------------------------------------------------------- evaluation sets
-
-
-def _exist_row(scene: Scene, colour: str, shape: str) -> dict:
-    return {
-        "scene_id": scene.scene_id,
-        "instruction": instruction_text("exist", {"colour": colour, "shape": shape}),
-        "answer": "yes" if scene.find(colour, shape) else "no",
-        "scene": scene.to_json(),
-    }
-
-
-def pope_questions(scenes: list[Scene], seed: int, train_scenes: list[Scene]) -> list[dict]:
-    """POPE-style existence questions: per image and category, every present object
-    (yes) and as many absent ones (no). Negatives: random = uniformly drawn absent
-    pairs; popular = the absent pairs most frequent in ``train_scenes``;
-    adversarial = absent pairs sharing a colour or a shape with a present object."""
-    frequency = Counter(pair for scene in train_scenes for pair in scene.pairs())
-    by_popularity = sorted(ALL_PAIRS, key=lambda pair: (-frequency[pair], ALL_PAIRS.index(pair)))
-    rows = []
-    for scene in scenes:
-        rng = _rng(seed, "pope", scene.scene_id)
-        present = [(o.colour, o.shape) for o in scene.objects]
-        absent = [pair for pair in ALL_PAIRS if pair not in present]
-        confusable = [
-            (c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)
-        ]
-        negatives = {
-            "random": rng.sample(absent, len(present)),
-            "popular": [pair for pair in by_popularity if pair in absent][: len(present)],
-            "adversarial": rng.sample(confusable, len(present)),
-        }
-        for category in POPE_CATEGORIES:
-            for m, (colour, shape) in enumerate(present + negatives[category]):
-                rows.append(
-                    {
-                        "question_id": f"{scene.scene_id}-{category}-{m}",
-                        "category": category,
-                        **_exist_row(scene, colour, shape),
-                    }
-                )
-    return rows
-
-
-def mme_questions(scenes: list[Scene], seed: int) -> list[dict]:
-    """MME-style pairs: per image and subtask one "yes" and one "no" question,
-    sharing ``question_id`` = scene_id (MME pairs share the image name)."""
-    rows = []
-    for scene in scenes:
-        rng = _rng(seed, "mme", scene.scene_id)
-        for category, kind in MME_CATEGORIES.items():
-            for answer in ("yes", "no"):
-                params = _sample_params(scene, kind, answer_yes=answer == "yes", rng=rng)
-                rows.append(
-                    {
-                        "question_id": scene.scene_id,
-                        "row_id": f"{scene.scene_id}-{category}-{answer}",
-                        "scene_id": scene.scene_id,
-                        "category": category,
-                        "instruction": instruction_text(kind, params),
-                        "answer": answer,
-                        "scene": scene.to_json(),
-                    }
-                )
-    return rows

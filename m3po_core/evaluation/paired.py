@@ -95,6 +95,14 @@ def mme_intervals(base: Sequence[Mapping], trained: Sequence[Mapping], n_boot: i
     return {"score": _interval(totals[0], totals[1], point[1] - point[0], level)}
 
 
+BENCHMARKS = {"pope": pope_intervals, "mme": mme_intervals}
+
+
+def intervals(bench: str, base: Sequence[Mapping], trained: Sequence[Mapping], seed: int = 0) -> dict[str, dict]:
+    """The intervals of `bench` ("pope": accuracy and F1; "mme": score), trained - base."""
+    return BENCHMARKS[bench](base, trained, seed=seed)
+
+
 def better(interval: Mapping[str, float] | None) -> bool:
     """The trained model is better: its interval lies above zero."""
     return interval is not None and interval["low"] > 0

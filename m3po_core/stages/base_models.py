@@ -3,8 +3,8 @@ synthetic world) and the tiny CLIP encoder. Any other model name is used as give
 
     {root}/_models/tiny-llava-{key}/, {root}/_models/tiny-clip-{key}/   shared by every run under the root
 
-Limit: the warm start runs in this process on its device; its result depends on that device's
-floating-point path (it is trained from scratch).
+Limit: a model built here (no carried copy for the configuration) is trained from scratch in this
+process, so it depends on the device's floating-point path; the carried ones (stages/carried.py) do not.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from m3po_core.store import RunStore
 log = logging.getLogger("m3po.stages")
 
 
-def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info) -> str:
-    """A reference to the base policy: a hub name/path as given, or the tiny LLaVA built,
-    warm-started and kept under `{root}/_models/` so later runs reuse it."""
+def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info,
+                      use_carried: bool = True) -> str:
+    """A reference to the base policy: a hub name/path as given, or the tiny LLaVA kept under
+    `{root}/_models/` so later runs reuse it: the repository's carried copy when it has one for
+    this configuration (stages/carried.py), else built and warm-started here."""
     from m3po_core import models
 
     if cfg.model.name != models.TINY_NAME:
@@ -35,12 +37,15 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
 
     key = stage_key(cfg, "base_model", world.vocabulary())
     rel = f"_models/tiny-llava-{key}"
-    if not store.dir_complete(rel, shared=True):
+    if not store.dir_complete(rel, shared=True) and not (use_carried and _copy_carried(store, rel, log_fn)):
         w, m = cfg.data.world, cfg.model
+        log_fn(f"no carried base for this configuration: warm-starting {rel} here (its result depends on "
+               "this machine's floating-point path)")
         model, processor = models.build_tiny_llava(world.vocabulary(), seed=m.seed)
         model.to(models.pick_device(m.device))
-        scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes)
-        rows = world.make_prompts(scenes, cfg.seed, per_scene=4)
+        bias = world.WorldBias.of(w)
+        scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, bias)
+        rows = world.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias)
         images = {s.scene_id: world.render(s, w.image_size) for s in scenes}
         t0 = time.time()
         losses = models.supervised_warm_start(
@@ -65,8 +70,8 @@ def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]
     from m3po_core.sampling.transformers_backend import TransformersSampler
     from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
 
-    scenes = world.make_scenes(cfg.seed, "val", 48)
-    rows = world.make_prompts(scenes, cfg.seed, per_scene=4)
+    scenes = world.make_scenes(cfg.seed, "val", 48, world.WorldBias.of(cfg.data.world))
+    rows = world.make_prompts(scenes, cfg.seed, per_scene=4)  # true answers: val measures, it does not teach
     imgs = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in scenes}
     answers = greedy_batched(TransformersSampler(model, processor), [imgs[r["scene_id"]] for r in rows],
                              [r["instruction"] for r in rows], max_new_tokens=32, batch_size=64)
@@ -78,8 +83,22 @@ def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]
     return {"accuracy": float(acc.mean()), "yes_no_accuracy": float(acc[yes_no].mean()), "n_val": len(rows)}
 
 
-def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info) -> str:
-    """A reference to the CLIP encoder: trained here for `m3po-tiny-clip`, else the open_clip name."""
+def _copy_carried(store: RunStore, rel: str, log_fn: Callable[[str], None]) -> bool:
+    """Put the repository's carried copy of `rel` into the store (after its checksums); False if none."""
+    from m3po_core.stages.carried import carried
+
+    source = carried(rel)
+    if source is None:
+        return False
+    store.put_dir(source, rel, shared=True)
+    log_fn(f"{rel}: the repository's carried copy ({source}, SHA-256 verified)")
+    return True
+
+
+def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] = log.info,
+                use_carried: bool = True) -> str:
+    """A reference to the CLIP encoder: for `m3po-tiny-clip` the carried copy or one trained here,
+    else the open_clip name."""
     c = cfg.scoring.clip
     if c.name != "m3po-tiny-clip":
         return c.name
@@ -88,10 +107,10 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
 
     key = stage_key(cfg, "clip")
     rel = f"_models/tiny-clip-{key}"
-    if not store.dir_complete(rel, shared=True):
+    if not store.dir_complete(rel, shared=True) and not (use_carried and _copy_carried(store, rel, log_fn)):
         w = cfg.data.world
-        scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes)
-        val = world.make_scenes(cfg.seed, "val", 128)
+        scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, world.WorldBias.of(w))
+        val = world.make_scenes(cfg.seed, "val", 128, world.WorldBias.of(w))
         with device_slot():
             scorer, metrics = train_tiny_clip(
                 [world.render(s, w.image_size) for s in scenes], [world.caption(s) for s in scenes],

@@ -22,13 +22,15 @@ from m3po_core.store import RunStore
 def write_synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None:
     """The world's held-out scenes and their POPE and MME questions (written with the prompts)."""
     from m3po_core.data import synthetic as world
+    from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
 
     w = cfg.data.world
-    held_out = world.make_scenes(cfg.seed, "eval", w.n_eval_scenes)
+    bias = world.WorldBias.of(w)
+    held_out = world.make_scenes(cfg.seed, "eval", w.n_eval_scenes, bias)
     for s in held_out:
         store.write_bytes(f"eval/images/{s.scene_id}.png", png(world.render(s, w.image_size)))
-    for name, questions in (("pope", world.pope_questions(held_out, cfg.seed, train_scenes)),
-                            ("mme", world.mme_questions(held_out, cfg.seed))):
+    for name, questions in (("pope", pope_questions(held_out, cfg.seed, train_scenes, bias)),
+                            ("mme", mme_questions(held_out, cfg.seed, bias))):
         recs = [{"question_id": q["question_id"], "row_id": q.get("row_id", q["question_id"]),
                  "category": q["category"], "instruction": q["instruction"], "answer": q["answer"],
                  "image": store.url(f"eval/images/{q['scene_id']}.png")} for q in questions]
@@ -59,7 +61,8 @@ def _synthetic_open_set(cfg: RunConfig, store: RunStore, name: str, per_scene: i
     key = stage_key(cfg, "prompts")
     if done_record(store, f"eval/{name}.json", key) is not None and store.exists(f"eval/{name}.parquet"):
         return
-    held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes)
+    # held-out scenes follow the world's statistics; their reference answers are true (no answer bias)
+    held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes, world.WorldBias.of(cfg.data.world))
     recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
              "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"], **extra(p),
              "image": store.url(f"eval/images/{p['scene_id']}.png")}

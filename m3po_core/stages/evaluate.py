@@ -61,14 +61,20 @@ def base_vs_trained_intervals(cfg: RunConfig, store: RunStore) -> dict[str, Any]
     from m3po_core.evaluation import paired
 
     out: dict[str, Any] = {}
-    for bench, intervals in (("pope", paired.pope_intervals), ("mme", paired.mme_intervals)):
+    for bench in paired.BENCHMARKS:
         if bench not in cfg.evaluation.benchmarks:
             continue
-        n_shards = -(-len(benchmark_questions(cfg, store, bench)) // cfg.evaluation.shard_size)
-        base, trained = (store.read_stage(f"{folder}/predictions-{model}-{bench}", n_shards).to_pylist()
-                         for folder, model in (("eval", "base"), ("predictions", "trained")))
-        out[bench] = intervals(base, trained, seed=cfg.seed)
+        base, trained = (predictions(cfg, store, bench, model) for model in ("base", "trained"))
+        out[bench] = paired.intervals(bench, base, trained, seed=cfg.seed)
     return out
+
+
+def predictions(cfg: RunConfig, store: RunStore, bench: str, model: str = "trained") -> list[dict[str, Any]]:
+    """One model's cached answers to a benchmark (`model`: "base" or "trained"; a cell's store gives
+    that cell's trained model)."""
+    n_shards = -(-len(benchmark_questions(cfg, store, bench)) // cfg.evaluation.shard_size)
+    folder = "eval" if model == "base" else "predictions"
+    return store.read_stage(f"{folder}/predictions-{model}-{bench}", n_shards).to_pylist()
 
 
 def trained_under_its_name(metrics: dict[str, Any] | None) -> dict[str, Any] | None:

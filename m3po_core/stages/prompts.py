@@ -66,8 +66,9 @@ def _synthetic_prompts(cfg: RunConfig, store: RunStore) -> list[dict[str, Any]]:
     from m3po_core.data import synthetic as world
 
     w = cfg.data.world
-    train = world.make_scenes(cfg.seed, "train", w.n_train_scenes)
-    rows = world.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene)
+    bias = world.WorldBias.of(w)
+    train = world.make_scenes(cfg.seed, "train", w.n_train_scenes, bias)
+    rows = world.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene, bias=bias)
     for s in train:
         store.write_bytes(f"images/{s.scene_id}.png", png(world.render(s, w.image_size)))
     for r in rows:

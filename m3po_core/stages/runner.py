@@ -84,9 +84,11 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "prompts": {"seed": d["seed"], "data": d["data"]},
         # models built here depend on the warm-start split only, not on the prompt/eval split sizes
         "base_model": {"seed": d["seed"], "model": d["model"], "sft_scenes": world["n_sft_scenes"],
-                       "image_size": world["image_size"]},
+                       "image_size": world["image_size"], "cooccurrence": world["cooccurrence"],
+                       "answer_bias": world["answer_bias"]},
+        # CLIP learns from the sft images and their true captions: the answer bias plays no part
         "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
-                 "image_size": world["image_size"]},
+                 "image_size": world["image_size"], "cooccurrence": world["cooccurrence"]},
         "candidates": {"sampling": sampling_key, "dtype": d["model"]["dtype"]},
         "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip",
                                        "judge_price_per_1k_input", "judge_price_per_1k_output"),
