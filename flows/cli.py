@@ -234,17 +234,24 @@ def _experiment(args) -> int:
     run_id = args.run_id or cfg.name
     print(f"m3po experiment {run_id}: {len(cells)} cells (select -> train -> evaluate each)", flush=True)
     from m3po.flows.experiment import m3po_experiment
+    from m3po_core import progress
     from prefect import tags
 
+    run_log = _RunLog(args.root, run_id, "experiment")
+    progress.install(sys.stderr)
     try:
         with tags(f"run:{run_id}", f"config:{cfg.name}", "experiment"):
             result = m3po_experiment(config=cfg.to_dict(), root=args.root, run_id=run_id, recipes=recipes,
                                      seeds=seeds, alphas=alphas, deltas=deltas)
     except Exception as e:
-        print(f"\nm3po: experiment {run_id!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"\nm3po: experiment {run_id!r} failed: {type(e).__name__}: {e} (full log: {run_log.close()})",
+              file=sys.stderr)
         return 1
+    finally:
+        progress.uninstall()
     print("\n" + result["markdown"].split("\n", 2)[2])
     print(f"tables: {result['tables']}")
+    print(f"full log: {run_log.close()}")
     return 0
 
 

@@ -18,7 +18,7 @@ from m3po_core import experiment as ex
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.store import CellStore, RunStore
 from m3po.flows import stage_flows
-from m3po.flows.epilogue import tag_flow_run
+from m3po.flows.epilogue import StageClock, tag_flow_run
 from m3po.tasks import stage_tasks as st
 
 
@@ -55,15 +55,17 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
     logger = get_run_logger()
     t0 = time.time()
 
-    gen = stage_flows.generate(config, root, run_id)
-    scored = stage_flows.score(config, root, run_id, gen["n_shards"], wait_for=[gen])
-    base = st.evaluate_base(cfg, store, gen["model_ref"])
+    clock = StageClock()
+    gen = clock("generate", stage_flows.generate, config, root, run_id)
+    scored = clock("score", stage_flows.score, config, root, run_id, gen["n_shards"], wait_for=[gen])
+    base = clock("base", st.evaluate_base, cfg, store, gen["model_ref"])
     rows = ex.result_rows(None, base["metrics"], None)
     progress = create_progress_artifact(0.0, key=f"{run_id}-cells-progress".lower().replace("_", "-"),
                                         description="experiment cells finished")
     for i, cell in enumerate(cells, start=1):
-        out = run_cell(ex.cell_config(cfg, cell).to_dict(), root, run_id, cell.cell_id, gen["n_shards"],
-                       gen["model_ref"], method="ipa" if cell.recipe == "ipa" else "m3po", wait_for=[scored])
+        out = clock(f"cell {i}/{len(cells)} {cell.cell_id}", run_cell, ex.cell_config(cfg, cell).to_dict(), root,
+                    run_id, cell.cell_id, gen["n_shards"], gen["model_ref"],
+                    method="ipa" if cell.recipe == "ipa" else "m3po", wait_for=[scored])
         rows += ex.result_rows(cell, out["metrics"], out["pairs"])
         update_progress_artifact(progress, 100.0 * i / len(cells))
         logger.info(f"cell {i}/{len(cells)} {cell.cell_id}: " + ", ".join(

@@ -184,6 +184,16 @@ def _pair_plots(store: RunStore, n_shards: int, pair_stats: dict[str, Any], plt)
                color="tab:green", label="chosen (argmax MAS)")
     ax.scatter(pairs.column("logp_rejected").to_numpy(), pairs.column("mas_rejected").to_numpy(), s=10,
                color="tab:red", label="rejected (argmax M3P-Score)")
+    # a few very unlikely samples would squeeze the rest against the right edge, where the hard
+    # negatives (confident and wrong: high log P, low MAS) are: show the central 99 % of log P
+    logp = table.column(logp_col).to_numpy(zero_copy_only=False)
+    if len(logp):
+        left = float(np.quantile(logp, 0.01))
+        span = max(float(logp.max()) - left, 1e-6)
+        ax.set_xlim(left - 0.05 * span, float(logp.max()) + 0.05 * span)
+        hidden = int((logp < left - 0.05 * span).sum())
+        if hidden:
+            ax.text(0.01, 0.01, f"{hidden} candidates with lower log P not shown", transform=ax.transAxes, fontsize=7)
     ax.set_xlabel(f"log P ({logp_col})")
     ax.set_ylabel("MAS")
     ax.legend(fontsize=8)

@@ -19,7 +19,7 @@ DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
 @pytest.mark.parametrize("overrides", [[], ["data.world.answer_bias=0"]], ids=["demo", "control"])
 def test_the_repository_carries_the_demo_worlds_models_under_the_keys_a_build_would_get(overrides):
     # a change to the world, the warm start or a cache key that would make the demo build its own
-    # base (machine-dependent) fails here: rebuild with `python -m m3po_core.stages.carried`
+    # base (machine-dependent) fails here: rebuild with `python -m m3po_core.stages.build_carried`
     cfg = load_config(DEMO, overrides)
     for rel in (f"_models/tiny-llava-{stage_key(cfg, 'base_model', world.vocabulary())}",
                 f"_models/tiny-clip-{stage_key(cfg, 'clip')}"):

@@ -10,10 +10,7 @@ carried model is the same bytes everywhere. Its directory name is the cache key 
 (stages.base_models), so it is used exactly when the configuration asks for that model; any other
 configuration builds its own, as before.
 
-Rebuild (after a change to the world, the warm start or their cache keys), once per demo world:
-
-    python -m m3po_core.stages.carried                                   # configs/demo.yaml
-    python -m m3po_core.stages.carried --set data.world.answer_bias=0    # its control world
+Rebuilt by `python -m m3po_core.stages.build_carried` (stages/build_carried.py).
 
 Limit: the models are built on the machine that runs the command, so a rebuild elsewhere gives
 other bytes (and other demo figures); the checksums say which bytes a figure came from.
@@ -22,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 from m3po_core.errors import InputError
@@ -62,34 +57,16 @@ def verify(directory: Path) -> None:
     present = {p.name for p in directory.iterdir() if p.name not in SKIP}
     if present != set(listed):
         raise InputError(f"{directory}: files {sorted(present ^ set(listed))} are not those {CHECKSUMS} lists; "
-                         "rebuild with `python -m m3po_core.stages.carried`")
+                         "rebuild with `python -m m3po_core.stages.build_carried`")
     for name, digest in listed.items():
         if _sha256(directory / name) != digest:
             raise InputError(f"{directory / name}: SHA-256 differs from {CHECKSUMS} (a damaged or edited file); "
-                             "restore it from git or rebuild with `python -m m3po_core.stages.carried`")
+                             "restore it from git or rebuild with `python -m m3po_core.stages.build_carried`")
 
 
 def write_checksums(directory: Path) -> None:
     names = sorted(p.name for p in directory.iterdir() if p.name not in SKIP)
     (directory / CHECKSUMS).write_text("".join(f"{_sha256(directory / n)}  {n}\n" for n in names))
-
-
-def build(config_path: str | None = None, overrides: list[str] = ()) -> list[Path]:
-    """Build the configuration's base and CLIP in a fresh store and copy them into ASSETS."""
-    from m3po_core.config import load_config
-    from m3po_core.stages.base_models import ensure_base_model, ensure_clip
-    from m3po_core.store import RunStore
-
-    cfg = load_config(config_path, list(overrides))
-    written = []
-    with tempfile.TemporaryDirectory() as tmp:
-        store = RunStore(tmp, cfg.name)
-        for ref in (ensure_base_model(cfg, store, print, use_carried=False),
-                    ensure_clip(cfg, store, print, use_carried=False)):
-            target = carry(Path(tmp) / "_models" / Path(ref).name)
-            written.append(target)
-            print(f"carried: {target}")
-    return written
 
 
 def carry(source: Path) -> Path:
@@ -100,17 +77,3 @@ def carry(source: Path) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(*SKIP))
     write_checksums(target)
     return target
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m m3po_core.stages.carried", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="run configuration YAML (default: configs/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    build(args.config, args.overrides)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
