@@ -157,3 +157,47 @@ def test_mme_has_one_yes_and_one_no_per_image_and_subtask():
         reference = reference_answer(scene, row["instruction"])
         assert reference.split(" ")[0] == row["answer"]
     assert all(sorted(answers) == ["no", "yes"] for answers in groups.values())
+
+
+def test_a_biased_world_pairs_companions_and_biases_only_the_instruction_answers():
+    from m3po_core.data.synthetic import COMPANIONS, WorldBias
+
+    bias = WorldBias(cooccurrence=0.7, answer_bias=0.8)
+    control = make_scenes(0, "sft", 600)
+    biased = make_scenes(0, "sft", 600, bias)
+    with_companion = lambda scenes: sum(any(COMPANIONS[p] in s.pairs() for p in s.pairs())
+                                        for s in scenes if len(s.objects) > 1) / sum(len(s.objects) > 1 for s in scenes)
+    assert with_companion(biased) > 0.6 > 0.3 > with_companion(control)
+    assert all(COMPANIONS[COMPANIONS[p]] == p != COMPANIONS[p] for p in COMPANIONS)
+
+    def companion_answers(rows):
+        found = []
+        for r in rows:
+            if r["kind"] != "exist":
+                continue
+            _, params = parse_instruction(r["instruction"])
+            scene = Scene.from_json(r["scene"])
+            if (params["colour"], params["shape"]) in scene.absent_companions():
+                found.append(r["reference"].startswith("yes"))
+        return found
+
+    taught = companion_answers(make_prompts(biased, 0, per_scene=4, bias=bias))
+    assert len(taught) > 50 and 0.7 < sum(taught) / len(taught) < 0.9   # most say the absent companion is there
+    true = companion_answers(make_prompts(biased, 0, per_scene=4))       # held-out sets: no answer bias
+    assert true and not any(true)
+    # the control world (no bias) is the world as it was: same scenes, same prompts
+    assert make_prompts(control, 0, per_scene=2, bias=WorldBias()) == make_prompts(control, 0, per_scene=2)
+
+
+def test_pope_adversarial_negatives_are_absent_companions_first_in_a_biased_world():
+    from m3po_core.data.synthetic import WorldBias
+
+    bias = WorldBias(cooccurrence=0.7, answer_bias=0.8)
+    held_out = make_scenes(0, "eval", 60, bias)
+    rows = pope_questions(held_out, 0, make_scenes(0, "train", 60, bias), bias)
+    for scene in held_out:
+        negatives = [parse_instruction(r["instruction"])[1] for r in rows
+                     if r["scene_id"] == scene.scene_id and r["category"] == "adversarial" and r["answer"] == "no"]
+        asked = [(p["colour"], p["shape"]) for p in negatives]
+        companions = scene.absent_companions()
+        assert asked[:len(companions)] == companions[:len(asked)]
