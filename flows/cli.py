@@ -59,8 +59,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # open_clip warns that a model it built has no pretrained weights: the tiny CLIP is trained here
-    logging.getLogger().addFilter(lambda r: not r.getMessage().startswith("No pretrained weights loaded for model 'm3po-tiny-clip'"))
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -158,7 +156,8 @@ class _RunLog:
             task_run_fmt="%(asctime)s %(levelname)-7s task run %(task_run_name)r - %(message)s"))
         # "prefect" carries the flow and task run loggers; the others are the loggers Prefect routes
         # into run logs (PREFECT_LOGGING_EXTRA_LOGGERS), which do not propagate through "prefect"
-        self.loggers = [logging.getLogger(n) for n in ["prefect", *os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"].split(",")]]
+        extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",")
+        self.loggers = [logging.getLogger(n) for n in dict.fromkeys(["prefect", *extra]) if n.strip()]
         for logger in self.loggers:
             logger.addHandler(self.handler)
 
@@ -385,7 +384,7 @@ def _main(args) -> int:
         if "attempting to connect to ephemeral Prefect API server" in str(e):
             print(f"\nm3po: Prefect's ephemeral API server did not start within "
                   f"{os.environ.get(STARTUP_SETTING, '20')} s; raise {STARTUP_SETTING}, or start a server "
-                  "(`prefect server start`) and set PREFECT_API_URL to it", file=sys.stderr)
+                  f"(`prefect server start`) and set PREFECT_API_URL to it (full log: {run_log.close()})", file=sys.stderr)
             return 1
         kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
         print(f"\nm3po: run {run_id!r} failed: {kind}{e}\n(see `m3po status {run_id} --root {args.root}`; "

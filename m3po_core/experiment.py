@@ -171,6 +171,13 @@ def paired_rows(cells: list[Cell], read_predictions: Callable[[str, str], list[d
     bench)` gives a cell's answers ("base": the base model's), or None where there are none."""
     from m3po_core.evaluation import paired
 
+    answers: dict[tuple[str, str], list[dict] | None] = {}  # each cell is compared several times: read once
+
+    def read(cell_id: str, bench: str) -> list[dict] | None:
+        if (cell_id, bench) not in answers:
+            answers[cell_id, bench] = read_predictions(cell_id, bench)
+        return answers[cell_id, bench]
+
     by_id = {c.cell_id: c for c in cells}
     ours = sorted((c for c in cells if c.recipe == "m3po" and c.alpha is None and c.delta is None), key=lambda c: c.seed)
     rows = []
@@ -180,7 +187,7 @@ def paired_rows(cells: list[Cell], read_predictions: Callable[[str, str], list[d
             if theirs != "base" and theirs not in by_id:
                 continue
             for bench in sorted({b for _, b, _ in PAIRED}):
-                a, b = read_predictions(theirs, bench), read_predictions(cell.cell_id, bench)
+                a, b = read(theirs, bench), read(cell.cell_id, bench)
                 if a is None or b is None:
                     continue
                 found = paired.intervals(bench, a, b, seed=cell.seed)

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="run configuration YAML (default: configs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    build(args.config, args.overrides)
+    from m3po_core.errors import M3POError
+
+    try:
+        build(args.config, args.overrides)
+    except M3POError as e:  # a bad configuration file or key: one line naming it
+        sys.exit(f"build_carried: {e}")
 
 
 if __name__ == "__main__":
