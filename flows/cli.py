@@ -110,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
                                             "the judge left unrated), failed (with the error), running")
     status.add_argument("run_id")
     status.add_argument("--root", default="./m3po-runs")
+    scored = sub.add_parser("score-predictions", help="score a POPE or MME predictions file (question_id, category, "
+                                                      "answer, prediction) under every public harness's rule")
+    scored.add_argument("file", help="Parquet, CSV or JSON Lines file, local or an fsspec URL")
+    scored.add_argument("--benchmark", choices=("pope", "mme"), default=None,
+                        help="which benchmark (default: told by the categories)")
+    scored.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     config = sub.add_parser("config", help="every configuration key with its type, default and meaning")
     config.add_argument("section", nargs="?", default=None,
                         help="one section only, e.g. sampling or data.world (default: all)")
@@ -302,6 +308,21 @@ def _worker(limit: int) -> int:
     return 0
 
 
+def _score_predictions(args) -> int:
+    import json
+
+    from m3po_core.errors import InputError
+    from m3po_core.evaluation.predictions_file import render, score_file
+
+    try:
+        result = score_file(args.file, args.benchmark)
+    except InputError as e:
+        print(f"m3po score-predictions: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else render(result), end="\n" if args.json else "")
+    return 0
+
+
 def _on_interrupt(signum, frame) -> None:
     """Ctrl-C: no further shard starts in any thread (m3po_core.stages.runner.STOP), and the main
     thread gets its KeyboardInterrupt. Finished shards are kept; `m3po rerun-failed` resumes."""
@@ -339,6 +360,8 @@ def _main(args) -> int:
         return _worker(args.limit)
     if args.command == "make-ift":
         return _make_ift(args)
+    if args.command == "score-predictions":
+        return _score_predictions(args)
     if args.command == "experiment":
         return _experiment(args)
     try:

@@ -115,6 +115,36 @@ def markdown_table(rows: list[dict[str, Any]], trained: str = "trained") -> str:
     return "\n".join(out)
 
 
+def harness_rules_table(metrics: dict[str, Any]) -> list[str]:
+    """POPE and MME of both models under every public harness's scoring rule (the same predictions),
+    as markdown lines; none when neither benchmark was run."""
+    base, trained = metrics["base"], metrics["trained"]
+    benches = [b for b in ("pope", "mme") if "rules" in base.get(b, {}) and "rules" in trained.get(b, {})]
+    if not benches:
+        return []
+    columns = [c for c in (("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"),
+                           ("POPE mean F1 of splits", "pope", "mean_of_splits"), ("POPE yes-ratio", "pope", "yes_ratio"),
+                           ("POPE unread", "pope", "unknown"), ("MME score", "mme", "score"),
+                           ("MME unread", "mme", "unknown")) if c[1] in benches]
+    first = base[benches[0]]["rules"]
+    out = ["| rule | " + " | ".join(c[0] for c in columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for rule in first:
+        cells = []
+        for _, bench, key in columns:
+            b, t = base[bench]["rules"][rule], trained[bench]["rules"][rule]
+            pick = (lambda m: m[key]["f1"]) if key == "mean_of_splits" else (lambda m: m[key])
+            note = " (gold)" if key == "yes_ratio" and b.get("yes_ratio_means") == "gold" else ""
+            fmt = (lambda x: str(int(x))) if key == "unknown" else _fmt
+            cells.append(f"{fmt(pick(b))} -> {fmt(pick(t))}{note}")
+        out.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return ["## The same answers under each public harness's scoring rule", "",
+            "Base -> trained. `default` is this project's reading (the tables above); `lmms-eval`, `vlmevalkit` "
+            "(rule only, no judge) and `llava` read the same replies as those harnesses do "
+            "(m3po_core/evaluation/harness_rules.py). Unread: replies the rule reads as neither yes nor no. "
+            "A yes-ratio marked (gold) is lmms-eval's: the share of yes answers in the gold labels.", "",
+            *out, ""]
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -287,6 +317,7 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         markdown_table(rows, trained=method.lower()),
         "",
         *([f"{line}.", ""] if (line := win_rate_line(metrics)) else []),
+        *harness_rules_table(metrics),
         "## Data",
         "",
         f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; " + (

@@ -63,6 +63,19 @@ def test_mme_release_with_image_paths_relative_to_the_file(tmp_path):
     assert qs[0]["row_id"] != qs[1]["row_id"]
 
 
+def test_mme_question_is_built_as_lmms_eval_builds_it_for_llava(tmp_path):
+    # lmms-eval (mme_doc_to_text, default kwargs): strip, drop " Please answer yes or no.", add its suffix
+    (tmp_path / "0001.png").write_bytes(_png("green"))
+    pq.write_table(pa.table({"question_id": ["OCR/0001.png"] * 2,
+                             "question": [" Is the word 'stop'? Please answer yes or no. ", "Is the word 'go'?"],
+                             "answer": ["Yes", "No"], "image": ["0001.png"] * 2, "category": ["OCR"] * 2}),
+                   tmp_path / "mme.parquet")
+    cfg = load_config(TINY, [f"evaluation.mme_path={tmp_path / 'mme.parquet'}"])
+    qs = benchmarks.benchmark_questions(cfg, RunStore(str(tmp_path / "runs"), "r"), "mme")
+    suffix = "\nAnswer the question using a single word or phrase."
+    assert [q["instruction"] for q in qs] == ["Is the word 'stop'?" + suffix, "Is the word 'go'?" + suffix]
+
+
 @pytest.mark.parametrize("broken, message", [
     ({"drop": "category"}, r"lacks columns \['category'\]"),
     ({"answer": "maybe"}, r"row 0 \(question_id '1'\): answer 'maybe' is not yes/no"),

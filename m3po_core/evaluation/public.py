@@ -11,8 +11,9 @@ a directory of files or a glob:
 `image` is either the Hugging Face image struct (`{bytes, path}`) or a path relative to the
 Parquet file. Each distinct image is written once into the run's store (`eval/images/`), named by
 its content hash, and the questions become `eval/{bench}.parquet` with the columns the evaluation
-reads. The prompt is the question plus `evaluation.answer_suffix` (LLaVA-1.5's evaluation appends
-"Answer the question using a single word or phrase.").
+reads. The prompt is built as lmms-eval builds it for LLaVA-1.5: the stripped question plus
+`evaluation.answer_suffix` ("\nAnswer the question using a single word or phrase."); for MME, when a
+suffix is set, the release's own " Please answer yes or no." is removed first.
 
 IFT files (m3po_core/evaluation/ift.py; `m3po make-ift` writes them) have the same layout plus a
 `constraints` column; their `answer` is an optional reference, and no suffix is appended (the
@@ -33,6 +34,7 @@ from m3po_core.errors import InputError
 
 REQUIRED = ("question_id", "question", "answer", "image", "category")
 REQUIRED_IFT = ("question_id", "question", "image", "constraints")
+MME_OWN_SUFFIX = " Please answer yes or no."
 
 
 def parquet_files(source: str) -> tuple[Any, list[str]]:
@@ -92,6 +94,8 @@ def load_public_benchmark(source: str, bench: str, answer_suffix: str,
             if digest not in stored:
                 stored[digest] = put_image(f"{bench}-{digest}{_suffix(data)}", data)
             question = row["question"].strip()
+            if bench == "mme" and answer_suffix:  # as lmms-eval: the suffix replaces the release's own
+                question = question.replace(MME_OWN_SUFFIX, "")
             record = {"question_id": str(row["question_id"]), "row_id": f"{bench}-{len(records)}",
                       "category": row["category"], "image": stored[digest]}
             if bench == "ift":

@@ -94,7 +94,7 @@ def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dic
 
     rel = f"eval/public-{bench}.parquet"
     key = fingerprint({"source": source, "files": public_sources(cfg)[bench],
-                       "suffix": cfg.evaluation.answer_suffix if bench != "ift" else "", "version": 1})
+                       "suffix": cfg.evaluation.answer_suffix if bench != "ift" else "", "version": 2})
     if done_record(store, f"eval/public-{bench}.json", key) is None or not store.exists(rel):
         def put_image(name: str, data: bytes) -> str:
             store.write_bytes(f"eval/images/{name}", data)
