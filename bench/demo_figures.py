@@ -67,6 +67,10 @@ def quick_start(root: Path, env_name: str, world: str, seed: int) -> dict:
             iv = metrics["intervals"][bench][key]
             row[f"interval_{name}"] = [round(iv["low"], 4), round(iv["high"], 4)]
         row["better_on_all"] = all(row[f"interval_{b}_{k}"][0] > 0 for b, k in HEADLINE)
+        # the same answers as each public harness reads them (m3po_core/evaluation/harness_rules.py)
+        row["rules"] = {rule: {f"{side}_{bench}_{key}": round(metrics[side][bench]["rules"][rule][key], 4)
+                               for side in ("base", "trained") for bench, key in HEADLINE}
+                        for rule in metrics["base"]["pope"].get("rules", {})}
     print(json.dumps(row), flush=True)
     return row
 

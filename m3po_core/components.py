@@ -207,4 +207,6 @@ def clip_encoder(cfg: RunConfig, store: RunStore, clip_ref: str):
 
     return EncoderEnsemble([main] + [cached(("clip", e.name, e.pretrained),
                                             lambda e=e: load_encoder(e.name, e.pretrained, device))
-                                     for e in cfg.scoring.extra_encoders])
+                                     for e in cfg.scoring.extra_encoders],
+                           [cfg.scoring.cosine_mapping(n) for n in [cfg.scoring.clip.name,
+                                                                    *(e.name for e in cfg.scoring.extra_encoders)]])

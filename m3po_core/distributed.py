@@ -1,6 +1,7 @@
 """The train stage on many processes: `accelerate launch` runs this module once per GPU (DDP, or
 DeepSpeed ZeRO with `training.deepspeed_zero`); every rank reads the pairs from the store, TRL
-shards them, rank 0 saves the adapter and its log history.
+shards them, rank 0 saves the adapter and its training result (log history, length limit,
+dropped pairs). Every rank checks the pairs' lengths alike, so all drop the same pairs, or all refuse.
 
     launch_training(cfg, store, model_ref, out)   what the train stage calls (a subprocess, waited on)
     python -m m3po_core.distributed JOB.json      what each rank runs (JOB: config, root, run id, ...)
@@ -39,8 +40,9 @@ def launch_command(cfg: RunConfig, job_file: str, cuda: bool) -> list[str]:
 
 
 def launch_training(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: str,
-                    log_fn: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run the ranks, relay their output line by line, fail with the tail of it if a rank fails."""
+                    log_fn: Callable[[str], None]) -> dict[str, Any]:
+    """Run the ranks, relay their output line by line, fail with the tail of it if a rank fails.
+    Returns rank 0's `train_adapter` result."""
     import torch
 
     job = Path(output_dir).parent / f"{Path(output_dir).name}-job.json"
@@ -84,9 +86,9 @@ def _rank_main(job_file: str) -> None:
     store = RunStore(job["root"], job["run_id"])
     if job.get("cell_id"):
         store = CellStore(store, job["cell_id"])
-    history = train_adapter(cfg, store, job["model_ref"], job["output_dir"], log_fn=log)
+    result = train_adapter(cfg, store, job["model_ref"], job["output_dir"], log_fn=log)
     if state.is_main_process:
-        (Path(job["output_dir"]) / HISTORY).write_text(json.dumps(history))
+        (Path(job["output_dir"]) / HISTORY).write_text(json.dumps(result))
     state.wait_for_everyone()
 
 

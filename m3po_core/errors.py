@@ -9,3 +9,7 @@ class ConfigError(M3POError):
 
 class Interrupted(M3POError):
     """The run was interrupted (Ctrl-C): shards not started yet are left for a re-run."""
+
+class AdapterNoOp(InputError):
+    """A trained adapter that leaves the model's outputs unchanged: evaluating it would report the base
+    model's numbers as the trained ones (m3po_core/evaluation/adapter_check.py)."""

@@ -268,14 +268,40 @@ def ipa_rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _m3po_lines(cfg: RunConfig, info: dict[str, Any], pair_stats: dict[str, Any]) -> list[str]:
+def mas_variance_shares(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, float] | None:
+    """The CLIP and judge terms' shares of the within-prompt variance of MAS over the run's rated
+    candidates (m3po_core/scoring/mas.py `variance_shares`), read one score shard at a time."""
+    from m3po_core.scoring.mas import variance_shares
+
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for shard in range(n_shards):
+        t = store.read_table(RunStore.shard_rel("scores", shard), ["prompt_id", "mas", "judge"])
+        for pid, mas, judge in zip(*(t.column(c).to_pylist() for c in ("prompt_id", "mas", "judge"))):
+            if mas is not None and judge is not None and not math.isnan(mas):
+                judge_part = cfg.scoring.judge_weight * judge
+                groups.setdefault(pid, []).append((mas - judge_part, judge_part))  # MAS = clip term + judge term
+    return variance_shares(list(groups.values()))
+
+
+def _mas_line(cfg: RunConfig, shares: dict[str, float] | None) -> list[str]:
+    if shares is None:
+        return []
+    return [f"- what drives selection, the within-prompt variance of MAS: judge term {100 * shares['judge']:.1f} %, "
+            f"CLIP term {100 * shares['clip']:.1f} %, their covariance {100 * shares['covariance']:.1f} % "
+            f"(weights {cfg.scoring.clip_weight} / {cfg.scoring.judge_weight}; CLIP cosine to [0, 1] by "
+            f"{cfg.scoring.cosine_mapping(cfg.scoring.clip.name)})"]
+
+
+def _m3po_lines(cfg: RunConfig, info: dict[str, Any], pair_stats: dict[str, Any],
+                shares: dict[str, float] | None = None) -> list[str]:
     return [
         f"- CLIP: `{cfg.scoring.clip.name}`" + (
             f", held-out retrieval top-1 {info['clip_quality']['retrieval_top1']:.2f} "
             f"(chance {info['clip_quality']['retrieval_chance']:.2f})" if info.get("clip_quality") else ""),
         f"- pairs made: {pair_stats['pairs']} of {pair_stats['groups']} prompts; skipped: "
         f"{pair_stats['skipped_no_mas_gap']} with no MAS gap, {pair_stats['skipped_too_few']} with < 2 candidates",
-        f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}"]
+        f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}",
+        *_mas_line(cfg, shares)]
 
 
 def _ipa_lines(pair_stats: dict[str, Any]) -> list[str]:
@@ -327,9 +353,12 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         f"- base policy: `{cfg.model.name}`" + (
             f", warm-start held-out accuracy {info['base_quality']['accuracy']:.2f} "
             f"(yes/no {info['base_quality']['yes_no_accuracy']:.2f}, chance 0.50)" if info.get("base_quality") else ""),
-        *(_ipa_lines(pair_stats) if ipa_run else _m3po_lines(cfg, info, pair_stats)),
+        *(_ipa_lines(pair_stats) if ipa_run else _m3po_lines(cfg, info, pair_stats,
+                                                             mas_variance_shares(cfg, store, n_shards))),
         *([line] if (line := judge_usage_line(store)) else []),
-        f"- DPO: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "- DPO: no steps",
+        (f"- DPO: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "- DPO: no steps")
+        + (f"; {n} pairs longer than {train_log.get('max_length')} tokens left out (training.overlong_pairs=drop)"
+           if (n := train_log.get("dropped_overlong_pairs")) else ""),
         "",
         "## Stage wall time",
         "",

@@ -8,9 +8,15 @@ not always the identity (BPE merges, leading spaces), so the policy could be tra
 it never sampled. `SampledTokensCollator` instead feeds the prompt exactly as the sampler encoded
 it (`models.encode_prompts`) and the completions as the sampler's own token ids, EOS included.
 
-`train_adapter` is the whole of it over a run's store: read the pairs and their images, train,
-save the adapter (what the train stage and every rank of a distributed run call). Limit: the
-pairs' images are decoded into memory before training starts.
+Lengths: no pair is cut. `train_adapter` measures every pair (m3po_core/pair_lengths.py) against
+min(training.max_length, the model's context) and refuses or drops those over it
+(`training.overlong_pairs`); that limit is TRL's `max_length` (keep_start) and the collator's, so
+a cut, which would split the image tokens, never happens to a pair that was let through.
+
+`train_adapter` is the whole of it over a run's store: read the pairs and their images, check
+their lengths, train, save the adapter (what the train stage and every rank of a distributed run
+call). Limit: the pairs' images are decoded into memory before training starts, and the lengths
+are checked after the model is loaded (its context and processor decide them).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from m3po_core.config import RunConfig, TrainingConfig
 from m3po_core.data.images import load_image
 from m3po_core.errors import InputError
 from m3po_core.models import encode_prompts
+from m3po_core.pair_lengths import effective_max_length, guard_pairs
 from m3po_core.store import RunStore
 
 log = logging.getLogger("m3po.training")
@@ -36,9 +43,11 @@ log = logging.getLogger("m3po.training")
 class SampledTokensCollator:
     """Batches of [chosen..., rejected...] with prompt tokens from the processor and completion
     tokens as sampled; the layout TRL's DPO loss expects (input_ids, attention_mask,
-    completion_mask, pixel_values)."""
+    completion_mask, pixel_values). Cut to `max_length` (keep_start) as TRL's own vision collator
+    cuts; `train_adapter` lets no pair through that this would cut."""
 
     processor: Any
+    max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from trl.trainer.utils import flush_left, pad
@@ -55,6 +64,9 @@ class SampledTokensCollator:
         attention_mask = torch.cat([prompts["attention_mask"], comp_mask], dim=1)
         completion_mask = torch.cat([torch.zeros_like(prompts["attention_mask"]), comp_mask], dim=1)
         attention_mask, input_ids, completion_mask = flush_left(attention_mask, input_ids, completion_mask)
+        if self.max_length is not None:
+            input_ids, attention_mask, completion_mask = (
+                t[:, : self.max_length] for t in (input_ids, attention_mask, completion_mask))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
                 "pixel_values": prompts["pixel_values"]}
 
@@ -83,11 +95,14 @@ def train_lora_dpo(
     model, processor, dataset, cfg: TrainingConfig, output_dir: str,
     log_fn: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train LoRA adapters with DPO; saves the adapter to `output_dir`; returns TRL's log history."""
+    """Train LoRA adapters with DPO; saves the adapter to `output_dir`; returns TRL's log history.
+    Sequences are cut at min(cfg.max_length, the model's context), the limit `train_adapter`
+    checks the pairs against."""
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    max_length = effective_max_length(cfg.max_length, model)
     on_gpu = next(model.parameters()).device.type == "cuda"
     args = DPOConfig(
         output_dir=output_dir,
@@ -105,7 +120,8 @@ def train_lora_dpo(
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,            # the collator needs the token-id columns
-        max_length=None,
+        max_length=max_length,
+        truncation_mode="keep_start",           # keep_end would cut the image tokens first
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -130,7 +146,7 @@ def train_lora_dpo(
 
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
                          processing_class=processor, peft_config=lora,
-                         data_collator=SampledTokensCollator(processor), callbacks=[Progress()])
+                         data_collator=SampledTokensCollator(processor, max_length), callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # progress goes through log_fn, not print()
     trainer.train()
     if trainer.accelerator.is_main_process:  # under DDP every rank holds the same adapter
@@ -139,9 +155,11 @@ def train_lora_dpo(
 
 
 def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: str,
-                  log_fn: Callable[[str], None] = log.info, pairs_rel: str = "pairs.parquet") -> list[dict[str, float]]:
-    """Read the pairs and their images, train, save the adapter to `output_dir` (every rank of a
-    distributed run calls this; the trainer shards the data and rank 0 saves)."""
+                  log_fn: Callable[[str], None] = log.info, pairs_rel: str = "pairs.parquet") -> dict[str, Any]:
+    """Read the pairs and their images, check their lengths, train, save the adapter to
+    `output_dir` (every rank of a distributed run calls this; the trainer shards the data and rank
+    0 saves). Returns {"history": TRL's log history, "max_length": the limit trained under (None:
+    none), "dropped_overlong_pairs": pairs left out by training.overlong_pairs=drop}."""
     from m3po_core.models import load_vlm
 
     release_engines()  # a vLLM engine holds most of the GPU: training on the same GPU needs it back
@@ -154,5 +172,11 @@ def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: s
     images = [load_image(p["image"], f"{pairs_rel} row {i}, prompt_id {p['prompt_id']!r}")
               for i, p in enumerate(pairs)]
     model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)  # own copy: LoRA is injected
+    keep, limit = guard_pairs(processor, model, images, pairs, max_length=cfg.training.max_length,
+                              policy=cfg.training.overlong_pairs, where=store.url(pairs_rel), log_fn=log_fn)
+    dropped = len(pairs) - len(keep)
+    if dropped:
+        pairs, images = [pairs[i] for i in keep], [images[i] for i in keep]
     dataset = pairs_dataset(images, [p["instruction"] for p in pairs], pairs)
-    return train_lora_dpo(model, processor, dataset, cfg.training, output_dir, log_fn=log_fn)
+    history = train_lora_dpo(model, processor, dataset, cfg.training, output_dir, log_fn=log_fn)
+    return {"history": history, "max_length": limit, "dropped_overlong_pairs": dropped}

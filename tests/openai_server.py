@@ -40,11 +40,13 @@ class Fault:
 
 @dataclass(frozen=True)
 class Reply:
-    """One choice of a good answer; ``tokens`` (token, logprob) fill ``logprobs.content``."""
+    """One choice of a good answer; ``tokens`` (token, logprob) fill ``logprobs.content``, and
+    ``top_logprobs[j]`` (token, logprob) pairs that position's ``top_logprobs`` (cut to the request's)."""
 
     content: str
     tokens: list[tuple[str, float]] | None = None
     finish_reason: str = "stop"
+    top_logprobs: list[list[tuple[str, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,12 @@ def completion_json(request: dict, replies: list[Reply], number: int) -> dict:
     for index, reply in enumerate(replies):
         logprobs = None
         if reply.tokens is not None:
-            logprobs = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                    for t, lp in reply.tokens], "refusal": None}
+            top = reply.top_logprobs or [[] for _ in reply.tokens]
+            k = int(request.get("top_logprobs") or 0)
+            logprobs = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                     "top_logprobs": [{"token": u, "logprob": v, "bytes": list(u.encode())}
+                                                      for u, v in alternatives[:k]]}
+                                    for (t, lp), alternatives in zip(reply.tokens, top)], "refusal": None}
         choices.append({"index": index, "message": {"role": "assistant", "content": reply.content, "refusal": None},
                         "logprobs": logprobs, "finish_reason": reply.finish_reason})
     prompt_tokens = 100 + len(request_text(request).split())

@@ -335,7 +335,14 @@ def test_evaluation_through_an_openai_compatible_server_with_the_adapter_loaded_
     shutil.copytree(store.path(""), run.path(""))
     for f in ("metrics.json", "eval/base_metrics.json"):
         Path(run.path(f)).unlink()
-    server = FakeOpenAIServer(lambda body: [Reply("no ." if body["model"] == "tiny-base" else "yes , there is .")])
+    def respond(body: dict) -> list[Reply]:
+        if body.get("top_logprobs"):  # the adapter check's probes: the adapter moves the first token
+            top = [("token_id:4", -0.1), ("token_id:5", -2.5)] if body["model"] == "tiny-base" else \
+                [("token_id:5", -0.2), ("token_id:4", -1.8)]
+            return [Reply("x", tokens=top[:1], finish_reason="length", top_logprobs=[top])]
+        return [Reply("no ." if body["model"] == "tiny-base" else "yes , there is .")]
+
+    server = FakeOpenAIServer(respond)
     server.start()
     try:
         served = load_config(TINY, ["evaluation.backend=openai", f"sampling.base_url={server.base_url}",
@@ -346,9 +353,14 @@ def test_evaluation_through_an_openai_compatible_server_with_the_adapter_loaded_
         (name, path), = server.adapters.items()
         assert name.startswith("m3po-t1-served-") and Path(path, "adapter_config.json").exists()
         chats = [r.body for r in server.requests if r.path.endswith("/chat/completions")]
+        probes = [b for b in chats if b.get("top_logprobs")]
+        chats = [b for b in chats if not b.get("top_logprobs")]
         n_questions = len(run.read_table("eval/pope.parquet"))
         assert len(chats) == 2 * n_questions
         assert {b["model"] for b in chats} == {"tiny-base", name}
+        # before the adapter answers, the first questions check through the server that it changes the model
+        assert len(probes) == 2 * min(served.evaluation.adapter_check_probes, n_questions)
+        assert {b["model"] for b in probes} == {"tiny-base", name} and all(b["max_tokens"] == 1 for b in probes)
         assert all(b["temperature"] == 0.0 and b["n"] == 1 for b in chats)
         # a re-evaluation (new metrics asked for) finds the adapter already served and goes on
         Path(run.path("metrics.json")).unlink()

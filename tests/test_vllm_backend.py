@@ -9,7 +9,7 @@ vllm_outputs = pytest.importorskip("vllm.outputs", reason="vllm is not installed
                                    exc_type=ImportError)
 from vllm.logprobs import FlatLogprobs, Logprob, append_logprobs_for_next_position  # noqa: E402
 
-from m3po_core.sampling.vllm_backend import VLLMSampler, candidates_from_output  # noqa: E402
+from m3po_core.sampling.vllm_backend import VLLMSampler, candidates_from_output, first_position_logprobs  # noqa: E402
 
 EOS = 2
 
@@ -44,6 +44,76 @@ def test_a_request_without_logprobs_is_refused_by_name():
                                      outputs=[bare], finished=True)
     with pytest.raises(ValueError, match="request r9: completion 0 has no per-token log-probabilities"):
         candidates_from_output(out, seed=0)
+
+
+def _greedy_step(request_id, top, flat=False):
+    """A RequestOutput as vLLM builds it for SamplingParams(max_tokens=1, temperature=0, logprobs=k): the
+    sampled token (the argmax, rank 1) followed by the top-k, one position."""
+    logprobs = FlatLogprobs() if flat else []
+    (best, best_lp), *_ = top
+    append_logprobs_for_next_position(logprobs, [best] + [t for t, _ in top], [best_lp] + [lp for _, lp in top],
+                                      [f"t{best}"] + [f"t{t}" for t, _ in top], rank=1, num_logprobs=len(top))
+    done = vllm_outputs.CompletionOutput(index=0, text=f"t{best}", token_ids=[best], cumulative_logprob=best_lp,
+                                         logprobs=logprobs, finish_reason="length")
+    return vllm_outputs.RequestOutput(request_id=request_id, prompt="p", prompt_token_ids=[1], prompt_logprobs=None,
+                                      outputs=[done], finished=True)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_first_position_logprobs_are_the_top_k_of_the_first_step(flat):
+    out = _greedy_step("3", [(7, -0.25), (3, -1.75), (9, -3.0)], flat=flat)
+    assert first_position_logprobs(out) == {7: -0.25, 3: -1.75, 9: -3.0}
+    bare = vllm_outputs.RequestOutput(
+        request_id="r4", prompt="p", prompt_token_ids=[1], prompt_logprobs=None, finished=True,
+        outputs=[vllm_outputs.CompletionOutput(index=0, text="x", token_ids=[3], cumulative_logprob=None,
+                                               logprobs=None, finish_reason="length")])
+    with pytest.raises(ValueError, match="request r4: no log-probabilities at the first position"):
+        first_position_logprobs(bare)
+
+
+class _Engine:
+    """Stands in for `vllm.LLM` (it needs a GPU): records each `generate` call and answers one greedy step
+    whose logprobs are moved by `shift` when a LoRA is requested."""
+
+    def __init__(self, shift: float):
+        self.shift, self.calls = shift, []
+
+    def generate(self, requests, params, use_tqdm, lora_request):
+        self.calls.append((requests, params, lora_request))
+        moved = self.shift if lora_request is not None else 0.0
+        return [_greedy_step(str(i), [(7, -0.25 - moved), (3, -1.75)]) for i in range(len(requests))]
+
+
+def _engine(shift: float) -> VLLMSampler:
+    sampler = VLLMSampler.__new__(VLLMSampler)  # no LLM: the engine is the recording stand-in
+    sampler.model, sampler.llm, sampler._adapters = "llava", _Engine(shift), {}
+    return sampler
+
+
+def test_the_adapter_check_asks_vllm_for_one_greedy_step_with_the_lora(tmp_path, world_batch):
+    pytest.importorskip("vllm.sampling_params", reason="vllm's SamplingParams imports uvloop and cpuinfo",
+                        exc_type=ImportError)
+    from vllm.lora.request import LoRARequest
+
+    from m3po_core.errors import AdapterNoOp
+    from m3po_core.evaluation.adapter_check import TOP_K, check_adapter_changes_model
+    from m3po_core.sampling import AdapterSampler
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    images, instructions = world_batch
+    engine = _engine(shift=0.0)  # the LoRA is loaded but changes nothing (vllm#48019)
+    with pytest.raises(AdapterNoOp, match=rf"{tmp_path} changes nothing through the vllm backend.*vllm#48019"):
+        check_adapter_changes_model(engine, AdapterSampler(engine, str(tmp_path)), images[:3], instructions[:3],
+                                    min_change=1e-4, backend="vllm", adapter_dir=str(tmp_path))
+    (_, base_params, no_lora), (requests, params, lora) = engine.llm.calls
+    assert no_lora is None and isinstance(lora, LoRARequest) and lora.lora_path == str(tmp_path)
+    assert len(requests) == 3 and (params.max_tokens, params.temperature, params.logprobs) == (1, 0.0, TOP_K)
+    assert base_params.logprobs == TOP_K
+
+    engine = _engine(shift=0.5)
+    change = check_adapter_changes_model(engine, AdapterSampler(engine, str(tmp_path)), images[:3], instructions[:3],
+                                         min_change=1e-4, backend="vllm", adapter_dir=str(tmp_path))
+    assert math.isclose(change, 0.5)
 
 
 def test_requests_use_the_training_prompt_format(world_batch):

@@ -45,6 +45,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not spec.judge.startswith("openai:"):
             raise ConfigError(f"configuration key 'scoring.extra_judges[{i}].judge': {spec.judge!r} is not "
                               "'openai:<model>'")
+    if cfg.scoring.clip_mapping not in ("auto", "clipscore", "affine"):
+        raise ConfigError(f"configuration key 'scoring.clip_mapping': {cfg.scoring.clip_mapping!r} is not one of "
+                          "auto, clipscore, affine")
     for i, spec in enumerate(cfg.scoring.extra_encoders):
         if spec.name == "m3po-tiny-clip":
             raise ConfigError(f"configuration key 'scoring.extra_encoders[{i}].name': the tiny CLIP is built for "
@@ -60,9 +63,18 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"split over training.num_processes={t.num_processes} processes")
     if t.deepspeed_zero not in (None, 2, 3):
         raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
+    if t.max_length is not None and t.max_length < 1:
+        raise ConfigError(f"configuration key 'training.max_length': a number of tokens >= 1 (or null: the "
+                          f"model's context length), got {t.max_length}")
+    if t.overlong_pairs not in ("refuse", "drop"):  # loading checks the Literal; this sees a RunConfig built in Python
+        raise ConfigError(f"configuration key 'training.overlong_pairs': 'refuse' or 'drop', got {t.overlong_pairs!r}")
     if t.deepspeed_zero and t.num_processes < 2:
         raise ConfigError("configuration key 'training.deepspeed_zero': DeepSpeed runs under accelerate launch; "
                           "set training.num_processes to the number of GPUs (>= 2)")
+    if cfg.evaluation.adapter_check_probes < 0 or cfg.evaluation.adapter_check_min_change < 0:
+        raise ConfigError("configuration keys 'evaluation.adapter_check_probes' and "
+                          "'evaluation.adapter_check_min_change' must be >= 0 (probes 0: no check), got "
+                          f"{cfg.evaluation.adapter_check_probes}, {cfg.evaluation.adapter_check_min_change}")
     unknown = [b for b in cfg.evaluation.benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: "

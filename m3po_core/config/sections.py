@@ -180,7 +180,8 @@ class EncoderSpec:
 
 @dataclass
 class ScoringConfig:
-    """MAS = clip_weight * (cos + 1) / 2 + judge_weight * judge.overall  (paper 3.3, weights ours)."""
+    """MAS = clip_weight * unit(cos) + judge_weight * judge.overall  (paper 3.3, weights ours); unit() is
+    `clip_mapping`: CLIPScore for pretrained encoders, (cos + 1) / 2 for the tiny CLIP."""
 
     clip: ClipConfig = field(default_factory=ClipConfig, metadata={"help": "The alignment encoder of MAS."})
     judge: str = field(default="reference", metadata={
@@ -197,8 +198,14 @@ class ScoringConfig:
         "help": "Price per 1000 input tokens, for the cost line of the report; unset: tokens only."})
     judge_price_per_1k_output: Optional[float] = field(default=None, metadata={
         "help": "Price per 1000 output tokens, for the cost line of the report; unset: tokens only."})
-    clip_weight: float = field(default=0.2, metadata={"help": "MAS weight of the encoder's (cos + 1) / 2 (paper "
-                                                              "3.3; the value is ours)."})
+    clip_weight: float = field(default=0.2, metadata={"help": "MAS weight of the encoder's score in [0, 1] "
+                                                              "(`clip_mapping`; paper 3.3, the value is ours)."})
+    clip_mapping: str = field(default="auto", metadata={
+        "help": "How a CLIP cosine becomes MAS's [0, 1] score: clipscore = min(max(2.5 * cos, 0), 1) (CLIPScore, "
+                "Hessel et al. 2021; the field's convention for pretrained CLIP, whose image-text cosines sit in "
+                "about 0.15-0.35, so (cos + 1) / 2 would move by hundredths), affine = (cos + 1) / 2, auto = "
+                "clipscore for a pretrained encoder and affine for m3po-tiny-clip (trained here; its cosines span "
+                "[-1, 1]). BLIP-2's match probability enters as it is."})
     judge_weight: float = field(default=0.8, metadata={"help": "MAS weight of the judge's overall rating (paper "
                                                                "3.3; the value is ours)."})
     extra_judges: list[JudgeSpec] = field(default_factory=list, metadata={
@@ -207,6 +214,12 @@ class ScoringConfig:
     extra_encoders: list[EncoderSpec] = field(default_factory=list, metadata={
         "help": "Ensembles (m3po_core/scoring/ensemble.py): more encoders score every candidate and their [0, 1] "
                 "scores are averaged (the `clip` column then holds that mean)."})
+
+    def cosine_mapping(self, encoder: str) -> str:
+        """`clip_mapping` for the encoder named `encoder`, "auto" resolved."""
+        if self.clip_mapping != "auto":
+            return self.clip_mapping
+        return "affine" if encoder == "m3po-tiny-clip" else "clipscore"
 
 
 @dataclass
@@ -259,6 +272,16 @@ class TrainingConfig:
                 "batch (per-device batch = batch_size / num_processes)."})
     deepspeed_zero: Optional[int] = field(default=None, metadata={
         "help": "2 or 3: DeepSpeed ZeRO stage instead of plain DDP (GPUs; needs num_processes >= 2)."})
+    max_length: Optional[int] = field(default=None, metadata={
+        "help": "Longest training sequence in tokens: a pair's prompt with its image tokens expanded + the longer "
+                "of its two completions. The limit is min(max_length, the model's context length, read from the "
+                "model config: the text config's max_position_embeddings); None: the model's context. Pairs "
+                "over it are never cut (a cut splits the image tokens): see overlong_pairs."})
+    overlong_pairs: Literal["refuse", "drop"] = field(default="refuse", metadata={
+        "help": "Pairs longer than the limit (see max_length), checked before training. refuse: stop with an "
+                "error naming them (row and prompt_id in the pairs file, first ten, their count and lengths); "
+                "drop: leave them out, log how many, and record the count in train_log.json "
+                "(dropped_overlong_pairs)."})
 
 
 @dataclass
@@ -294,6 +317,13 @@ class EvaluationConfig:
     served_adapter: Optional[str] = field(default=None, metadata={
         "help": "backend openai: the name the server serves the trained adapter under (--lora-modules); None: "
                 "loaded at run time."})
+    adapter_check_probes: int = field(default=8, metadata={
+        "help": "Before the trained model answers, the first this many questions of the benchmark check that the "
+                "adapter changes the next-token log-probabilities at all (m3po_core/evaluation/adapter_check.py); "
+                "0 skips the check."})
+    adapter_check_min_change: float = field(default=1e-4, metadata={
+        "help": "The adapter check fails (the run stops, naming the backend and adapter) when no top-k next-token "
+                "log-probability of any probe moves by this much from the base model's."})
     answer_suffix: str = field(default="\nAnswer the question using a single word or phrase.", metadata={
         "help": "Appended to public questions, as LLaVA-1.5's evaluation does."})
 

@@ -8,6 +8,10 @@ Every backend returns, per prompt, `n` `Candidate`s whose log-probabilities are 
 (untempered, unfiltered) model log-probabilities of the sampled tokens taken from the generation
 itself: log P(R | I, Q) under the base model, the confidence term of the M3P-Score (paper 3.4).
 A run builds its sampler for (model, adapter, backend) through `m3po_core.components.sampler_for`.
+
+`next_token_logprobs` reports the top-k raw log-probabilities of the first generated position (the
+same prompt `greedy` answers): evaluation compares base and adapter on them
+(`m3po_core.evaluation.adapter_check`) to refuse an adapter that changes nothing.
 """
 from __future__ import annotations
 
@@ -47,6 +51,12 @@ class Sampler(Protocol):
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str],
                max_new_tokens: int) -> list[str]: ...
 
+    def next_token_logprobs(self, images: Sequence[Image.Image], instructions: Sequence[str],
+                            top_k: int) -> list[dict[int | str, float]]:
+        """Per prompt, token (id; a token string where an OpenAI-compatible server gives no ids) ->
+        raw log-probability at the first generated position, for (at least) its `top_k` likeliest tokens."""
+        ...
+
 
 def batch_seed(base_seed: int, prompt_ids: Sequence[str]) -> int:
     """A batch's seed depends on its prompts, not on how prompts were cut into shards or workers."""
@@ -76,3 +86,7 @@ class AdapterSampler:
 
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
         return self.engine.greedy(images, instructions, max_new_tokens, adapter_dir=self.adapter_dir)
+
+    def next_token_logprobs(self, images: Sequence[Image.Image], instructions: Sequence[str],
+                            top_k: int) -> list[dict[int | str, float]]:
+        return self.engine.next_token_logprobs(images, instructions, top_k, adapter_dir=self.adapter_dir)

@@ -5,6 +5,8 @@ One request per prompt: the image as a base64 PNG data URL, ``n = params.n`` sam
 ``return_tokens_as_token_ids=True`` so each ``logprobs.content[j].token`` reads ``"token_id:123"``.
 A server that ignores that parameter returns token strings; the candidate's ``token_ids`` is then
 ``[]`` (training needs the ids, so such candidates are only good for scoring).
+``next_token_logprobs`` asks for one greedy token with ``top_logprobs=k`` and reads the first
+position's ``top_logprobs`` (keys: ids where the server gives ``"token_id:N"``, else the strings).
 
 The log-probabilities are whatever the server reports. vLLM reports the raw (pre-temperature,
 pre-top-p) log-probabilities by default (its ``logprobs_mode``, "raw_logprobs"), which is what the
@@ -52,6 +54,18 @@ def parse_token_ids(tokens: Sequence[str]) -> list[int]:
     if not all(t.startswith(TOKEN_ID_PREFIX) for t in tokens):
         return []
     return [int(t[len(TOKEN_ID_PREFIX):]) for t in tokens]
+
+
+def first_position_top_logprobs(completion: Any) -> dict[int | str, float]:
+    """A chat completion -> token -> log-probability from ``choices[0].logprobs.content[0].top_logprobs``."""
+    if not completion.choices:
+        raise MalformedReply("no choices in the reply")
+    logprobs = completion.choices[0].logprobs
+    top = logprobs.content[0].top_logprobs if logprobs is not None and logprobs.content else None
+    if not top:
+        raise MalformedReply("no top_logprobs in the reply (does the server support top_logprobs?)")
+    ids = parse_token_ids([e.token for e in top])
+    return dict(zip(ids or [e.token for e in top], (float(e.logprob) for e in top)))
 
 
 def candidate_from_choice(choice: Any, seed: int) -> Candidate:
@@ -112,6 +126,15 @@ class OpenAICompatibleSampler:
             return (completion.choices[0].message.content or "").strip()
 
         return run_sync(lambda: self._run_all(images, instructions, request, read))
+
+    def next_token_logprobs(self, images: Sequence[Image.Image], instructions: Sequence[str],
+                            top_k: int) -> list[dict[int | str, float]]:
+        def request(i: int) -> dict[str, Any]:
+            return dict(n=1, temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=top_k,
+                        extra_body={"return_tokens_as_token_ids": True})
+
+        return run_sync(lambda: self._run_all(images, instructions, request,
+                                              lambda i, completion: first_position_top_logprobs(completion)))
 
     async def _run_all(self, images: Sequence[Image.Image], instructions: Sequence[str],
                        request: Callable[[int], dict[str, Any]], read: Callable[[int, Any], T]) -> list[T]:

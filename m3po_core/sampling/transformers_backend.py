@@ -84,3 +84,14 @@ class TransformersSampler:
                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def next_token_logprobs(self, images: Sequence[Image.Image], instructions: Sequence[str],
+                            top_k: int) -> list[dict[int, float]]:
+        # one step of `generate`, as `greedy` takes it (left padding, its position ids); its logits are raw
+        inputs = self._inputs(images, instructions)
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=1, output_logits=True,
+                                  return_dict_in_generate=True, eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)                 # (B, V)
+        values, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]

@@ -18,6 +18,9 @@ on (32 samples of a prompt share its image and instruction); tensor parallelism 
 two GPUs). Evaluation passes the trained adapter as a `LoRARequest` (the engine is built with
 `enable_lora`), so the base weights are loaded once for both models.
 
+`next_token_logprobs` asks for one greedy token with `logprobs=top_k`: vLLM returns, for that
+position, a dict token id -> `Logprob` holding the top-k and the sampled token (raw as above).
+
 vllm is imported only when this backend is built: `pip install '.[vllm]'` on the GPU workers.
 """
 from __future__ import annotations
@@ -53,6 +56,16 @@ def candidates_from_output(output: Any, seed: int) -> list[Candidate]:
                              logp_mean=logp_sum / max(len(ids), 1), n_tokens=len(ids),
                              finish_reason=c.finish_reason, seed=seed))
     return out
+
+
+def first_position_logprobs(output: Any) -> dict[int, float]:
+    """A vLLM `RequestOutput` -> token id -> log-probability at its first generated position
+    (`outputs[0].logprobs[0]`, a dict or a `FlatLogprobs` row). ValueError when none was asked for."""
+    c = output.outputs[0]
+    if c.logprobs is None or len(c.logprobs) == 0:
+        raise ValueError(f"request {output.request_id}: no log-probabilities at the first position "
+                         "(SamplingParams(logprobs=k) was not set)")
+    return {int(token): float(lp.logprob) for token, lp in c.logprobs[0].items()}
 
 
 class VLLMSampler:
@@ -114,3 +127,12 @@ class VLLMSampler:
         outputs = self.llm.generate(self.requests(images, instructions), params, use_tqdm=False,
                                     lora_request=self.lora(adapter_dir))
         return [o.outputs[0].text.strip() for o in outputs]
+
+    def next_token_logprobs(self, images: Sequence[Image.Image], instructions: Sequence[str], top_k: int,
+                            adapter_dir: str | None = None) -> list[dict[int, float]]:
+        from vllm import SamplingParams as VSamplingParams
+
+        params = VSamplingParams(temperature=0.0, max_tokens=1, logprobs=top_k)
+        outputs = self.llm.generate(self.requests(images, instructions), params, use_tqdm=False,
+                                    lora_request=self.lora(adapter_dir))
+        return [first_position_logprobs(o) for o in outputs]

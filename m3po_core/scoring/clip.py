@@ -48,6 +48,26 @@ def normalise(cos: np.ndarray | float) -> np.ndarray | float:
     return (cos + 1) / 2
 
 
+CLIPSCORE_W = 2.5  # CLIPScore's rescaling (Hessel et al., 2021)
+
+
+def clipscore(cos: np.ndarray | float) -> np.ndarray | float:
+    """CLIPScore in [0, 1]: min(max(2.5 * cos, 0), 1). A pretrained CLIP's image-text cosines sit in a
+    narrow positive band, which this spreads over most of [0, 1]."""
+    return np.clip(CLIPSCORE_W * np.maximum(cos, 0), 0, 1)
+
+
+COSINE_TO_UNIT = {"affine": normalise, "clipscore": clipscore}
+
+
+def unit_scores(encoder, raw: np.ndarray, mapping: str = "affine") -> np.ndarray:
+    """An encoder's raw scores in [0, 1]: cosines through `mapping` (`scoring.clip_mapping`), other
+    scores (BLIP-2's match probability, an ensemble's mean) as the encoder maps them."""
+    if getattr(encoder, "kind", None) == "cosine":
+        return COSINE_TO_UNIT[mapping](raw)
+    return encoder.unit_scores(raw)
+
+
 @functools.cache
 def register_tiny_clip() -> None:
     """Make "m3po-tiny-clip" an open_clip architecture name (once per process).

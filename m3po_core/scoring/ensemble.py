@@ -6,8 +6,8 @@ interfaces as one judge and one encoder.
   with the usual weights. A candidate no judge could rate stays unrated (None), never invented.
   Usage (requests, tokens, cost) is summed over the judges.
 - `EncoderEnsemble`: every encoder scores every candidate; the ensemble's score is the mean of the
-  encoders' [0, 1] scores (each encoder's own `unit_scores`: (cos + 1) / 2 for CLIP, the match
-  probability for BLIP-2), so it is already in [0, 1] and MAS takes it as it is.
+  encoders' [0, 1] scores (a CLIP cosine through its `scoring.clip_mapping`, BLIP-2's match
+  probability as it is), so it is already in [0, 1] and MAS takes it as it is.
 """
 from __future__ import annotations
 
@@ -52,8 +52,10 @@ class JudgeEnsemble:
 class EncoderEnsemble:
     kind = "unit"  # already in [0, 1]
 
-    def __init__(self, encoders: Sequence[Any]) -> None:
+    def __init__(self, encoders: Sequence[Any], mappings: Sequence[str] | None = None) -> None:
+        """`mappings`: each encoder's cosine-to-[0, 1] mapping (clip.COSINE_TO_UNIT; default affine)."""
         self.encoders = list(encoders)
+        self.mappings = list(mappings or ["affine"] * len(self.encoders))
         self.metrics: dict = {}
 
     @staticmethod
@@ -65,5 +67,7 @@ class EncoderEnsemble:
         return sum(e.n_image_encodes for e in self.encoders)
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[np.ndarray]:
-        per_encoder = [[e.unit_scores(s) for s in e.score(images, texts)] for e in self.encoders]
+        from m3po_core.scoring.clip import unit_scores
+
+        per_encoder = [[unit_scores(e, s, m) for s in e.score(images, texts)] for e, m in zip(self.encoders, self.mappings)]
         return [np.mean(np.stack(parts), axis=0) for parts in zip(*per_encoder)]

@@ -1,9 +1,12 @@
 """The Multimodal Alignment Score (paper 3.3).
 
-    MAS = clip_weight * (cos(image, response) + 1) / 2  +  judge_weight * judge.overall
+    MAS = clip_weight * unit(cos(image, response))  +  judge_weight * judge.overall
 
-(with BLIP-2 image-text matching as the encoder, its match probability replaces (cos + 1) / 2).
-Both parts lie in [0, 1] (the encoder's `unit_scores`, the judge's documented overall score), so the weights
+unit() is `scoring.clip_mapping`: CLIPScore, min(max(2.5 * cos, 0), 1), for pretrained CLIP
+encoders (their image-text cosines sit in about 0.15-0.35, where (cos + 1) / 2 would move by a few
+hundredths across a prompt's candidates and the CLIP term could only break ties between equal
+judge ratings), and (cos + 1) / 2 for the tiny CLIP trained here; with BLIP-2 image-text matching
+as the encoder, its match probability enters as it is. Both parts lie in [0, 1], so the weights
 say how much each counts; they default to 0.2 / 0.8 because the CLIP similarity sees the image
 but not the instruction (it cannot tell a right "yes" from a wrong one), while the judge rates
 visual relevance, semantic accuracy and instruction adherence. The paper does not give weights.
@@ -19,7 +22,7 @@ from PIL import Image
 
 from m3po_core import schema
 from m3po_core.config import ScoringConfig
-from m3po_core.scoring.clip import ClipScorer
+from m3po_core.scoring.clip import ClipScorer, unit_scores
 
 
 def make_judge(cfg: ScoringConfig, cache_dir: str | None = None):
@@ -82,7 +85,8 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
     nan = float("nan")
     parts = {k: np.array([getattr(s, k) if s is not None else nan for s in rated], dtype=float)
              for k in ("overall", "relevance", "accuracy", "adherence")}
-    mas = cfg.clip_weight * clip.unit_scores(clip_col) + cfg.judge_weight * parts["overall"]
+    mas = cfg.clip_weight * unit_scores(clip, clip_col, cfg.cosine_mapping(cfg.clip.name)) \
+        + cfg.judge_weight * parts["overall"]
     return pa.table({
         "prompt_id": pa.array(pid, pa.string()),
         "cand_idx": candidates.column("cand_idx"),
@@ -93,3 +97,24 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
         "judge_adherence": pa.array(parts["adherence"], from_pandas=True),
         "mas": pa.array(mas, from_pandas=True),
     }, schema=schema.SCORES)
+
+
+def variance_shares(groups: Sequence[Sequence[tuple[float, float]]]) -> dict[str, float] | None:
+    """What drives selection: the shares of the within-prompt variance of MAS that come from its CLIP
+    term, its judge term and their covariance (they sum to 1). `groups`: per prompt, each rated
+    candidate's (clip term, judge term), the weighted parts whose sum is its MAS. Deviations are
+    taken from each prompt's own means and pooled over prompts, since selection compares a
+    prompt's candidates with each other only. None when MAS does not vary within any prompt."""
+    ss_clip = ss_judge = cross = 0.0
+    for group in groups:
+        if len(group) < 2:
+            continue
+        parts = np.asarray(group, dtype=float)
+        dev = parts - parts.mean(axis=0)
+        ss_clip += float((dev[:, 0] ** 2).sum())
+        ss_judge += float((dev[:, 1] ** 2).sum())
+        cross += 2 * float((dev[:, 0] * dev[:, 1]).sum())
+    total = ss_clip + ss_judge + cross
+    if total <= 0:
+        return None
+    return {"clip": ss_clip / total, "judge": ss_judge / total, "covariance": cross / total}

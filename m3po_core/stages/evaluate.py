@@ -34,8 +34,12 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
     key = stage_key(cfg, "evaluate", train_key, model_ref, public_sources(cfg))
     record = trained_under_its_name(done_record(store, "metrics.json", key))
     if not (attempt := _rating_attempt(record, "base", "trained")):
-        if "intervals" not in record:  # metrics written before intervals were: add them from the predictions
+        # metrics written before intervals or harness rules were: add them from the cached predictions
+        changed = [_add_every_rule(cfg, store, record[side], side) for side in ("base", "trained")]
+        if "intervals" not in record:
             record["intervals"] = base_vs_trained_intervals(cfg, store)
+            changed.append(True)
+        if any(changed):
             store.write_json("metrics.json", record)
         return record
     base = evaluate_base(cfg, store, model_ref, log_fn)
@@ -101,6 +105,8 @@ def evaluate_base(cfg: RunConfig, store: RunStore, model_ref: str,
     key = stage_key(cfg, "evaluate", "base", model_ref, public_sources(cfg))
     record = done_record(store, "eval/base_metrics.json", key)
     if not (attempt := _rating_attempt(record, "metrics")):
+        if _add_every_rule(cfg, store, record["metrics"], "base"):
+            store.write_json("eval/base_metrics.json", record)
         return record
     record = {"key": key, "metrics": _evaluate_model(cfg, store, model_ref, "base", "eval", log_fn,
                                                      weights_key=["base", model_ref]), "attempts": attempt}
@@ -116,17 +122,33 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
     interrupted evaluation resumes where it stopped, and the model is loaded only if a shard
     needs computing. `weights_key` says which weights answered (base model, or the adapter's run);
     `adapter` is applied to the base model (None: the base model answers), through
-    `evaluation.backend` (default: the sampling backend)."""
-    from m3po_core.evaluation import ift, mme, pope, preference
+    `evaluation.backend` (default: the sampling backend); before it answers anything,
+    `m3po_core.evaluation.adapter_check` refuses an adapter that leaves the model unchanged."""
+    from m3po_core.evaluation import ift, preference
     from m3po_core.sampling import greedy_batched
 
     loaded: dict[str, Any] = {}
+    backend = cfg.evaluation.backend or cfg.sampling.backend
 
-    def sampler():
+    def sampler(bench: str, questions: list[dict[str, Any]]):
+        """Built when the first shard needs it; the trained model only once its adapter is shown to
+        change the model, on the first questions of the benchmark about to be answered."""
         if "sampler" not in loaded:
-            loaded["sampler"] = components.sampler_for(cfg, store, model_ref, adapter,
-                                                       backend=cfg.evaluation.backend or cfg.sampling.backend)
+            built = components.sampler_for(cfg, store, model_ref, adapter, backend=backend)
+            if adapter is not None and cfg.evaluation.adapter_check_probes > 0:
+                _check_adapter(built, bench, questions[:cfg.evaluation.adapter_check_probes])
+            loaded["sampler"] = built
         return loaded["sampler"]
+
+    def _check_adapter(adapted, bench: str, probes: list[dict[str, Any]]) -> None:
+        from m3po_core.evaluation.adapter_check import check_adapter_changes_model
+
+        check_adapter_changes_model(
+            components.sampler_for(cfg, store, model_ref, None, backend), adapted,
+            [image_of(q, bench) for q in probes], [q["instruction"] for q in probes],
+            min_change=cfg.evaluation.adapter_check_min_change, backend=backend, adapter_dir=store.url(adapter.rel),
+            served_as=getattr(adapted, "model", None) if backend == "openai" else None,
+            batch_size=cfg.evaluation.batch_size, log_fn=log_fn)
 
     images: dict[str, Image.Image] = {}
 
@@ -149,9 +171,9 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
             key = stage_key(cfg, "evaluate", weights_key, bench,
                             fingerprint([[q["row_id"], q["instruction"], q["image"]] for q in chunk]))
 
-            def compute(chunk=chunk) -> pa.Table:
+            def compute(chunk=chunk, bench=bench, questions=questions) -> pa.Table:
                 with device_slot():
-                    preds = greedy_batched(sampler(), [image_of(q, bench) for q in chunk],
+                    preds = greedy_batched(sampler(bench, questions), [image_of(q, bench) for q in chunk],
                                            [q["instruction"] for q in chunk], max_new_tokens,
                                            cfg.evaluation.batch_size)
                 return pa.Table.from_pylist(
@@ -169,12 +191,29 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
                        if ift.needs_judge(questions) else None)
             metrics[bench] = ift.score([{**q, "prediction": p} for q, p in zip(questions, preds)], ratings)
         else:
-            metrics[bench] = {"pope": pope.score, "mme": mme.score}[bench](records)
+            metrics[bench] = scored_under_every_rule(bench, records)
         log_fn(f"{model_name} {bench}: " + _headline(bench, metrics[bench]))
     return metrics
 
 
-OPEN_ENDED = ("ift", "preference")  # benchmarks answered at length (evaluation.open_max_new_tokens)
+OPEN_ENDED = ("ift", "preference")
+YES_NO = ("pope", "mme")  # scored under every public harness's rule (m3po_core/evaluation/harness_rules.py)
+
+
+def scored_under_every_rule(bench: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The project's own figures, and under "rules" every harness's, from the same predictions."""
+    from m3po_core.evaluation import mme, pope
+
+    scorer = {"pope": pope, "mme": mme}[bench]
+    return {**scorer.score(records), "rules": scorer.every_rule(records)}
+
+
+def _add_every_rule(cfg: RunConfig, store: RunStore, side: dict[str, Any], model: str) -> bool:
+    """Give one model's yes/no metrics their per-rule figures if they lack them; True if it did."""
+    missing = [b for b in YES_NO if b in side and "rules" not in side[b]]
+    for bench in missing:
+        side[bench] = scored_under_every_rule(bench, predictions(cfg, store, bench, model))
+    return bool(missing)  # benchmarks answered at length (evaluation.open_max_new_tokens)
 
 
 def _judge_ratings(cfg: RunConfig, store: RunStore, bench: str, questions, image_of, preds, model_name: str,

@@ -85,10 +85,11 @@ def generator(cfg: RunConfig, store: RunStore, model_ref: str, r: int,
     from m3po_core.training import train_adapter
 
     with device_slot(), tempfile.TemporaryDirectory() as tmp:
-        history = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn, pairs_rel=f"{rel}-pairs.parquet")
+        trained = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn, pairs_rel=f"{rel}-pairs.parquet")
         store.put_dir(tmp, rel)
     store.write_json(f"{rel}.json", {"key": key, "pairs": train_pairs.num_rows, "seconds": time.time() - t0,
-                                     "steps": len([h for h in history if "loss" in h])})
+                                     "steps": len([h for h in trained["history"] if "loss" in h]),
+                                     "dropped_overlong_pairs": trained["dropped_overlong_pairs"]})
     log_fn(f"IPA round {r}: generator DPO-trained on {train_pairs.num_rows} pairs of rounds < {r}")
     return rel
 

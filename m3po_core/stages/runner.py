@@ -75,6 +75,14 @@ def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
     return sel
 
 
+def _cosine_mappings(cfg: RunConfig) -> dict[str, Any]:
+    """The encoders' resolved `scoring.clip_mapping`s for the scores key: absent when every one is
+    affine, the only mapping before the setting existed, so scores cached then stay valid."""
+    names = [cfg.scoring.clip.name, *(e.name for e in cfg.scoring.extra_encoders)]
+    mappings = [cfg.scoring.cosine_mapping(n) for n in names]
+    return {} if set(mappings) == {"affine"} else {"clip_mapping": mappings}
+
+
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The part of the configuration that decides a stage's output: what goes into its cache key."""
     d = cfg.to_dict()
@@ -90,19 +98,22 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
                  "image_size": world["image_size"], "cooccurrence": world["cooccurrence"]},
         "candidates": {"sampling": sampling_key, "dtype": d["model"]["dtype"]},
-        "scores": {"scoring": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip",
-                                       "judge_price_per_1k_input", "judge_price_per_1k_output"),
+        "scores": {"scoring": {**_without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_mapping",
+                                          "judge_price_per_1k_input", "judge_price_per_1k_output"),
+                               **_cosine_mappings(cfg)},
                    "clip": _without(d["scoring"]["clip"], "batch_size")},
         "pairs": {"selection": _selection_key(d["selection"])},
         "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
                 "sampling": _without(sampling_key, "n", "contrastive_n"), "dtype": d["model"]["dtype"]},
         "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
-        "evaluate": {"evaluation": d["evaluation"], "world": world, "seed": d["seed"],
+        # the adapter check only guards: it decides whether evaluation runs, not what it answers
+        "evaluate": {"evaluation": _without(d["evaluation"], "adapter_check_probes", "adapter_check_min_change"),
+                     "world": world, "seed": d["seed"],
                      # which backend and served model answered (the evaluation backend defaults to the sampler's)
                      "answerer": {"backend": d["evaluation"]["backend"] or d["sampling"]["backend"],
                                   "served_model": d["sampling"]["served_model"]},
                      # the preference test's ratings are the judge's
-                     "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight",
+                     "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight", "clip_mapping",
                                        "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output")
                      if {"preference", "ift"} & set(d["evaluation"]["benchmarks"]) else None},
     }

@@ -1,7 +1,8 @@
 """DAG step 6, train: LoRA-DPO on pairs.parquet through TRL (m3po_core/training.py), in this
 process or over `training.num_processes` processes (m3po_core/distributed.py).
 
-    adapter/ (the LoRA adapter), train_log.json (its key, seconds, TRL's log history)
+    adapter/ (the LoRA adapter), train_log.json (its key, seconds, TRL's log history, the length
+    limit trained under and the pairs left out as longer than it: dropped_overlong_pairs)
 
 Limit: any vLLM engine of this process is shut down first; it comes back when evaluation needs it.
 """
@@ -33,13 +34,14 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
         if cfg.training.num_processes > 1:
             from m3po_core.distributed import launch_training
 
-            history = launch_training(cfg, store, model_ref, tmp, log_fn=log_fn)
+            trained = launch_training(cfg, store, model_ref, tmp, log_fn=log_fn)
         else:
             from m3po_core.training import train_adapter
 
-            history = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn)
+            trained = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn)
         store.put_dir(tmp, "adapter")
     result = {"key": key, "pairs": store.read_json("pairs_stats.json")["pairs"], "seconds": time.time() - t0,
-              "history": history, "num_processes": cfg.training.num_processes}
+              "history": trained["history"], "num_processes": cfg.training.num_processes,
+              "max_length": trained["max_length"], "dropped_overlong_pairs": trained["dropped_overlong_pairs"]}
     store.write_json("train_log.json", result)
     return result
