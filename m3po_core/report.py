@@ -271,16 +271,18 @@ def ipa_rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
 def mas_variance_shares(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, float] | None:
     """The CLIP and judge terms' shares of the within-prompt variance of MAS over the run's rated
     candidates (m3po_core/scoring/mas.py `variance_shares`), read one score shard at a time."""
-    from m3po_core.scoring.mas import variance_shares
+    from m3po_core.scoring.mas import variance_shares, variance_sums
 
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for shard in range(n_shards):
+    sums = np.zeros(3)
+    for shard in range(n_shards):  # a prompt's candidates are all in its shard
         t = store.read_table(RunStore.shard_rel("scores", shard), ["prompt_id", "mas", "judge"])
+        groups: dict[str, list[tuple[float, float]]] = {}
         for pid, mas, judge in zip(*(t.column(c).to_pylist() for c in ("prompt_id", "mas", "judge"))):
             if mas is not None and judge is not None and not math.isnan(mas):
                 judge_part = cfg.scoring.judge_weight * judge
                 groups.setdefault(pid, []).append((mas - judge_part, judge_part))  # MAS = clip term + judge term
-    return variance_shares(list(groups.values()))
+        sums += variance_sums(list(groups.values()))
+    return variance_shares(sums=sums)
 
 
 def _mas_line(cfg: RunConfig, shares: dict[str, float] | None) -> list[str]:

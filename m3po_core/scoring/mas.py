@@ -99,22 +99,29 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
     }, schema=schema.SCORES)
 
 
-def variance_shares(groups: Sequence[Sequence[tuple[float, float]]]) -> dict[str, float] | None:
-    """What drives selection: the shares of the within-prompt variance of MAS that come from its CLIP
-    term, its judge term and their covariance (they sum to 1). `groups`: per prompt, each rated
-    candidate's (clip term, judge term), the weighted parts whose sum is its MAS. Deviations are
-    taken from each prompt's own means and pooled over prompts, since selection compares a
-    prompt's candidates with each other only. None when MAS does not vary within any prompt."""
-    ss_clip = ss_judge = cross = 0.0
+def variance_sums(groups: Sequence[Sequence[tuple[float, float]]]) -> np.ndarray:
+    """Pooled within-prompt sums of squares of the CLIP and judge terms and twice their cross
+    products, `[clip, judge, cross]`; sums over disjoint sets of prompts add up."""
+    sums = np.zeros(3)
     for group in groups:
         if len(group) < 2:
             continue
-        parts = np.asarray(group, dtype=float)
-        dev = parts - parts.mean(axis=0)
-        ss_clip += float((dev[:, 0] ** 2).sum())
-        ss_judge += float((dev[:, 1] ** 2).sum())
-        cross += 2 * float((dev[:, 0] * dev[:, 1]).sum())
+        dev = np.asarray(group, dtype=float)
+        dev = dev - dev.mean(axis=0)
+        sums += [(dev[:, 0] ** 2).sum(), (dev[:, 1] ** 2).sum(), 2 * (dev[:, 0] * dev[:, 1]).sum()]
+    return sums
+
+
+def variance_shares(groups: Sequence[Sequence[tuple[float, float]]] | None = None,
+                    sums: np.ndarray | None = None) -> dict[str, float] | None:
+    """What drives selection: the shares of the within-prompt variance of MAS that come from its CLIP
+    term, its judge term and their covariance (they sum to 1). `groups`: per prompt, each rated
+    candidate's (clip term, judge term), the weighted parts whose sum is its MAS (or their
+    `variance_sums`, added over shards). Deviations are taken from each prompt's own means and
+    pooled over prompts, since selection compares a prompt's candidates with each other only. None
+    when MAS does not vary within any prompt."""
+    ss_clip, ss_judge, cross = variance_sums(groups or []) if sums is None else sums
     total = ss_clip + ss_judge + cross
     if total <= 0:
         return None
-    return {"clip": ss_clip / total, "judge": ss_judge / total, "covariance": cross / total}
+    return {"clip": float(ss_clip / total), "judge": float(ss_judge / total), "covariance": float(cross / total)}
