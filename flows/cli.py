@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "the judge left unrated), failed (with the error), running")
     status.add_argument("run_id")
     status.add_argument("--root", default="./m3po-runs")
+    status.add_argument("--all", dest="show_all", action="store_true",
+                        help="every failed shard and range (default: the first groups of each stage)")
     scored = sub.add_parser("score-predictions", help="score a POPE or MME predictions file (question_id, category, "
                                                       "answer, prediction) under every public harness's rule")
     scored.add_argument("file", help="Parquet, CSV or JSON Lines file, local or an fsspec URL")
@@ -182,31 +184,10 @@ class _RunLog:
             return f"{self.local} (not uploaded to {self.store.url(self.rel)}: {type(e).__name__})"
 
 
-def _status(root: str, run_id: str) -> int:
-    from m3po_core.store import RunStore, retry_unrated
+def _status(root: str, run_id: str, show_all: bool = False) -> int:
+    from m3po.flows.status import status
 
-    store = RunStore(root, run_id)
-    if not store.exists("prompts/_stage.json"):
-        print(f"m3po: no run {run_id!r} under {root}", file=sys.stderr)
-        return 2
-    n = store.read_json("prompts/_stage.json")["n_shards"]
-    stages = [("candidates", n), ("scores", n)]
-    if store.exists("method.json") and store.read_json("method.json")["method"] == "ipa":
-        stages = [(f"ipa/round-{r}/responses", store.read_json(f"ipa/round-{r}/prompts/_stage.json")["n_shards"])
-                  for r in range(1, 100) if store.exists(f"ipa/round-{r}/prompts/_stage.json")]
-    for stage, n in stages:
-        entries = {e["shard"]: e for e in store.manifest(stage)}
-        states = [entries.get(i, {}).get("state", "missing") for i in range(n)]
-        print(f"{stage:<11} " + " ".join(f"{s}={states.count(s)}" for s in dict.fromkeys(states)))
-        for i in range(n):
-            if states[i] == "failed":
-                print(f"  shard {i}: {entries[i].get('error')}")
-            elif states[i] == "complete" and entries[i].get("unrated"):  # published; done once attempts run out
-                more = "re-run to retry" if retry_unrated(entries[i]) else f"kept after {entries[i].get('attempts', 1)} attempts"
-                print(f"  shard {i}: complete, {entries[i]['unrated']} unrated: {more}")
-    for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md"):
-        print(f"{name:<20} {'done' if store.exists(name) else 'not yet'}")
-    return 0
+    return status(root, run_id, show_all)
 
 
 def _experiment(args) -> int:
@@ -355,7 +336,7 @@ def _main(args) -> int:
     if args.command == "config":
         return _config(args.section)
     if args.command == "status":
-        return _status(args.root, args.run_id)
+        return _status(args.root, args.run_id, args.show_all)
     if args.command == "worker":
         return _worker(args.limit)
     if args.command == "make-ift":

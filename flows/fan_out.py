@@ -6,8 +6,10 @@
     task_worker   one background task run per shard, taken by long-lived `m3po worker` processes
 
 Every mode reports progress as shards finish and fails naming the failed shards only after every
-other shard finished (their results stay in the store; a re-run skips them). Limit: the remote
-modes read back one state per outstanding shard per poll.
+other shard finished (their results stay in the store; a re-run skips them). The remote modes
+(flows/remote_shards.py) read every shard's state in one API call per poll; the progress artifact
+is updated at most once a second (in process, Ray) or once per poll (remote), not once per shard.
+Limit: the error names the first MAX_NAMED failed shards; `m3po status RUN --all` lists them all.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from m3po_core.config import RunConfig
 from m3po_core.errors import M3POError
 from m3po_core.stages.runner import ShardResult
 from m3po_core.store import RunStore
-from m3po.tasks import stage_tasks
+
+MAX_NAMED = 20  # failed shards named in the stage's error (the log and `m3po status` have every one)
+PROGRESS_EVERY = 1.0  # seconds between progress artifact updates of in-process and Ray shards
 
 
 def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str,
@@ -48,12 +52,23 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
         raise M3POError(f"{stage}: these shards run in the flow run's process or on Ray "
                         f"(execution.shards: in_process or ray), not {mode!r}")
     else:
-        outcomes = _remote_shards(cfg, store, n_shards, ref_name, ref, stage, progress)
+        from m3po.flows.remote_shards import remote_shards
+
+        terminal.shards(n_shards)
+
+        def on_finished(batch: dict[int, ShardResult | str], done: int) -> None:
+            for outcome in batch.values():
+                _count(outcome)
+            update_progress_artifact(progress, 100.0 * done / n_shards)  # one call per poll, whatever the batch
+
+        outcomes = remote_shards(cfg, store, n_shards, ref_name, ref, stage, on_finished)
     failed = {s: o for s, o in sorted(outcomes.items()) if isinstance(o, str)}
     for shard, msg in failed.items():
         logger.error(f"{stage} shard {shard} failed: {msg}")
     if failed:
-        detail = "; ".join(f"shard {s}: {msg}" for s, msg in failed.items())
+        detail = "; ".join(f"shard {s}: {msg}" for s, msg in list(failed.items())[:MAX_NAMED])
+        if len(failed) > MAX_NAMED:
+            detail += f"; and {len(failed) - MAX_NAMED} more: see `m3po status {store.run_id}`"
         raise M3POError(f"{stage}: {len(failed)} of {n_shards} shards failed ({detail}). Finished shards are kept; "
                         f"fix the input and run `m3po rerun-failed {store.run_id}` to recompute only these.")
     return [outcomes[s] for s in range(n_shards)]
@@ -68,13 +83,16 @@ def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name
                           wait_for=wait_for)
     shard_of = {f.task_run_id: i for i, f in enumerate(futures)}
     terminal.shards(n_shards)
+    sent = time.time()
     for done, fut in enumerate(as_completed(futures), start=1):
         try:
             outcomes[shard_of[fut.task_run_id]] = fut.result()
         except Exception as e:
             outcomes[shard_of[fut.task_run_id]] = f"{type(e).__name__}: {e}"
         _count(outcomes[shard_of[fut.task_run_id]])
-        update_progress_artifact(progress, 100.0 * done / n_shards)
+        if done == n_shards or time.time() - sent >= PROGRESS_EVERY:  # an API call each: not one per shard
+            update_progress_artifact(progress, 100.0 * done / n_shards)
+            sent = time.time()
     return outcomes
 
 
@@ -114,80 +132,3 @@ def _on_ray(cfg: RunConfig):
     runner = RayTaskRunner(address=ex.ray_address, init_kwargs={"include_dashboard": False})
     return ray_shards.with_options(task_runner=runner, flow_run_name=f"shards-on-ray-{cfg.name}",
                                    validate_parameters=False)
-
-
-def _remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str, stage: str,
-                   progress) -> dict[int, ShardResult | str]:
-    """Submit one run per shard (a flow run of the shard deployment on its work pool, or a background
-    task run for the task workers), then poll until all are final. Any number of GPU workers share
-    them. A shard's outcome is read back from the store's manifest."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        raise M3POError(f"execution.shards={cfg.execution.shards!r} hands shards to workers through a Prefect server: "
-                        "set PREFECT_API_URL (on the ephemeral API no worker would ever take them)")
-    started = warned_at = time.time()
-    runs = {shard: _submit_shard(cfg, stage, {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id,
-                                              "shard": shard, ref_name: ref})
-            for shard in range(n_shards)}
-    outcomes: dict[int, ShardResult | str] = {}
-    terminal.shards(n_shards)
-    with get_client(sync_client=True) as client:
-        read_state = (lambda i: client.read_flow_run(i).state) if cfg.execution.shards == "deployment" else \
-            (lambda i: client.read_task_run(i).state)
-        while len(outcomes) < n_shards:
-            waiting = []  # shards no worker has taken yet (read once per pass, reported below)
-            for shard, run_id in runs.items():
-                if shard in outcomes:
-                    continue
-                state = read_state(run_id)
-                if state is not None and state.is_scheduled():
-                    waiting.append(shard)
-                if (outcome := _shard_outcome(cfg, store, stage, shard, run_id, state, started)) is not None:
-                    outcomes[shard] = outcome
-                    _count(outcome)
-                    update_progress_artifact(progress, 100.0 * len(outcomes) / n_shards)
-            if len(outcomes) < n_shards:
-                if time.time() - warned_at > 120:  # say so when nothing takes the shards (no worker running?)
-                    _warn_waiting(cfg, stage, waiting, started)
-                    warned_at = time.time()
-                time.sleep(cfg.execution.poll_seconds)
-    return outcomes
-
-
-def _shard_outcome(cfg: RunConfig, store: RunStore, stage: str, shard: int, run_id, state,
-                   started: float) -> ShardResult | str | None:
-    """A remote shard's result, its error message, or None while its run is not final."""
-    if state is None or not state.is_final():
-        timeout = cfg.execution.shard_timeout_seconds
-        if timeout is not None and time.time() - started > timeout:
-            return (f"no result after {timeout:g}s (run {run_id} "
-                    f"{state.type.value if state else 'without state'}): is a worker running?")
-        return None
-    entry = store.shard_entry(stage, shard) or {}
-    if state.is_completed() and entry.get("state") == "complete":
-        cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
-        return ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
-    return entry.get("error") or f"run {run_id} ended {state.type.value}: {state.message}"
-
-
-def _warn_waiting(cfg: RunConfig, stage: str, waiting: list[int], started: float) -> None:
-    if waiting:
-        who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
-        get_run_logger().warning(f"{stage}: {len(waiting)} shards still waiting for {who} "
-                                 f"after {time.time() - started:.0f}s (e.g. shard {waiting[0]})")
-
-
-def _submit_shard(cfg: RunConfig, stage: str, params: dict[str, Any]):
-    tags = [f"run:{params['run_id']}", f"shard:{params['shard']}"]
-    if cfg.execution.shards == "deployment":
-        from prefect.deployments import run_deployment
-
-        name = cfg.execution.sample_deployment if stage == "candidates" else cfg.execution.score_deployment
-        return run_deployment(name, parameters=params, timeout=0, tags=tags).id
-    from prefect import tags as tag_context
-
-    job = stage_tasks.sample_shard_job if stage == "candidates" else stage_tasks.score_shard_job
-    with tag_context(*tags):
-        return job.delay(**params).task_run_id

@@ -6,7 +6,8 @@ what decides the component. `sampler_for` is the one way to get a sampler for (m
 LoRA adapter, backend): candidate sampling, evaluation and IPA's policy all call it, and each
 backend applies an adapter in one way: merged into the weights in process (transformers), a
 `LoRARequest` per call (vllm), or an adapter the server serves or loads (openai). Limit: the cache
-lives as long as the process; `release_engines` and `forget` are how GPU memory is handed back.
+lives as long as the process; `release_engines` (engines, before training),
+`release_training_memory` (training, before an engine) and `forget` are how GPU memory is handed back.
 """
 from __future__ import annotations
 
@@ -99,13 +100,19 @@ def vllm_engine(cfg: RunConfig, store: RunStore, model_ref: str):
     from m3po_core.sampling.vllm_backend import VLLMSampler
 
     s = cfg.sampling
-    return cached(("vllm", model_ref, cfg.model.dtype),
-                  lambda: VLLMSampler(resolve_model(store, model_ref), tensor_parallel_size=s.tensor_parallel_size,
-                                      dtype=cfg.model.dtype, max_model_len=s.max_model_len,
-                                      gpu_memory_utilization=s.gpu_memory_utilization, enable_lora=True,
-                                      # vLLM accepts only these ranks as the engine's maximum
-                                      max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 320, 512)
-                                                         if r >= cfg.training.lora_r), seed=s.seed))
+
+    def build():
+        # vLLM refuses to start unless gpu_memory_utilization of the GPU is free: what a training in
+        # this process left (trainer, optimizer, its model copy, the allocator's cache) goes first
+        release_training_memory()
+        return VLLMSampler(resolve_model(store, model_ref), tensor_parallel_size=s.tensor_parallel_size,
+                           dtype=cfg.model.dtype, max_model_len=s.max_model_len,
+                           gpu_memory_utilization=s.gpu_memory_utilization, enable_lora=True,
+                           # vLLM accepts only these ranks as the engine's maximum
+                           max_lora_rank=next(r for r in (8, 16, 32, 64, 128, 256, 320, 512)
+                                              if r >= cfg.training.lora_r), seed=s.seed)
+
+    return cached(("vllm", model_ref, cfg.model.dtype), build)
 
 
 def _merged_vlm(cfg: RunConfig, store: RunStore, model_ref: str, adapter: Adapter):
@@ -116,6 +123,7 @@ def _merged_vlm(cfg: RunConfig, store: RunStore, model_ref: str, adapter: Adapte
 
         from m3po_core.models import load_vlm
 
+        release_training_memory()  # a second copy of the weights: the training's must be gone first
         model, processor = load_vlm(resolve_model(store, model_ref), cfg.model.device, cfg.model.dtype)
         model = PeftModel.from_pretrained(model, store.local_dir(adapter.rel)).merge_and_unload()
         model.eval()
@@ -164,20 +172,44 @@ def release_engines() -> None:
     engines = [k for k in _MODELS if k[0] == "vllm"]
     if not engines:
         return
-    import gc
-
     for k in engines:
         engine = _MODELS.pop(k)
         shutdown = getattr(getattr(engine, "llm", None), "llm_engine", None)
         if shutdown is not None and hasattr(shutdown, "engine_core"):
             shutdown.engine_core.shutdown()  # V1 runs the engine core in a process of its own
         del engine
-    gc.collect()
-    if has_cuda():
-        import torch
-
-        torch.cuda.empty_cache()
+    _collect_and_return_cache()
     log.info("released %d vLLM engine(s) before training", len(engines))
+
+
+def release_training_memory() -> None:
+    """The other direction: hand the GPU from a training in this process to the next vLLM engine.
+    The LoRA-injected model copy holds reference cycles once PEFT and TRL have wrapped it, so only
+    the cycle collector frees it, and the CUDA allocator keeps freed blocks cached in this process,
+    where vLLM's start-up check counts them as used. `vllm_engine` calls this before every engine
+    it builds (and `_merged_vlm` before its merged copy), `train_lora_dpo` when it returns. Limit:
+    it frees only what nothing references any more; a model the caller still holds stays."""
+    freed = _collect_and_return_cache()
+    if freed is not None:
+        log.info("released training memory: %.2f GiB still allocated by this process, %.2f GiB free on the GPU",
+                 *freed)
+
+
+def _collect_and_return_cache() -> tuple[float, float] | None:
+    """gc, then the CUDA allocator's cached blocks back to the driver; (allocated, free) GiB when
+    this process has a CUDA context. None is created here: it costs ~0.5 GiB, and vLLM starts its
+    workers by spawn instead of fork once the parent has one."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()   # the next stage's peak is its own
+    free, _ = torch.cuda.mem_get_info()
+    return torch.cuda.memory_allocated() / 2**30, free / 2**30
 
 
 # -------------------------------------------------------------------------------------------------

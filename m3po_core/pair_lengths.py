@@ -64,34 +64,47 @@ def overlong_rows(lengths: Sequence[int], limit: int | None) -> list[int]:
 def guard_pairs(processor, model, images: Sequence[Image.Image], pairs: Sequence[dict[str, Any]], *,
                 max_length: int | None, policy: str, where: str,
                 log_fn: Callable[[str], None] | None = None, batch_size: int = 32) -> tuple[list[int], int | None]:
-    """The rows of `pairs` to train on and the effective limit. `policy` "refuse": an InputError
-    naming the overlong pairs (row, prompt_id, length; first ten, and their count); "drop": they
-    are left out (logged). No pair left is an InputError either way. `where` names the pairs'
-    file in messages."""
-    if policy not in OVERLONG_POLICIES:
-        raise ConfigError(f"configuration key 'training.overlong_pairs': {policy!r} is not one of "
-                          f"{list(OVERLONG_POLICIES)}")
+    """The rows of `pairs` to train on and the effective limit (`decide_overlong`), with every
+    pair's image and rows in memory; `train_adapter` measures batch by batch instead."""
+    check_policy(policy)
     limit = effective_max_length(max_length, model)
     if limit is None:
         return list(range(len(pairs))), None
     lengths = pair_lengths(processor, images, [p["instruction"] for p in pairs], pairs, batch_size)
+    keep = decide_overlong(lengths, [p.get("prompt_id") for p in pairs], limit, max_length, model_context(model),
+                           policy, where, log_fn)
+    return keep, limit
+
+
+def check_policy(policy: str) -> None:
+    if policy not in OVERLONG_POLICIES:
+        raise ConfigError(f"configuration key 'training.overlong_pairs': {policy!r} is not one of "
+                          f"{list(OVERLONG_POLICIES)}")
+
+
+def decide_overlong(lengths: Sequence[int], prompt_ids: Sequence[Any], limit: int, max_length: int | None,
+                    context: int | None, policy: str, where: str,
+                    log_fn: Callable[[str], None] | None = None) -> list[int]:
+    """The rows to train on. `policy` "refuse": an InputError naming the overlong pairs (row,
+    prompt_id, length; first ten, and their count); "drop": they are left out (logged). No pair
+    left is an InputError either way. `where` names the pairs' file in messages."""
+    check_policy(policy)
     over = overlong_rows(lengths, limit)
     if not over:
-        return list(range(len(pairs))), limit
-    context = model_context(model)
+        return list(range(len(lengths)))
     source = (f"training.max_length={max_length}" if max_length is not None and (context is None or max_length <= context)
               else f"the model's context ({context} tokens)")
-    named = ", ".join(f"row {i} (prompt_id {pairs[i].get('prompt_id')!r}, {lengths[i]} tokens)" for i in over[:10])
+    named = ", ".join(f"row {i} (prompt_id {prompt_ids[i]!r}, {lengths[i]} tokens)" for i in over[:10])
     more = f" and {len(over) - 10} more" if len(over) > 10 else ""
-    what = (f"{where}: {len(over)} of {len(pairs)} pairs are longer than the limit of {limit} tokens ({source}; "
+    what = (f"{where}: {len(over)} of {len(lengths)} pairs are longer than the limit of {limit} tokens ({source}; "
             f"prompt with its image tokens + the longer completion): {named}{more}")
     if policy == "refuse":
         fix = ("raise training.max_length (up to the model's context) or " if source.startswith("training") else "")
         raise InputError(f"{what}. Training would cut them: a cut completion, or image tokens left without their "
                          f"image features; {fix}set training.overlong_pairs: drop to leave them out")
-    keep = [i for i in range(len(pairs)) if lengths[i] <= limit]
+    keep = [i for i in range(len(lengths)) if lengths[i] <= limit]
     if not keep:
         raise InputError(f"{what}. training.overlong_pairs=drop leaves no pair to train on")
     if log_fn:
-        log_fn(f"dropped {len(over)} of {len(pairs)} pairs longer than {limit} tokens ({source})")
-    return keep, limit
+        log_fn(f"dropped {len(over)} of {len(lengths)} pairs longer than {limit} tokens ({source})")
+    return keep

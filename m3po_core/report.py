@@ -200,13 +200,19 @@ PLOT_POINTS = 50_000
 
 def _pair_plots(store: RunStore, n_shards: int, pair_stats: dict[str, Any], plt) -> list[str]:
     """M3PO's pairs: MAS against log P over every candidate, and the gaps of the chosen pairs."""
-    from m3po_core.stages.select import candidates_with_scores
+    import pyarrow as pa
 
-    pairs = store.read_table("pairs.parquet")
+    from m3po_core.stages.select import shard_candidates_with_scores
+
+    pairs = store.read_table("pairs.parquet", ["mas_chosen", "mas_rejected", "logp_chosen", "logp_rejected"])
     logp_col = pair_stats.get("logp", "logp_mean")
-    table = candidates_with_scores(store, n_shards, [logp_col, "mas"])
-    if table.num_rows > PLOT_POINTS:  # an even subsample: the paper's scale has millions of candidates
-        table = table.take(np.linspace(0, table.num_rows - 1, PLOT_POINTS).astype(np.int64))
+    # an even subsample of each shard, read one shard at a time: the paper's scale has millions of candidates
+    per_shard = -(-PLOT_POINTS // max(n_shards, 1))
+    parts = []
+    for shard in range(n_shards):
+        t = shard_candidates_with_scores(store, shard, [logp_col, "mas"]).select([logp_col, "mas"])
+        parts.append(t.take(np.linspace(0, t.num_rows - 1, per_shard).astype(np.int64)) if t.num_rows > per_shard else t)
+    table = pa.concat_tables(parts)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(table.column(logp_col).to_numpy(), table.column("mas").to_numpy(zero_copy_only=False),
                s=4, alpha=0.25, color="grey", label="candidates")

@@ -153,10 +153,44 @@ class RunStore:
             return None
 
     def manifest(self, stage: str) -> list[dict[str, Any]]:
-        """Every shard record of a stage, in shard order."""
+        """Every shard record of a stage, in shard order: one listing, then the records read at
+        once (concurrently on object stores: thousands of records are not thousands of round trips)."""
         pattern = self.path(f"{stage}/_manifest/shard-*.json")
         files = sorted(_retry(lambda: self.fs.glob(pattern), pattern))
-        return [json.loads(_retry(lambda f=f: self.fs.cat_file(f), f)) for f in files]
+        found = self._cat_many(files)
+        return [json.loads(found[f]) for f in files if f in found]
+
+    def shard_entries(self, stage: str, shards: list[int]) -> dict[int, dict[str, Any]]:
+        """The records of these shards (read at once, as `manifest`); a shard without one is left out."""
+        paths = {self.path(self._entry_rel(stage, s)): s for s in shards}
+        return {paths[p]: json.loads(data) for p, data in self._cat_many(list(paths)).items()}
+
+    def _cat_many(self, paths: list[str]) -> dict[str, bytes]:
+        """path -> bytes of each of these files that exists. fsspec's `cat` of a list reads them
+        concurrently on async file systems (s3fs); transient errors are retried as `_retry` does,
+        for the files that had them."""
+        out: dict[str, bytes] = {}
+        todo = list(paths)
+        for attempt in range(4):
+            if not todo:
+                break
+            got = {self.fs._strip_protocol(p): v for p, v in self.fs.cat(todo, on_error="return").items()}
+            again = []
+            for p in todo:
+                v = got.get(self.fs._strip_protocol(p))
+                if isinstance(v, bytes):
+                    out[p] = v
+                elif v is None or isinstance(v, FileNotFoundError):
+                    continue  # no record (yet)
+                elif isinstance(v, (PermissionError, IsADirectoryError)) or not isinstance(v, OSError) or attempt == 3:
+                    raise v
+                else:
+                    again.append(p)
+            if again:
+                log.warning("storage error on %d records (e.g. %s); retrying", len(again), again[0])
+                time.sleep(0.5 * 2**attempt)
+            todo = again
+        return out
 
     def shard_done(self, stage: str, shard: int, key: str) -> bool:
         """Complete under this cache key, and its file is there with the recorded hash. A shard

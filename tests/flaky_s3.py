@@ -1,10 +1,13 @@
 """An HTTP proxy in front of the loopback S3 server that fails requests on demand: S3's own
-`503 SlowDown` reply, or a connection dropped without a reply. What s3fs meets on a bad day."""
+`503 SlowDown` reply, or a connection dropped without a reply. What s3fs meets on a bad day. It can
+also hold each request `delay` seconds (an object store's round trip, which loopback lacks) and
+counts the requests in flight at once (`max_in_flight`)."""
 from __future__ import annotations
 
 import http.server
 import socket
 import threading
+import time
 
 import httpx
 
@@ -19,6 +22,8 @@ class FlakyS3Proxy:
         self.plan: list[tuple[str | None, str]] = []   # (method or None for any, "503" | "drop")
         self.injected = 0
         self.outage = False
+        self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -28,7 +33,19 @@ class FlakyS3Proxy:
                 pass
 
             def _handle(self):
+                with proxy.lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._relay()
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+
+            def _relay(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.delay:
+                    time.sleep(proxy.delay)
                 fault = proxy._fault(self.command)
                 if fault == "drop":
                     self.connection.shutdown(socket.SHUT_RDWR)

@@ -55,3 +55,35 @@ def test_lora_dpo_trains_adapters_only_and_saves_them(tiny_vlm, world_batch, tmp
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all("language_model" in n for n, _ in model.named_parameters() if "lora_" in n)
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)   # B starts at zero: it moved
+
+
+def test_pairs_from_the_store_are_decoded_per_batch_not_up_front(tiny_vlm, world_batch, tmp_path):
+    """train_adapter's dataset holds each pair's image as its reference (Arrow rows, no decoded
+    images); the collator decodes a batch's images when it is drawn, and gives the very batch that
+    in-memory images give."""
+    import pyarrow as pa
+
+    from m3po_core.training import pairs_dataset_from_table
+
+    model, processor = tiny_vlm
+    images, instructions = world_batch
+    pairs = sampled_pairs(model, processor, images[:3], instructions[:3])
+    paths = []
+    for i, image in enumerate(images[:3]):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    table = pa.Table.from_pylist([{"prompt_id": f"p{i}", "image": paths[i], "instruction": instructions[i], **p}
+                                  for i, p in enumerate(pairs)])
+    lazy = pairs_dataset_from_table(table)
+    assert lazy[1]["images"] == [paths[1]] and lazy[1]["prompt_id"] == "p1"      # a reference, not pixels
+    collate = SampledTokensCollator(processor)
+    got = collate([lazy[i] for i in range(3)])
+    want = collate([pairs_dataset(images[:3], instructions[:3], pairs)[i] for i in range(3)])
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    (tmp_path / "2.png").unlink()  # a missing image fails when its batch is drawn, naming its prompt
+    import pytest
+
+    from m3po_core.errors import InputError
+    with pytest.raises(InputError, match="p2"):
+        collate([lazy[2]])

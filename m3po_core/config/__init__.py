@@ -9,7 +9,7 @@ loading from YAML and dicts, overrides), `checks` (ranges and rules across secti
 (every key with its type, default and meaning: `m3po config`). This package only re-exports their
 public names; importers use `from m3po_core.config import ...`.
 """
-from m3po_core.config.checks import check_ipa, validate
+from m3po_core.config.checks import batch_split, check_ipa, validate
 from m3po_core.config.describe import describe
 from m3po_core.config.loading import CONFIG_DIR, DEFAULT_CONFIG, config_from_dict, load_config, parse_override
 from m3po_core.config.sections import (
@@ -38,6 +38,6 @@ __all__ = [
     "BENCHMARKS", "CONFIG_DIR", "DEFAULT_CONFIG", "PUBLIC_BENCHMARKS", "ClipConfig", "ConfigError", "DataConfig",
     "DataSourceConfig", "EncoderSpec", "EvaluationConfig", "ExecutionConfig", "IPAConfig", "JudgeSpec",
     "ModelConfig", "QualityFilterConfig", "RunConfig", "SamplingConfig", "ScoringConfig", "SelectionConfig",
-    "TrainingConfig", "WorldConfig", "check_ipa", "config_from_dict", "describe", "load_config", "parse_override",
-    "validate",
+    "TrainingConfig", "WorldConfig", "batch_split", "check_ipa", "config_from_dict", "describe", "load_config",
+    "parse_override", "validate",
 ]

@@ -6,7 +6,7 @@ deployments it names exist or answer: the stages find that out when they use the
 """
 from __future__ import annotations
 
-from m3po_core.config.sections import BENCHMARKS, PUBLIC_BENCHMARKS, RunConfig
+from m3po_core.config.sections import BENCHMARKS, PUBLIC_BENCHMARKS, RunConfig, TrainingConfig
 from m3po_core.errors import ConfigError
 
 
@@ -58,9 +58,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     t = cfg.training
     if "vllm" in (cfg.sampling.backend, cfg.evaluation.backend) and t.lora_r > 512:
         raise ConfigError(f"configuration key 'training.lora_r': vLLM serves LoRA ranks up to 512, got {t.lora_r}")
-    if t.batch_size % t.num_processes:
-        raise ConfigError(f"configuration key 'training.batch_size': the global batch {t.batch_size} does not "
-                          f"split over training.num_processes={t.num_processes} processes")
+    batch_split(t)
     if t.deepspeed_zero not in (None, 2, 3):
         raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
     if t.max_length is not None and t.max_length < 1:
@@ -88,6 +86,24 @@ def validate(cfg: RunConfig) -> RunConfig:
                               f"synthetic {bench} set; point it at the "
                               + ("public release's Parquet files" if bench != "ift" else "IFT Parquet (m3po make-ift)"))
     return cfg
+
+
+def batch_split(t: TrainingConfig) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) with per-device x num_processes x steps ==
+    batch_size, the global batch. training.per_device_batch_size None: batch_size / num_processes, one step."""
+    if t.per_device_batch_size is None:
+        if t.batch_size % t.num_processes:
+            raise ConfigError(f"configuration key 'training.batch_size': the global batch {t.batch_size} does not "
+                              f"split over training.num_processes={t.num_processes} processes")
+        return t.batch_size // t.num_processes, 1
+    per_step = t.per_device_batch_size * t.num_processes   # pairs per micro-batch over all processes
+    if t.per_device_batch_size < 1 or t.batch_size % per_step:
+        raise ConfigError(
+            "configuration keys 'training.batch_size', 'training.per_device_batch_size', 'training.num_processes': "
+            f"the global batch {t.batch_size} is not a whole number of micro-batches of {t.per_device_batch_size} "
+            f"pair(s) on each of {t.num_processes} process(es); set a per-device batch >= 1 that divides "
+            f"batch_size / num_processes")
+    return t.per_device_batch_size, t.batch_size // per_step
 
 
 def check_ipa(cfg: RunConfig) -> None:

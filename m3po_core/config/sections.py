@@ -254,8 +254,18 @@ class TrainingConfig:
         "help": "One weight per loss_type, as many as there are (None: TRL's equal weights, 1.0 each)."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate, linear schedule (paper 4.1: "
                                                                  "5e-5)."})
-    batch_size: int = field(default=8, metadata={"help": "The global batch (paper 4.1: 8); per-device batch = "
-                                                         "batch_size / num_processes."})
+    batch_size: int = field(default=8, metadata={"help": "The global batch in pairs per optimizer step (paper 4.1: "
+                                                         "8) = per_device_batch_size x num_processes x the gradient "
+                                                         "accumulation steps derived from them."})
+    per_device_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Pairs per device per forward/backward (each pair is two sequences, chosen and rejected). None: "
+                "batch_size / num_processes, no gradient accumulation. Smaller: gradients are accumulated over "
+                "batch_size / (per_device_batch_size x num_processes) micro-batches, which must be a whole number, "
+                "so the global batch stays batch_size."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute each layer's activations in the backward pass instead of holding them (non-reentrant, "
+                "as PEFT needs): about a third more compute for a fraction of the activation memory; what is "
+                "learnt does not change. On in the LLaVA-1.5 configs."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up share of all steps (paper 4.1: 5 %)."})
     epochs: float = field(default=1.0, metadata={"help": "Epochs over the pairs (paper 4.1: 1)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (vLLM serves ranks up to 512)."})
@@ -269,7 +279,7 @@ class TrainingConfig:
     num_processes: int = field(default=1, metadata={
         "help": "Data-parallel training: with more than one process the train stage runs TRL under `accelerate "
                 "launch` (DDP, one process per GPU; on a CPU-only machine, gloo). batch_size stays the global "
-                "batch (per-device batch = batch_size / num_processes)."})
+                "batch (see per_device_batch_size)."})
     deepspeed_zero: Optional[int] = field(default=None, metadata={
         "help": "2 or 3: DeepSpeed ZeRO stage instead of plain DDP (GPUs; needs num_processes >= 2)."})
     max_length: Optional[int] = field(default=None, metadata={

@@ -11,6 +11,7 @@ loaded only if a shard needs computing. Limit: each benchmark's predictions are 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -150,11 +151,17 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
             served_as=getattr(adapted, "model", None) if backend == "openai" else None,
             batch_size=cfg.evaluation.batch_size, log_fn=log_fn)
 
-    images: dict[str, Image.Image] = {}
+    images: OrderedDict[str, Image.Image] = OrderedDict()
 
     def image_of(q: dict[str, Any], bench: str) -> Image.Image:
-        if q["image"] not in images:  # each image read once, however many questions it has
+        # an image's questions sit together (POPE, MME): a small cache reads each once, and memory
+        # stays at IMAGE_CACHE decoded images whatever the benchmark's size
+        if q["image"] in images:
+            images.move_to_end(q["image"])
+        else:
             images[q["image"]] = load_image(q["image"], f"{bench} question {q['question_id']}")
+            if len(images) > IMAGE_CACHE:
+                images.popitem(last=False)
         return images[q["image"]]
 
     metrics: dict[str, Any] = {}
@@ -196,6 +203,7 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
     return metrics
 
 
+IMAGE_CACHE = 256  # decoded benchmark images kept at once
 OPEN_ENDED = ("ift", "preference")
 YES_NO = ("pope", "mme")  # scored under every public harness's rule (m3po_core/evaluation/harness_rules.py)
 

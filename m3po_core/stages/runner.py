@@ -83,6 +83,14 @@ def _cosine_mappings(cfg: RunConfig) -> dict[str, Any]:
     return {} if set(mappings) == {"affine"} else {"clip_mapping": mappings}
 
 
+def _training_key(t: dict[str, Any]) -> dict[str, Any]:
+    """The training section minus gradient checkpointing (it changes memory and time, not what is
+    learnt), and the per-device batch when unset (batch_size / num_processes, one accumulation
+    step: training as before the setting existed, so adapters trained then stay valid)."""
+    drop = ["gradient_checkpointing"] + (["per_device_batch_size"] if t.get("per_device_batch_size") is None else [])
+    return _without(t, *drop)
+
+
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The part of the configuration that decides a stage's output: what goes into its cache key."""
     d = cfg.to_dict()
@@ -105,7 +113,7 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "pairs": {"selection": _selection_key(d["selection"])},
         "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
                 "sampling": _without(sampling_key, "n", "contrastive_n"), "dtype": d["model"]["dtype"]},
-        "train": {"training": d["training"], "dtype": d["model"]["dtype"]},
+        "train": {"training": _training_key(d["training"]), "dtype": d["model"]["dtype"]},
         # the adapter check only guards: it decides whether evaluation runs, not what it answers
         "evaluate": {"evaluation": _without(d["evaluation"], "adapter_check_probes", "adapter_check_min_change"),
                      "world": world, "seed": d["seed"],

@@ -1,8 +1,9 @@
 """DAG step 6, train: LoRA-DPO on pairs.parquet through TRL (m3po_core/training.py), in this
 process or over `training.num_processes` processes (m3po_core/distributed.py).
 
-    adapter/ (the LoRA adapter), train_log.json (its key, seconds, TRL's log history, the length
-    limit trained under and the pairs left out as longer than it: dropped_overlong_pairs)
+    adapter/ (the LoRA adapter), train_log.json (its key, seconds, TRL's log history, the batch
+    split (per_device_batch_size x num_processes x gradient_accumulation_steps), the length limit
+    trained under and the pairs left out as longer than it: dropped_overlong_pairs)
 
 Limit: any vLLM engine of this process is shut down first; it comes back when evaluation needs it.
 """
@@ -14,7 +15,7 @@ import time
 from typing import Any, Callable
 
 from m3po_core.components import release_engines
-from m3po_core.config import RunConfig
+from m3po_core.config import RunConfig, batch_split
 from m3po_core.stages.runner import device_slot, done_record, stage_key
 from m3po_core.store import RunStore
 
@@ -40,8 +41,10 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
 
             trained = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn)
         store.put_dir(tmp, "adapter")
+    per_device, accumulation = batch_split(cfg.training)
     result = {"key": key, "pairs": store.read_json("pairs_stats.json")["pairs"], "seconds": time.time() - t0,
               "history": trained["history"], "num_processes": cfg.training.num_processes,
+              "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
               "max_length": trained["max_length"], "dropped_overlong_pairs": trained["dropped_overlong_pairs"]}
     store.write_json("train_log.json", result)
     return result

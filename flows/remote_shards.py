@@ -1,0 +1,301 @@
+"""Shards on remote workers: `execution.shards: deployment` (a flow run per shard of the shard
+deployment, on its work pool) and `task_worker` (a background task run per shard, for `m3po worker`).
+
+Submission. deployment: the deployment is read once; each shard gets the placeholder task run that
+makes its flow run a subflow of this one (one POST each, as `run_deployment` makes them: the UI
+nests the shards under the stage, and cancelling the stage's flow run cancels them), and the flow
+runs are created 100 per call through the server's bulk endpoint (POST
+/deployments/{id}/create_flow_run/bulk; one call per shard on an API without it). `run_deployment`
+itself takes three calls per shard (read the deployment, the placeholder, the flow run). The
+placeholders go one after the other: on the default SQLite server concurrent writes only queue for
+its lock (and come back 503, to be retried), and they cannot be batched (no bulk endpoint; created
+through events they may land after the flow runs that reference them). task_worker: what
+`Task.delay` does per shard, over one client (one POST each; the parameters go to the
+task-scheduling storage); `delay` itself opens a client, a connection and a CSRF-token request per call.
+
+Poll. One call per poll reads the runs, among those still outstanding, that are in a final state
+(COMPLETED, FAILED, CRASHED, CANCELLED): a filter on their ids and those state types. A further
+page is read only when a page comes back full (more shards ended within one poll than the page
+size: PREFECT_API_DEFAULT_LIMIT, 200 unless set, which is also the most a server returns; a server
+set lower refuses larger pages, naming its limit, which the poll then takes). Ids, not a window of
+end times: a run's end time is the timestamp of the state that ended it, stamped on the clock of
+whoever proposed it (the shard's process; the worker that saw it crash, seconds later; a task
+worker, whose states reach the database later through the server's event pipeline), so a window
+drawn on this machine's clock can miss a run for good. Each poll reads the manifest records of
+the shards it saw end all at once (their outcome), and reports them in one batch (the progress
+artifact: one update per poll). Every 120 s one count call finds shards no worker has taken.
+
+Limit: the ids travel in the request body (about 40 bytes each); above 10,000 outstanding shards a
+poll takes one call per 10,000.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Callable
+from uuid import UUID
+
+from prefect import get_run_logger
+from prefect.client.schemas.objects import StateType
+
+from m3po_core.config import RunConfig
+from m3po_core.errors import M3POError
+from m3po_core.stages.runner import ShardResult
+from m3po_core.store import COMPLETE, RunStore
+from m3po.tasks import stage_tasks
+
+FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+ID_CHUNK = 10_000   # ids per filter: well under the 32,766 bound parameters of SQLite and PostgreSQL
+BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
+WARN_EVERY = 120.0  # seconds between "still waiting for a worker" checks
+
+# The remote job of each fan-out stage: the ExecutionConfig field naming its deployment, and its
+# background task. Other stages register theirs (flows/noop_stage.py).
+REMOTE_JOBS: dict[str, tuple[str, Any]] = {
+    "candidates": ("sample_deployment", stage_tasks.sample_shard_job),
+    "scores": ("score_deployment", stage_tasks.score_shard_job),
+}
+
+Outcome = ShardResult | str
+last_poll: "ShardPoll | None" = None  # the latest fan-out's poll, read by the bench and the tests
+
+
+def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str, stage: str,
+                  on_finished: Callable[[dict[int, Outcome], int], None], page: int | None = None) -> dict[int, Outcome]:
+    """Submit one run per shard, then poll until every one is final (or `shard_timeout_seconds`
+    passed). `on_finished(batch, done)`: the shards seen ending in one poll, and how many have ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    mode = cfg.execution.shards
+    if not PREFECT_API_URL.value():
+        raise M3POError(f"execution.shards={mode!r} hands shards to workers through a Prefect server: "
+                        "set PREFECT_API_URL (on the ephemeral API no worker would ever take them)")
+    if stage not in REMOTE_JOBS:
+        raise M3POError(f"{stage}: no remote job for this stage (execution.shards={mode!r}); run it in_process")
+    started = warned_at = time.time()
+    # one tag for the whole fan-out: its runs found together in the UI (`fan-out:...`) and by the bench
+    fan_tag = f"fan-out:{uuid.uuid4().hex[:12]}"
+    params = [{"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
+              for shard in range(n_shards)]
+    tags = [[f"run:{store.run_id}", f"shard:{shard}", fan_tag] for shard in range(n_shards)]
+    outcomes: dict[int, Outcome] = {}
+    global last_poll
+    with get_client(sync_client=True) as client:
+        runs = submit(client, cfg, stage, params, tags)
+        poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page)
+        poll.submitted_in = time.time() - started
+        while True:
+            ended = poll.finished()
+            if ended:
+                entries = store.shard_entries(stage, sorted(ended))
+                batch = {s: _outcome(stage, s, entries.get(s), run, started) for s, run in sorted(ended.items())}
+                outcomes.update(batch)
+                on_finished(batch, len(outcomes))
+            if not poll.outstanding:
+                break
+            timeout = cfg.execution.shard_timeout_seconds
+            if timeout is not None and time.time() - started > timeout:
+                batch = {s: f"no result after {timeout:g}s (run {run_id} "
+                            f"{run.state_type.value if run and run.state_type else 'without state'}): is a worker running?"
+                         for s, (run_id, run) in sorted(poll.unfinished().items())}
+                outcomes.update(batch)
+                on_finished(batch, len(outcomes))
+                break
+            if time.time() - warned_at > WARN_EVERY:  # say so when nothing takes the shards (no worker running?)
+                _warn_waiting(cfg, stage, poll.waiting(), n_shards, started)
+                warned_at = time.time()
+            time.sleep(cfg.execution.poll_seconds)
+    get_run_logger().info(f"{stage}: {n_shards} shards ({fan_tag}) submitted in {poll.submitted_in:.1f}s, "
+                          f"read back in {poll.polls} polls and {poll.calls} API calls")
+    return outcomes
+
+
+class ShardPoll:
+    """The submitted runs of one fan-out (`kind` "flow" or "task"), read back in one call per poll
+    whatever their number. `calls` counts the API calls it made, `polls` its polls."""
+
+    def __init__(self, client, kind: str, runs: dict[int, UUID], page: int | None = None):
+        from prefect.settings import PREFECT_API_DEFAULT_LIMIT
+
+        self.client, self.kind = client, kind
+        self.runs = dict(runs)  # every submitted run, by shard
+        self.outstanding: dict[UUID, int] = {run_id: shard for shard, run_id in runs.items()}
+        self.page = page or PREFECT_API_DEFAULT_LIMIT.value()
+        self.polls = self.calls = 0  # polls; API calls of every kind
+        self.count_calls = 0  # of those, the "still waiting" counts
+        self.submitted_in = 0.0  # seconds the submission took (set by remote_shards)
+
+    def _filter(self, ids: list[UUID], types: list[StateType] | None) -> dict[str, Any]:
+        from prefect.client.schemas import filters as f
+
+        if self.kind == "flow":
+            state = f.FlowRunFilterState(type=f.FlowRunFilterStateType(any_=types)) if types else None
+            return {"flow_run_filter": f.FlowRunFilter(id=f.FlowRunFilterId(any_=ids), state=state)}
+        state = f.TaskRunFilterState(type=f.TaskRunFilterStateType(any_=types), name=None) if types else None
+        return {"task_run_filter": f.TaskRunFilter(id=f.TaskRunFilterId(any_=ids), state=state)}
+
+    def _read(self, types: list[StateType] | None) -> list:
+        """The outstanding runs in one of `types` (any state: None), a page at a time."""
+        read = self.client.read_flow_runs if self.kind == "flow" else self.client.read_task_runs
+        ids, found = list(self.outstanding), []
+        for start in range(0, len(ids), ID_CHUNK):
+            left = ids[start:start + ID_CHUNK]
+            while left:
+                runs = self._page(read, self._filter(left, types))
+                found += runs
+                if len(runs) < self.page:
+                    break
+                seen = {r.id for r in runs}  # a full page: ask again for the ones it did not hold
+                left = [i for i in left if i not in seen]
+        return found
+
+    def _page(self, read, flt: dict[str, Any]) -> list:
+        """One page. A server whose page limit is below this client's PREFECT_API_DEFAULT_LIMIT
+        refuses the request (422, naming its limit): ask again with that limit, and keep it."""
+        from prefect.exceptions import PrefectHTTPStatusError
+
+        try:
+            self.calls += 1
+            return read(**flt, limit=self.page)
+        except PrefectHTTPStatusError as e:
+            bound = re.search(r"less than or equal to (\d+)", e.response.text) if e.response.status_code == 422 else None
+            if not bound or int(bound.group(1)) >= self.page:
+                raise
+            self.page = int(bound.group(1))
+            self.calls += 1
+            return read(**flt, limit=self.page)
+
+    def finished(self) -> dict[int, Any]:
+        """The shards whose runs have ended since the last poll: shard -> its run (final state type)."""
+        self.polls += 1
+        ended = {}
+        for run in self._read(FINAL):
+            shard = self.outstanding.pop(run.id, None)
+            if shard is not None:
+                ended[shard] = run
+        return ended
+
+    def unfinished(self) -> dict[int, tuple[UUID, Any]]:
+        """Every outstanding shard: (run id, its run as read now, or None)."""
+        runs = {run.id: run for run in self._read(None)}
+        return {shard: (run_id, runs.get(run_id)) for run_id, shard in self.outstanding.items()}
+
+    def waiting(self) -> int:
+        """How many outstanding runs no worker has taken yet (scheduled, late included)."""
+        ids, n = list(self.outstanding), 0
+        for start in range(0, len(ids), ID_CHUNK):
+            flt = self._filter(ids[start:start + ID_CHUNK], [StateType.SCHEDULED])
+            if self.kind == "flow":
+                n += self.client.count_flow_runs(**flt)
+            else:  # the client has no count_task_runs
+                body = {"task_runs": flt["task_run_filter"].model_dump(mode="json", exclude_unset=True)}
+                n += int(self.client.request("POST", "/task_runs/count", json=body).json())
+            self.calls += 1
+            self.count_calls += 1
+        return n
+
+
+def _outcome(stage: str, shard: int, entry: dict[str, Any] | None, run, started: float) -> Outcome:
+    """A finished remote shard's result, or its error message (the manifest's, else the run's).
+    The run's state type, not its state object: a task run's row can carry the type before the
+    server has recorded the state itself (both come through the event pipeline)."""
+    entry = entry or {}
+    if run.state_type == StateType.COMPLETED and entry.get("state") == COMPLETE:
+        cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
+        return ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
+    message = f": {run.state.message}" if run.state is not None and run.state.message else ""
+    return entry.get("error") or f"run {run.id} ended {run.state_type.value}{message}"
+
+
+def _warn_waiting(cfg: RunConfig, stage: str, waiting: int, n_shards: int, started: float) -> None:
+    if waiting:
+        who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
+        get_run_logger().warning(f"{stage}: {waiting} of {n_shards} shards still waiting for {who} "
+                                 f"after {time.time() - started:.0f}s")
+
+
+# -- submission ----------------------------------------------------------------------------------
+
+def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
+    """One run per shard: shard -> its flow run (deployment) or task run (task_worker) id."""
+    field, job = REMOTE_JOBS[stage]
+    if cfg.execution.shards == "deployment":
+        return _create_flow_runs(client, getattr(cfg.execution, field), params, tags)
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    return run_coro_as_sync(_delay_all(job, params, tags))
+
+
+async def _delay_all(job, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
+    """What `job.delay(**p)` does for each shard, over one client: `delay` opens a client (a new
+    connection and a CSRF-token request) per call; here each shard is its one POST."""
+    from prefect import tags as tag_context
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.engine import emit_task_run_state_change_event
+
+    ids = {}
+    async with get_client() as client:
+        for p, t in zip(params, tags):
+            with tag_context(*t):
+                run = await job.create_run(client=client, parameters=p, deferred=True)
+            emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)  # as delay does
+            ids[p["shard"]] = run.id
+    return ids
+
+
+def _create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
+    from prefect.client.schemas.actions import DeploymentFlowRunCreate
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled, to_state_create
+
+    deployment = client.read_deployment_by_name(name)
+    parents = _placeholders(client, name, deployment.version, [p["shard"] for p in params])
+    bodies = [DeploymentFlowRunCreate(parameters=p, state=to_state_create(Scheduled()), tags=t,
+                                      parent_task_run_id=parents.get(p["shard"]))
+              for p, t in zip(params, tags)]
+    ids: dict[int, UUID] = {}
+    bulk = True
+    for start in range(0, len(bodies), BULK_CREATE):
+        batch, shards = bodies[start:start + BULK_CREATE], [p["shard"] for p in params[start:start + BULK_CREATE]]
+        if bulk:
+            try:
+                reply = client.request("POST", "/deployments/{id}/create_flow_run/bulk",  # type: ignore[arg-type]
+                                       path_params={"id": deployment.id},
+                                       json=[b.model_dump(mode="json", exclude_unset=True) for b in batch])
+            except PrefectHTTPStatusError as e:
+                if e.response.status_code not in (404, 405):
+                    raise
+                bulk = False  # an API without the bulk endpoint (older servers): one call per run
+            else:
+                results = reply.json()["results"]
+                refused = [r.get("error") for r in results if r.get("status") != "CREATED"]
+                if refused:
+                    raise M3POError(f"{name}: the API refused {len(refused)} shard runs: {refused[0]}")
+                ids.update({s: UUID(r["flow_run_id"]) for s, r in zip(shards, results)})
+                continue
+        for s, b in zip(shards, batch):
+            ids[s] = client.create_flow_run_from_deployment(
+                deployment.id, parameters=b.parameters, state=Scheduled(), tags=b.tags,
+                parent_task_run_id=b.parent_task_run_id).id
+    return ids
+
+
+def _placeholders(client, name: str, version: str | None, shards: list[int]) -> dict[int, UUID]:
+    """The task runs that make the shards' flow runs subflows of this flow run (none outside one)."""
+    from prefect import Task
+    from prefect.context import FlowRunContext
+    from prefect.states import Pending
+    from prefect.utilities.slugify import slugify
+
+    ctx = FlowRunContext.get()
+    if not (ctx and ctx.flow_run):
+        return {}
+    placeholder = Task(name=name, fn=lambda: None, version=version)
+    placeholder.task_key = f"prefect.deployments.flow_runs.run_deployment.{slugify(name)}"  # as run_deployment keys them
+    nonce = uuid.uuid4().hex[:8]  # unique per fan-out, also when a retried flow run fans out again
+
+    return {shard: client.create_task_run(task=placeholder, flow_run_id=ctx.flow_run.id, dynamic_key=f"{nonce}-{shard}",
+                                          name=f"{name.split('/')[-1]}-{shard}", state=Pending()).id
+            for shard in shards}

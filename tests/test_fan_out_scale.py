@@ -1,0 +1,134 @@
+"""The remote fan-outs at scale against a real Prefect server on loopback (the session's test
+server), a real process worker running the noop shard deployment and a real task worker: every poll
+reads all the shards' states in one API call whether there are 5 or 40 of them, a deployment
+fan-out's submission is one bulk call per 100 runs, and failed and crashed shards are named."""
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+
+from m3po.flows import noop_stage, remote_shards
+from m3po.flows.fan_out import fan_out
+from m3po_core.config import load_config
+from m3po_core.errors import M3POError
+from m3po_core.store import RunStore
+from prefect_loopback import RequestCounter, deploy_noop, start_process_worker, start_task_worker, stop, worker_env
+
+TINY = Path(__file__).parent / "tiny.yaml"
+pytestmark = pytest.mark.slow  # flow-run processes: a few minutes on two cores
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory, request):
+    import signal
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    logs = tmp_path_factory.mktemp("logs")
+    env = {**worker_env(url, Path(os.environ["PREFECT_HOME"])),  # the task-scheduling storage is shared
+           "PYTHONFAULTHANDLER": "1"}
+    deploy_noop(url)
+    procs = [start_process_worker(env, logs / "process-worker.log", 4), start_task_worker(env, logs / "task-worker.log", 4)]
+    yield logs
+    if request.session.testsfailed and procs[1].poll() is None:
+        procs[1].send_signal(signal.SIGABRT)  # the task worker's threads into its log, to see where it was
+    for proc in procs:
+        stop(proc)
+
+
+@flow(name="noop-stage")
+def noop_stage_flow(mode: str, n: int, ref: str, root: str, run_id: str, stage: str = noop_stage.STAGE,
+                    extra: list[str] | None = None):
+    cfg = load_config(TINY, noop_stage.register() + [f"execution.shards={mode}", "execution.poll_seconds=0.5",
+                                                     "execution.shard_timeout_seconds=400", *(extra or [])])
+    return fan_out(noop_stage.noop_task, cfg, RunStore(root, run_id), n, ref, stage, ref_name="model_ref")
+
+
+def _logs(logs: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*.log")))
+
+
+def _polling_phase(counter: RequestCounter, t0: float, read: str) -> tuple[dict, dict]:
+    """The orchestrator's requests before its first state read (submission) and from it on (polling)."""
+    first = min(t for t, r in counter.requests if t >= t0 and r == read)
+    return counter.by_route(t0, first), counter.by_route(first)
+
+
+def test_task_worker_shards_are_read_back_in_one_call_per_poll(workers, tmp_path):
+    counter = RequestCounter()
+    per_poll = {}
+    for n in (5, 40):
+        t0 = time.time()
+        with counter.counting():
+            results = noop_stage_flow("task_worker", n, "ok", str(tmp_path), f"tw{n}")
+        assert [r.shard for r in results] == list(range(n)) and all(r.rows == 1 and not r.cached for r in results)
+        poll = remote_shards.last_poll
+        submission, polling = _polling_phase(counter, t0, "POST /task_runs/filter")
+        assert submission["POST /task_runs/"] == n                       # one Task.delay per shard
+        assert polling["POST /task_runs/filter"] == poll.polls                # one read per poll, no paging
+        assert poll.calls == poll.polls + poll.count_calls                      # + a count every 120 s
+        # everything else the polling does: the progress artifact (once per poll at most), logs, the flow's end
+        other = sum(c for r, c in polling.items() if r not in ("POST /task_runs/filter", "POST /logs/"))
+        assert polling["PATCH /artifacts/{id}"] <= poll.polls and other <= poll.polls + 5, polling
+        per_poll[n] = (polling["POST /task_runs/filter"] + polling["PATCH /artifacts/{id}"]) / poll.polls
+    assert per_poll[5] <= 2 and per_poll[40] <= 2, per_poll
+
+    # a page that comes back full is followed by one for the runs it did not hold
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        again = remote_shards.ShardPoll(client, "task", poll.runs, page=7)
+        assert sorted(again.finished()) == list(range(40)) and again.calls == math.ceil(40 / 7)
+        assert not again.outstanding
+        # a page larger than the server returns (its PREFECT_API_DEFAULT_LIMIT: 200) is refused; the poll takes its limit
+        big = remote_shards.ShardPoll(client, "task", poll.runs, page=500)
+        assert sorted(big.finished()) == list(range(40)) and big.page == 200 and big.calls == 2
+
+
+@task(name="nobody-serves-this")
+def unserved(x: int) -> int:
+    return x
+
+
+def test_shards_no_worker_takes_are_counted_in_one_call_and_time_out_by_name(workers, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    runs = {i: unserved.delay(i).task_run_id for i in range(3)}
+    with get_client(sync_client=True) as client:
+        poll = remote_shards.ShardPoll(client, "task", runs)
+        assert poll.waiting() == 3 and poll.calls == 1
+    # the real sampling shards, and no `m3po worker`: scheduled for ever, so the stage times out naming them
+    with pytest.raises(M3POError, match=r"candidates: 2 of 2 shards failed \(shard 0: no result after 2s \(run \S+ "
+                                        r"SCHEDULED\).*; shard 1: no result"):
+        noop_stage_flow("task_worker", 2, "ok", str(tmp_path), "nw1", stage="candidates",
+                        extra=["execution.shard_timeout_seconds=2"])
+
+
+def test_deployment_shards_fail_and_crash_by_name_and_are_read_in_one_call_per_poll(workers, tmp_path):
+    counter = RequestCounter()
+    for n in (5, 40):
+        t0 = time.time()
+        with counter.counting(), pytest.raises(M3POError) as failed:
+            noop_stage_flow("deployment", n, "fail:2;crash:3", str(tmp_path), f"dep{n}")
+        message = str(failed.value)
+        assert f"noop: 2 of {n} shards failed" in message, _logs(workers)
+        assert "shard 2: ValueError: noop shard 2 told to fail" in message               # from the manifest
+        assert re.search(r"shard 3: run \S+ ended CRASHED: .*exit", message), message   # from the run: no record
+        poll = remote_shards.last_poll
+        submission, polling = _polling_phase(counter, t0, "POST /flow_runs/filter")
+        # the deployment read once, a placeholder task run per shard (the subflow link), the runs 100 per call
+        assert submission["GET /deployments/name/m3po-noop-shard/noop"] == 1
+        assert submission["POST /task_runs/"] == n
+        assert submission["POST /deployments/{id}/create_flow_run/bulk"] == math.ceil(n / 100)
+        assert polling["POST /flow_runs/filter"] == poll.polls and poll.calls == poll.polls + poll.count_calls
+        assert polling["PATCH /artifacts/{id}"] <= poll.polls
+        other = sum(c for r, c in polling.items() if r not in ("POST /flow_runs/filter", "POST /logs/"))
+        assert other <= poll.polls + 5, polling  # the artifact (once per poll at most), counts, the flow's end
+        store = RunStore(str(tmp_path), f"dep{n}")
+        states = {e["shard"]: e["state"] for e in store.manifest(noop_stage.STAGE)}
+        assert states[2] == "failed" and states[3] == "running" and list(states.values()).count("complete") == n - 2
