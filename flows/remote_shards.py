@@ -5,8 +5,9 @@ Submission. deployment: the deployment is read once; each shard gets the placeho
 makes its flow run a subflow of this one (one POST each, as `run_deployment` makes them: the UI
 nests the shards under the stage, and cancelling the stage's flow run cancels them), and the flow
 runs are created 100 per call through the server's bulk endpoint (POST
-/deployments/{id}/create_flow_run/bulk; one call per shard on an API without it). `run_deployment`
-itself takes three calls per shard (read the deployment, the placeholder, the flow run). The
+/deployments/{id}/create_flow_run/bulk; one call per shard on an API without it), each with an
+idempotency key so that a batch refused in part is sent again safely. `run_deployment` itself
+takes three calls per shard (read the deployment, the placeholder, the flow run). The
 placeholders go one after the other: on the default SQLite server concurrent writes only queue for
 its lock (and come back 503, to be retried), and they cannot be batched (no bulk endpoint; created
 through events they may land after the flow runs that reference them). task_worker: what
@@ -48,6 +49,8 @@ from m3po.tasks import stage_tasks
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 ID_CHUNK = 10_000   # ids per filter: well under the 32,766 bound parameters of SQLite and PostgreSQL
 BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
+CREATE_ATTEMPTS = 5  # sends of a batch whose runs the server refused in part
+_no_bulk = False     # set once an API answers that it has no bulk endpoint
 WARN_EVERY = 120.0  # seconds between "still waiting for a worker" checks
 
 # The remote job of each fan-out stage: the ExecutionConfig field naming its deployment, and its
@@ -79,11 +82,15 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
     fan_tag = f"fan-out:{uuid.uuid4().hex[:12]}"
     params = [{"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
               for shard in range(n_shards)]
-    tags = [[f"run:{store.run_id}", f"shard:{shard}", fan_tag] for shard in range(n_shards)]
+    # Tags are concurrency-limit names to a task run's engine: a task worker starts a lease service per
+    # distinct set, under a lock that deadlocked Prefect 3.7.7 task workers here given a tag per shard.
+    # So task runs share one set; flow runs (their engine takes no such leases) carry the shard's too.
+    tags = [[f"run:{store.run_id}", fan_tag] + ([f"shard:{shard}"] if mode == "deployment" else [])
+            for shard in range(n_shards)]
     outcomes: dict[int, Outcome] = {}
     global last_poll
     with get_client(sync_client=True) as client:
-        runs = submit(client, cfg, stage, params, tags)
+        runs = submit(client, cfg, stage, params, tags, fan_tag)
         poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page)
         poll.submitted_in = time.time() - started
         while True:
@@ -218,11 +225,13 @@ def _warn_waiting(cfg: RunConfig, stage: str, waiting: int, n_shards: int, start
 
 # -- submission ----------------------------------------------------------------------------------
 
-def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
-    """One run per shard: shard -> its flow run (deployment) or task run (task_worker) id."""
+def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tags: list[list[str]],
+           key: str) -> dict[int, UUID]:
+    """One run per shard: shard -> its flow run (deployment) or task run (task_worker) id. `key`
+    names the fan-out (its flow runs' idempotency keys are `{key}-{shard}`)."""
     field, job = REMOTE_JOBS[stage]
     if cfg.execution.shards == "deployment":
-        return _create_flow_runs(client, getattr(cfg.execution, field), params, tags)
+        return create_flow_runs(client, getattr(cfg.execution, field), params, tags, key)
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     return run_coro_as_sync(_delay_all(job, params, tags))
@@ -245,41 +254,63 @@ async def _delay_all(job, params: list[dict[str, Any]], tags: list[list[str]]) -
     return ids
 
 
-def _create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
+def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]],
+                      key: str) -> dict[int, UUID]:
+    """The shards' flow runs, BULK_CREATE per call. Each carries an idempotency key (`key` and its
+    shard), so a batch the server refused in part (on SQLite a "database is locked" comes back as a
+    per-run failure, not as a retried 503) is sent again: the runs it did create come back, not twins."""
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
-    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.states import Scheduled, to_state_create
 
     deployment = client.read_deployment_by_name(name)
     parents = _placeholders(client, name, deployment.version, [p["shard"] for p in params])
-    bodies = [DeploymentFlowRunCreate(parameters=p, state=to_state_create(Scheduled()), tags=t,
-                                      parent_task_run_id=parents.get(p["shard"]))
-              for p, t in zip(params, tags)]
+    bodies = {p["shard"]: DeploymentFlowRunCreate(parameters=p, state=to_state_create(Scheduled()), tags=t,
+                                                  parent_task_run_id=parents.get(p["shard"]),
+                                                  idempotency_key=f"{key}-{p['shard']}")
+              for p, t in zip(params, tags)}
     ids: dict[int, UUID] = {}
-    bulk = True
-    for start in range(0, len(bodies), BULK_CREATE):
-        batch, shards = bodies[start:start + BULK_CREATE], [p["shard"] for p in params[start:start + BULK_CREATE]]
-        if bulk:
-            try:
-                reply = client.request("POST", "/deployments/{id}/create_flow_run/bulk",  # type: ignore[arg-type]
-                                       path_params={"id": deployment.id},
-                                       json=[b.model_dump(mode="json", exclude_unset=True) for b in batch])
-            except PrefectHTTPStatusError as e:
-                if e.response.status_code not in (404, 405):
-                    raise
-                bulk = False  # an API without the bulk endpoint (older servers): one call per run
-            else:
-                results = reply.json()["results"]
-                refused = [r.get("error") for r in results if r.get("status") != "CREATED"]
-                if refused:
-                    raise M3POError(f"{name}: the API refused {len(refused)} shard runs: {refused[0]}")
-                ids.update({s: UUID(r["flow_run_id"]) for s, r in zip(shards, results)})
-                continue
-        for s, b in zip(shards, batch):
-            ids[s] = client.create_flow_run_from_deployment(
-                deployment.id, parameters=b.parameters, state=Scheduled(), tags=b.tags,
-                parent_task_run_id=b.parent_task_run_id).id
+    shards = list(bodies)
+    for start in range(0, len(shards), BULK_CREATE):
+        todo = shards[start:start + BULK_CREATE]
+        for attempt in range(CREATE_ATTEMPTS):
+            refused = _create_batch(client, deployment.id, {s: bodies[s] for s in todo}, ids)
+            if not refused:
+                break
+            if attempt == CREATE_ATTEMPTS - 1:
+                raise M3POError(f"{name}: the API refused {len(refused)} shard runs: {next(iter(refused.values()))}")
+            todo = list(refused)
+            time.sleep(0.5 * 2**attempt)
     return ids
+
+
+def _create_batch(client, deployment_id: UUID, batch: dict[int, Any], ids: dict[int, UUID]) -> dict[int, str]:
+    """Create one batch (into `ids`); the shards the server refused, with its reason."""
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
+
+    global _no_bulk
+    if not _no_bulk:
+        try:
+            reply = client.request("POST", "/deployments/{id}/create_flow_run/bulk",  # type: ignore[arg-type]
+                                   path_params={"id": deployment_id},
+                                   json=[b.model_dump(mode="json", exclude_unset=True) for b in batch.values()])
+        except PrefectHTTPStatusError as e:
+            if e.response.status_code not in (404, 405):
+                raise
+            _no_bulk = True  # an API without the bulk endpoint (older servers): one call per run
+        else:
+            refused = {}
+            for shard, result in zip(batch, reply.json()["results"]):
+                if result.get("status") == "CREATED":
+                    ids[shard] = UUID(result["flow_run_id"])
+                else:
+                    refused[shard] = result.get("error") or "no reason given"
+            return refused
+    for shard, b in batch.items():
+        ids[shard] = client.create_flow_run_from_deployment(
+            deployment_id, parameters=b.parameters, state=Scheduled(), tags=b.tags,
+            parent_task_run_id=b.parent_task_run_id, idempotency_key=b.idempotency_key).id
+    return {}
 
 
 def _placeholders(client, name: str, version: str | None, shards: list[int]) -> dict[int, UUID]:

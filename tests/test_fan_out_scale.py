@@ -132,3 +132,19 @@ def test_deployment_shards_fail_and_crash_by_name_and_are_read_in_one_call_per_p
         store = RunStore(str(tmp_path), f"dep{n}")
         states = {e["shard"]: e["state"] for e in store.manifest(noop_stage.STAGE)}
         assert states[2] == "failed" and states[3] == "running" and list(states.values()).count("complete") == n - 2
+
+
+def test_a_batch_sent_again_returns_the_runs_it_created_not_new_ones(workers, tmp_path):
+    """Each shard's flow run carries an idempotency key: a batch the server refused in part (SQLite's
+    "database is locked" comes back as a per-run failure) is sent again without doubling any run."""
+    from prefect.client.orchestration import get_client
+
+    from prefect_loopback import DEPLOYMENT
+
+    config = load_config(TINY, []).to_dict()
+    params = [{"config": config, "root": str(tmp_path), "run_id": "idem", "shard": i, "model_ref": "ok"} for i in range(3)]
+    tags = [["run:idem", "fan-out:test-idem", f"shard:{i}"] for i in range(3)]
+    with get_client(sync_client=True) as client:
+        first = remote_shards.create_flow_runs(client, DEPLOYMENT, params, tags, "fan-out:test-idem")
+        again = remote_shards.create_flow_runs(client, DEPLOYMENT, params, tags, "fan-out:test-idem")
+    assert first == again and sorted(first) == [0, 1, 2] and len(set(first.values())) == 3
