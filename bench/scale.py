@@ -1,6 +1,6 @@
 """How each stage's host memory and time grow with the number of prompts: the pipeline's own cost.
 
-    python bench/scale.py --quick            # 250, 500, 1000 prompts (about 10 minutes on 2 cores)
+    python bench/scale.py --quick            # 100, 200, 400 prompts (under 10 minutes on 2 cores)
     python bench/scale.py                    # 1000, 4000, 16000 prompts
     python bench/scale.py --sizes 1000,2000
 
@@ -155,7 +155,10 @@ def child(stage: str, root: str, config_json: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before}))
 
 
-def slope(xs: list[float], ys: list[float]) -> float:
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """The log-log least-squares slope; None with fewer than two sizes."""
+    if len(set(xs)) < 2:
+        return None
     lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-9)) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
@@ -163,11 +166,11 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="250, 500 and 1000 prompts")
+    p.add_argument("--quick", action="store_true", help="100, 200 and 400 prompts")
     p.add_argument("--sizes", default=None, help="comma-separated prompt counts (default 1000,4000,16000)")
     p.add_argument("--work", default=None, help="folder for the data and the stores (default: a temporary one)")
     args = p.parse_args()
-    sizes = [int(s) for s in (args.sizes or ("250,500,1000" if args.quick else "1000,4000,16000")).split(",")]
+    sizes = [int(s) for s in (args.sizes or ("100,200,400" if args.quick else "1000,4000,16000")).split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="m3po-scale-"))
     from m3po_core.config import load_config
 
@@ -201,11 +204,13 @@ def main() -> None:
     result = {"sizes": sizes, "memory_exponent": {}, "time_exponent": {}}
     for stage in STAGES:
         got = [r for r in rows if r["stage"] == stage]
-        result["memory_exponent"][stage] = round(slope([r["prompts"] for r in got], [r["peak_rss_mb"] for r in got]), 3)
-        result["time_exponent"][stage] = round(slope([r["prompts"] for r in got], [r["seconds"] for r in got]), 3)
+        for key, field in (("memory_exponent", "peak_rss_mb"), ("time_exponent", "seconds")):
+            x = slope([r["prompts"] for r in got], [r[field] for r in got])
+            result[key][stage] = None if x is None else round(x, 3)
     print("stage      memory exponent  time exponent")
     for stage in STAGES:
-        print(f"{stage:<10} {result['memory_exponent'][stage]:>15.3f}  {result['time_exponent'][stage]:>13.3f}")
+        m, t = result["memory_exponent"][stage], result["time_exponent"][stage]
+        print(f"{stage:<10} {'-' if m is None else f'{m:.3f}':>15}  {'-' if t is None else f'{t:.3f}':>13}")
     result["rows"] = rows
     print(json.dumps(result))
 
