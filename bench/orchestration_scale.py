@@ -243,6 +243,7 @@ def main() -> None:
     if unknown := set(modes) - set(MODES):
         ap.error(f"--modes: unknown {sorted(unknown)}")
     work = Path(tempfile.mkdtemp(prefix="m3po-orch-scale-"))
+    print(f"# figures so far in {work}/status.json and fan_out.jsonl", flush=True)
     home = work / "prefect-home"
     home.mkdir()
     # before Prefect is imported: this process and the task worker share the task-scheduling storage
@@ -266,6 +267,9 @@ def main() -> None:
             procs.append(pl.start_process_worker(env, work / "process-worker.log", args.process_slots))
         if "task_worker" in modes:
             procs.append(pl.start_task_worker(env, work / "task-worker.log", args.task_slots))
+        if args.status_shards:  # first: minutes, where the deployment fan-out at 3,000 shards takes an hour
+            status = status_bench(work, args.status_shards, args.s3_rtt_ms)
+            (work / "status.json").write_text(json.dumps(status))
         stack = {"flow": _stage_flow(noop_stage.register()), "root": str(work / "runs"), "server_log": work / "server.log"}
         counter = pl.RequestCounter()
         with temporary_settings(updates={PREFECT_API_URL: url}), counter.counting():
@@ -274,11 +278,11 @@ def main() -> None:
                 for n in sizes:
                     r = fan_out_figures(stack, mode, n, args.poll_seconds, counter)
                     results.append(r)
+                    with open(work / "fan_out.jsonl", "a") as out:  # kept if a later size is cut short
+                        out.write(json.dumps(r) + "\n")
                     print(f"  {mode:<12} {n:>5} shards  {r['seconds']:8.1f} s  wall/shard {r['wall_per_shard']:.3f} s  "
-                          f"API/shard {r['api_calls_per_shard']:.1f}  reads/poll {_fmt(r['reads_per_poll'], '.2f')}",
-                          flush=True)
-        if args.status_shards:
-            status = status_bench(work, args.status_shards, args.s3_rtt_ms)
+                          f"run ovh {_fmt(r['run_overhead_median'], '.3f')} s  API/shard {r['api_calls_per_shard']:.1f}  "
+                          f"reads/poll {_fmt(r['reads_per_poll'], '.2f')}", flush=True)
     finally:
         for proc in reversed(procs):
             pl.stop(proc)
