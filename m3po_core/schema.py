@@ -14,6 +14,7 @@ PROMPTS = pa.schema(
         ("kind", pa.string()),           # instruction kind (synthetic world) or "open"
         ("source", pa.string()),
         ("scene", pa.string()),          # synthetic world's scene graph as JSON (reference judge)
+        ("image_sha256", pa.string()),   # SHA-256 of the image file's bytes when the prompts were made
     ]
 )
 

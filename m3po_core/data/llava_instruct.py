@@ -9,7 +9,8 @@ keeps the first pair of each conversation, ``turns="all"`` keeps every pair.
 prompt_id is f"{id}-t{k}" (k = the pair's index) in both modes, so a prompt keeps
 its id whichever mode loaded it. The ``<image>`` placeholder and the whitespace
 around it are removed from the instruction: the pipeline adds the model's own.
-Paths may be local or any fsspec URL (``s3://...``).
+Paths may be local or any fsspec URL (``s3://...``); an image reference must stay inside its
+image root (``m3po_core.data.images.resolve_image_ref``).
 
 ShareGPT4V (``source="sharegpt4v"``): the same records; its image paths are relative to the data
 root (``coco/train2017/...``, ``sam/images/...``), and its mixes hold text-only records (no
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 
 import fsspec
 
+from m3po_core.data.images import resolve_image_ref
 from m3po_core.errors import ConfigError, InputError
 
 SOURCE = "llava_instruct"
@@ -62,7 +64,8 @@ def load_llava_instruct(
             prompts.append(
                 {
                     "prompt_id": f"{prefix}{record['id']}-t{k}",
-                    "image": _join(image_root, record["image"]),
+                    "image": resolve_image_ref(image_root, record["image"],
+                                               f"{json_path}: record {index} (id {record['id']!r})"),
                     "instruction": instruction,
                     "reference": reference,
                     "source": source,
@@ -126,6 +129,3 @@ def _pairs(json_path: str, index: int, record: object) -> Iterator[tuple[str, st
             raise InputError(f"{where}: conversations[{j}].value is empty without <image>")
         yield instruction, str(answered["value"]).strip()
 
-
-def _join(image_root: str, name: str) -> str:
-    return f"{image_root.rstrip('/')}/{name}" if image_root else name

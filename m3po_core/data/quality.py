@@ -8,27 +8,25 @@ Rules, in this order; a prompt dropped by one is counted under that reason only:
 2. `image_unreadable`: with `check_images` on, every image is read and decoded by Pillow
    (`Image.load()`, which reads the pixels; a truncated JPEG fails here); a missing file counts
    too. Any other read failure (credentials, network) stops the stage naming the image. Reading is
-   threaded (`image_threads`), as images usually sit on object storage.
+   threaded (`image_threads`), as images usually sit on object storage, and done once per file
+   version (`m3po_core.data.image_digests`).
+2b. `image_too_large`: an image over `m3po_core.data.images.MAX_IMAGE_PIXELS` pixels (checked
+   before decoding: a decompression bomb); the first few prompt ids are logged and kept in the stats.
 3. `duplicate`: the same image and the same instruction (lower-cased, whitespace collapsed) as an
-   earlier prompt; the first is kept. "Same image" means the same bytes (SHA-256) when images are
-   read (rule 2 on), else the same path.
+   earlier prompt; the first is kept. "Same image" means the same bytes (SHA-256) where the digests are
+   known (always in the prompts stage, which reads every image), else the same path.
 
 Dropping is not an error: the counts (and the first few dropped prompt ids per reason) go into the
 prompts stage record and the report, so a source that loses much is visible.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-from PIL import Image
-
-from m3po_core.errors import InputError
+from m3po_core.data.image_digests import MISSING, READABLE, TOO_LARGE, UNDECODABLE, digests
+from m3po_core.data.images import MAX_IMAGE_PIXELS
 
 log = logging.getLogger("m3po.quality")
 EXAMPLES = 5  # dropped prompt ids kept per reason
@@ -56,30 +54,19 @@ class QualityFilterConfig:
         "help": "Threads that read the images (check_images), as they usually sit on object storage."})
 
 
-def _image_digest(url: str) -> str | None:
-    """SHA-256 of the image's bytes if Pillow decodes it; None if the file is missing or does not
-    decode. Any other failure (credentials, throttling, a network error) is raised, naming the
-    image: dropping those prompts would cache a silently smaller data set."""
-    try:
-        with fsspec.open(url, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        return None
-    except Exception as e:
-        raise InputError(f"{url}: cannot read the image ({type(e).__name__}: {e}); nothing was filtered") from e
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception:  # Pillow raises several types for corrupt or truncated data
-        return None
-    return hashlib.sha256(data).hexdigest()
-
-
-def quality_filter(rows: list[dict[str, Any]], cfg: QualityFilterConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The prompts that pass, in their order, and what was dropped: {reason: count}, examples."""
+def quality_filter(rows: list[dict[str, Any]], cfg: QualityFilterConfig,
+                   images: dict[str, tuple[str | None, str]] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The prompts that pass, in their order, and what was dropped: {reason: count}, examples.
+    `images` is url -> (sha256, verdict) from `m3po_core.data.image_digests.digests` (decoded when
+    `check_images` is on; read here when not given); each row kept gets its `image_sha256`."""
     stats: dict[str, Any] = {"input": len(rows), "instruction_length": 0, "duplicate": 0, "image_unreadable": 0,
-                             "examples": {}}
+                             "image_too_large": 0, "examples": {}}
+    if images is None and cfg.enabled and cfg.check_images:
+        images = digests(sorted({r["image"] for r in rows}), decode=True, threads=cfg.image_threads, cache=None)[0]
+    images = images or {}
     if not cfg.enabled:
+        for r in rows:
+            r["image_sha256"] = images.get(r["image"], (None, ""))[0]
         stats["kept"] = len(rows)
         return rows, stats
 
@@ -96,19 +83,19 @@ def quality_filter(rows: list[dict[str, Any]], cfg: QualityFilterConfig) -> tupl
             sized.append(r)
         else:
             drop("instruction_length", r)
-    image_key: dict[str, str | None] = {r["image"]: r["image"] for r in sized}
-    if cfg.check_images:
-        urls = sorted(image_key)
-        every = max(1000, len(urls) // 20)  # progress on long checks (150K images take minutes)
-        with ThreadPoolExecutor(max_workers=max(1, cfg.image_threads)) as pool:
-            for done, (url, digest) in enumerate(zip(urls, pool.map(_image_digest, urls)), start=1):
-                image_key[url] = digest
-                if done % every == 0 and done < len(urls):
-                    log.info("quality filter: read and decoded %d of %d images", done, len(urls))
+    image_key: dict[str, str | None] = {}
+    for r in sized:
+        digest, verdict = images.get(r["image"], (None, READABLE))
+        r["image_sha256"] = digest
+        if not cfg.check_images:  # nothing is dropped for its image; duplicates by bytes where known
+            verdict = READABLE
+        image_key[r["image"]] = None if verdict in (MISSING, UNDECODABLE, TOO_LARGE) else (digest or r["image"])
+        if verdict == TOO_LARGE:
+            image_key[r["image"]] = TOO_LARGE
     kept, seen = [], set()
     for r in sized:
-        if image_key[r["image"]] is None:
-            drop("image_unreadable", r)
+        if image_key[r["image"]] in (None, TOO_LARGE):
+            drop("image_unreadable" if image_key[r["image"]] is None else "image_too_large", r)
             continue
         key = (image_key[r["image"]], " ".join(r["instruction"].lower().split()))
         if cfg.dedupe and key in seen:
@@ -118,6 +105,8 @@ def quality_filter(rows: list[dict[str, Any]], cfg: QualityFilterConfig) -> tupl
         kept.append(r)
     stats["kept"] = len(kept)
     if len(kept) < len(rows):
-        log.info("quality filter: kept %d of %d prompts (instruction length %d, duplicates %d, unreadable images %d)",
-                 len(kept), len(rows), stats["instruction_length"], stats["duplicate"], stats["image_unreadable"])
+        log.info("quality filter: kept %d of %d prompts (instruction length %d, duplicates %d, unreadable images %d, "
+                 "images over %s pixels %d: %s)", len(kept), len(rows), stats["instruction_length"], stats["duplicate"],
+                 stats["image_unreadable"], f"{MAX_IMAGE_PIXELS:,}", stats["image_too_large"],
+                 stats["examples"].get("image_too_large", []))
     return kept, stats
