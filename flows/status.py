@@ -71,6 +71,8 @@ def stage_lines(stage: str, n: int, entries: dict[int, dict[str, Any]], show_all
         if s == "complete" and entries[i].get("unrated"):  # published; done once its attempts run out
             more = "re-run to retry" if retry_unrated(entries[i]) else f"kept after {entries[i].get('attempts', 1)} attempts"
             unrated[i] = f"complete, {entries[i]['unrated']} unrated: {more}"
+        if s == "complete" and entries[i].get("last_retry"):  # kept as published; the retry's error
+            unrated[i] = f"complete (kept as published); a retry failed: {entries[i]['last_retry'].get('error')}"
     lines += _groups(unrated, limit)
     for state in ("running", "missing"):
         shards = [i for i, s in states.items() if s == state]

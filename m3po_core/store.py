@@ -200,11 +200,20 @@ class RunStore:
         entry = self.shard_entry(stage, shard)
         if not entry or entry.get("state") != COMPLETE or entry.get("key") != key or retry_unrated(entry):
             return False
+        return self.shard_intact(stage, shard, entry)
+
+    def shard_intact(self, stage: str, shard: int, entry: dict[str, Any]) -> bool:
+        """The shard's file is there with the hash its record holds (bad bytes, a truncated or
+        foreign file: not intact, so it is computed again and never read)."""
         try:
             data = self.read_bytes(self.shard_rel(stage, shard))
         except FileNotFoundError:
             return False
         return hashlib.sha256(data).hexdigest() == entry.get("sha256")
+
+    def write_entry(self, stage: str, shard: int, entry: dict[str, Any]) -> None:
+        """Replace a shard's manifest record as given (a published record kept through a failed retry)."""
+        self.write_json(self._entry_rel(stage, shard), entry)
 
     def publish_shard(self, stage: str, shard: int, table: pa.Table, schema: pa.Schema, key: str,
                       **extra: Any) -> dict[str, Any]:

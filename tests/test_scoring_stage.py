@@ -117,3 +117,42 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
 
     third = score.score_shard(cfg, store, 0, clip_ref)                   # done now: skipped, no request
     assert third.cached and len(openai_server.requests) == before + 3
+
+
+def test_a_failed_retry_keeps_the_published_shard_and_its_spending(openai_server, root, monkeypatch, capsys):  # noqa: F811
+    """A shard published with unrated candidates is retried by a re-run; if that retry fails (the
+    key was revoked: 401), the published file, its record and what the judge already cost stay as
+    they were, and the record says why the retry failed."""
+    from m3po.flows.cli import _status
+    from openai_server import Fault
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    openai_server.heal()
+    openai_server.responder = rate_yes_high
+    cfg = load_config(TINY, ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}"])
+    store = RunStore(str(root), "j3")
+    prompts_step.prepare_prompts(cfg, store)
+    prompts = prompts_step.read_prompts_shard(store, 0)
+    rows = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": f"{text} <j3:{p['prompt_id']}#{j}>", "token_ids": [1],
+             "logp_sum": -1.0, "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop", "sampler": "test", "seed": 0}
+            for p in prompts for j, text in enumerate(["yes , it is .", "no , it is not ."])]
+    store.publish_shard("candidates", 0, pa.Table.from_pylist(rows, schema.CANDIDATES), schema.CANDIDATES, key="c")
+    clip_ref = base_models.ensure_clip(cfg, store)
+    openai_server.fail_when(f"<j3:{prompts[1]['prompt_id']}#0>", Fault("status", status=503, headers={"retry-after-ms": "5"}))
+    score.score_shard(cfg, store, 0, clip_ref)
+    published = store.shard_entry("scores", 0)
+    data = Path(store.path(RunStore.shard_rel("scores", 0))).read_bytes()
+    assert published["unrated"] == 1 and published["judge_usage"]["requests"] > 0
+
+    openai_server.heal()
+    openai_server.fail_when("", Fault("status", status=401))          # every request: the key was revoked
+    with pytest.raises(Exception, match="401"):
+        score.score_shard(cfg, store, 0, clip_ref)
+    kept = store.shard_entry("scores", 0)
+    assert Path(store.path(RunStore.shard_rel("scores", 0))).read_bytes() == data
+    assert {k: v for k, v in kept.items() if k != "last_retry"} == published
+    assert "401" in kept["last_retry"]["error"] and kept["last_retry"]["key"] == published["key"]
+    assert SECRET not in json.dumps(kept)
+    assert _status(str(root), "j3") == 0
+    assert "complete (kept as published); a retry failed:" in capsys.readouterr().out
+    openai_server.heal()

@@ -25,7 +25,7 @@ import pyarrow as pa
 from m3po_core.config import RunConfig
 from m3po_core.errors import Interrupted
 from m3po_core.selection import ALPHA_ZERO_STRATEGIES
-from m3po_core.store import FAILED, RUNNING, RunStore
+from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
 CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 2,
@@ -157,14 +157,22 @@ class ShardResult:
 
 def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callable[[], pa.Table],
               table_schema: pa.Schema, extra: Callable[[], dict[str, Any]] | None = None) -> ShardResult:
-    """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure."""
+    """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure.
+
+    A shard already published (with rows a judge left unrated, or under another key) and computed
+    again keeps its record while it runs and if it fails: the failure is added to that record as
+    `last_retry` (error, key, time) and the published file, its rows and what the judge cost stay as
+    they were. Only a shard with nothing intact published is marked running, then failed."""
     t0 = time.time()
     if store.shard_done(stage, shard, key):
         entry = store.shard_entry(stage, shard)
         return ShardResult(stage, shard, entry["rows"], True, 0.0)
     if STOP.is_set():
         raise Interrupted(f"{stage} shard {shard} not started: the run was interrupted")
-    store.mark_shard(stage, shard, RUNNING, key)
+    published = store.shard_entry(stage, shard)
+    if not (published and published.get("state") == COMPLETE and store.shard_intact(stage, shard, published)):
+        published = None
+        store.mark_shard(stage, shard, RUNNING, key)
     _waited.seconds = 0.0
     try:
         table = compute()
@@ -173,6 +181,10 @@ def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callab
                                     wall_seconds=wall, host=socket.gethostname(), pid=os.getpid(),
                                     **(extra() if extra else {}))
     except BaseException as e:  # KeyboardInterrupt too: the manifest must say the shard is not done
-        store.mark_shard(stage, shard, FAILED, key, error=f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
+        if published is not None:
+            store.write_entry(stage, shard, {**published, "last_retry": {"error": error, "key": key, "at": time.time()}})
+        else:
+            store.mark_shard(stage, shard, FAILED, key, error=error)
         raise
     return ShardResult(stage, shard, entry["rows"], False, entry["seconds"])
