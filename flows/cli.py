@@ -328,11 +328,36 @@ def main(argv: list[str] | None = None) -> int:
     return 130
 
 
+def check_args(args) -> None:
+    """Every argument a command takes, checked before any server, worker or flow starts: an
+    ArgumentError (or the configuration's ConfigError) naming it. The configuration is loaded here
+    too for the commands that take one, so a bad file or override fails first."""
+    from m3po_core.config import load_config
+    from m3po_core.errors import ArgumentError
+    from m3po_core.store import check_root, check_run_id
+
+    if getattr(args, "root", None) is not None:
+        check_root(args.root, "--root")
+    if getattr(args, "run_id", None) is not None:
+        check_run_id(args.run_id, "run id" if args.command in ("status", "rerun-failed") else "--run-id")
+    if args.command == "worker" and args.limit < 1:
+        raise ArgumentError(f"--limit {args.limit}: a worker runs at least one shard at a time")
+    if args.command in ("run", "ipa", "experiment"):
+        cfg = load_config(args.config, args.overrides)
+        if args.run_id is None:  # the run id the command derives from the configuration's name
+            check_run_id(cfg.name + "-ipa" if args.command == "ipa" else cfg.name, "the configuration's name")
+
+
 def _main(args) -> int:
     from m3po_core.config import config_from_dict, load_config
     from m3po_core.errors import M3POError
     from m3po_core.store import RunStore
 
+    try:
+        check_args(args)
+    except M3POError as e:
+        print(f"m3po {args.command}: {e}", file=sys.stderr)
+        return 2
     if args.command == "config":
         return _config(args.section)
     if args.command == "status":

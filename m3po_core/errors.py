@@ -4,6 +4,9 @@ class M3POError(Exception):
 class InputError(M3POError):
     """Bad input data: the message names the file, row or field at fault."""
 
+class ArgumentError(M3POError, ValueError):
+    """A bad command-line or API argument (a run id, a root): the message names it."""
+
 class ConfigError(M3POError):
     """Bad configuration: the message names the key at fault."""
 

@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from m3po_core.errors import ArgumentError
+
 log = logging.getLogger("m3po.store")
 T = TypeVar("T")
 
@@ -62,11 +64,30 @@ def retry_unrated(record: dict[str, Any]) -> bool:
     return bool(unrated) and record.get("attempts", 1) < RATING_ATTEMPTS
 
 
+def check_run_id(run_id: str | None, what: str = "run id") -> str:
+    """A run id names a folder, flow runs and Prefect artifact keys: letters, digits, '_' and '-'."""
+    if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", run_id):
+        raise ArgumentError(f"{what} {run_id!r} must be a name of 1-100 letters, digits, '_' and '-' "
+                            "(it names a folder under the root)")
+    return run_id
+
+
+def check_root(root: str, what: str = "root") -> str:
+    """A root is a directory or an fsspec URL whose file system is installed; a local one must not
+    be a file. Reaching it (credentials, network) is left to the run."""
+    try:
+        fs, path = url_to_fs(str(root))
+    except (ValueError, ImportError) as e:
+        raise ArgumentError(f"{what} {root!r}: not a directory or a URL this installation can open ({e})") from None
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocol and os.path.exists(path) and not os.path.isdir(path):
+        raise ArgumentError(f"{what} {root!r} is a file, not a directory")
+    return root
+
+
 class RunStore:
     def __init__(self, root: str, run_id: str):
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id or ""):
-            # it names a folder, flow runs and Prefect artifact keys (letters, digits, dashes)
-            raise ValueError(f"run id {run_id!r} must be a non-empty name of letters, digits, '_' and '-'")
+        check_run_id(run_id)
         self.root = str(root).rstrip("/")
         self.run_id = run_id
         self.fs, root_path = url_to_fs(self.root)
