@@ -349,15 +349,45 @@ def check_args(args) -> None:
 
 
 def _main(args) -> int:
-    from m3po_core.config import config_from_dict, load_config
     from m3po_core.errors import M3POError
-    from m3po_core.store import RunStore
 
     try:
         check_args(args)
     except M3POError as e:
         print(f"m3po {args.command}: {e}", file=sys.stderr)
         return 2
+    if args.command in ("run", "ipa", "experiment", "rerun-failed") and not _api_configured():
+        from m3po.flows import api_server
+
+        budget = float(os.environ.get(STARTUP_SETTING) or _active_profile().get(STARTUP_SETTING) or EPHEMERAL_STARTUP_SECONDS)
+        try:
+            server, os.environ["PREFECT_API_URL"] = api_server.start(budget)
+        except TimeoutError:
+            print(f"m3po: Prefect's ephemeral API server did not start within {budget:g} s; raise {STARTUP_SETTING}, "
+                  "or start a server (`prefect server start`) and set PREFECT_API_URL to it", file=sys.stderr)
+            return 1
+        try:
+            return _dispatch(args)
+        finally:
+            api_server.stop(server)
+    return _dispatch(args)
+
+
+def _api_configured() -> bool:
+    """A Prefect API the user chose (the environment or the active profile); else the command
+    starts its own, which dies with it (flows/api_server.py)."""
+    if "prefect" in sys.modules:  # already imported (a caller's own settings, a test harness): its view
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+    return "PREFECT_API_URL" in os.environ or "PREFECT_API_URL" in _active_profile()
+
+
+def _dispatch(args) -> int:
+    from m3po_core.config import config_from_dict, load_config
+    from m3po_core.errors import M3POError
+    from m3po_core.store import RunStore
+
     if args.command == "config":
         return _config(args.section)
     if args.command == "status":
