@@ -281,7 +281,7 @@ def mas_variance_shares(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[
 
     sums = np.zeros(3)
     for shard in range(n_shards):  # a prompt's candidates are all in its shard
-        t = store.read_table(RunStore.shard_rel("scores", shard), ["prompt_id", "mas", "judge"])
+        t = store.read_shard("scores", shard, ["prompt_id", "mas", "judge"])
         groups: dict[str, list[tuple[float, float]]] = {}
         for pid, mas, judge in zip(*(t.column(c).to_pylist() for c in ("prompt_id", "mas", "judge"))):
             if mas is not None and judge is not None and not math.isnan(mas):

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from m3po_core.errors import ArgumentError
+from m3po_core.errors import ArgumentError, InputError
 
 log = logging.getLogger("m3po.store")
 T = TypeVar("T")
@@ -158,6 +158,26 @@ class RunStore:
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
 
+    def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """A complete shard's table, its bytes checked against the SHA-256 in its manifest record
+        first: a shard corrupted after it was published (bad bytes, a truncated or foreign file) is
+        never parsed; a re-run computes it again (`shard_done` sees the same mismatch)."""
+        rel = self.shard_rel(stage, shard)
+        entry = self.shard_entry(stage, shard)
+        if not entry or entry.get("state") != COMPLETE:
+            raise InputError(f"{self.url(rel)}: {stage} shard {shard} is not complete "
+                             f"({(entry or {}).get('state', 'no record')})")
+        try:
+            data = self.read_bytes(rel)
+        except FileNotFoundError:
+            raise InputError(f"{self.url(rel)}: the file of complete {stage} shard {shard} is missing; "
+                             "a re-run computes it again") from None
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise InputError(f"{self.url(rel)}: its bytes do not match the SHA-256 of its manifest record (changed "
+                             f"or corrupted after it was published); not read. A re-run computes {stage} shard "
+                             f"{shard} again")
+        return pq.read_table(io.BytesIO(data), columns=columns)
+
     # -- shards and their manifest -------------------------------------------------------------
     @staticmethod
     def shard_rel(stage: str, shard: int) -> str:
@@ -256,7 +276,7 @@ class RunStore:
             if missing:
                 raise RuntimeError(f"{self.url(stage)}: shards {missing} are not complete")
             entries = [e for e in entries if e["shard"] < n_shards]
-        return pa.concat_tables([self.read_table(self.shard_rel(stage, e["shard"])) for e in entries])
+        return pa.concat_tables([self.read_shard(stage, e["shard"]) for e in entries])
 
     # -- directories (model checkpoints) -------------------------------------------------------
     def put_dir(self, local_dir: str | Path, rel: str, shared: bool = False) -> None:

@@ -124,3 +124,40 @@ def test_a_replaced_image_or_an_edited_record_rewrites_exactly_its_shard(tmp_pat
     rows = prompts_step.read_prompts_shard(store, 1)
     import hashlib
     assert rows[1]["image_sha256"] == hashlib.sha256(fs.cat(f"{base}/images/3.png")).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["bad bytes", "truncated", "another table"])
+def test_a_corrupted_shard_is_never_read_and_a_rerun_recomputes_only_it(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m3po_core.stages.runner import run_shard
+
+    store = RunStore(str(tmp_path), "corrupt")
+    schema = pa.schema([("prompt_id", pa.string()), ("value", pa.float64())])
+    computed = []
+
+    def compute(shard):
+        def table():
+            computed.append(shard)
+            return pa.Table.from_pylist([{"prompt_id": f"p{shard}-{i}", "value": float(i)} for i in range(4)], schema)
+        return table
+
+    for shard in range(3):
+        run_shard(store, "toy", shard, "k", compute(shard), schema)
+    path = Path(store.path(RunStore.shard_rel("toy", 1)))
+    good = path.read_bytes()
+    if damage == "bad bytes":
+        path.write_bytes(good[:100] + bytes(b ^ 0xFF for b in good[100:120]) + good[120:])
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:
+        pq.write_table(pa.table({"something": ["else"]}), path)
+    with pytest.raises(InputError, match=r"toy/shard-00001\.parquet: its bytes do not match the SHA-256"):
+        store.read_shard("toy", 1)
+    with pytest.raises(InputError, match="toy/shard-00001"):
+        store.read_stage("toy", 3)
+    computed.clear()
+    for shard in range(3):
+        run_shard(store, "toy", shard, "k", compute(shard), schema)
+    assert computed == [1] and store.read_shard("toy", 1).num_rows == 4 and path.read_bytes() == good

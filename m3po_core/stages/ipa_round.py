@@ -142,7 +142,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                     _generator_key(store, generator_rel))
 
     def compute() -> pa.Table:
-        rows = store.read_table(RunStore.shard_rel(f"{_round(r)}/prompts", shard)).to_pylist()
+        rows = store.read_shard(f"{_round(r)}/prompts", shard).to_pylist()
         images = [load_image(p["image"], f"IPA round {r} shard {shard}, prompt_id {p['prompt_id']!r}") for p in rows]
         sampler = policy_sampler(cfg, store, model_ref, generator_rel)
         out: dict[str, list] = {col: [] for col in schema.CANDIDATES.names}
@@ -218,7 +218,7 @@ def collect_round(cfg: RunConfig, store: RunStore, r: int, n_shards: int, model_
     responses = store.read_stage(stage, n_shards).to_pylist() if n_shards else []
     pairs, fb_pairs, stats = ipa.round_pairs(responses, cfg.ipa.seed, r)
     prompts = {p["prompt_id"]: p for i in range(n_shards)
-               for p in store.read_table(RunStore.shard_rel(f"{_round(r)}/prompts", i)).to_pylist()}
+               for p in store.read_shard(f"{_round(r)}/prompts", i).to_pylist()}
     nan = float("nan")
 
     def row(pid: str, instruction: str, chosen: dict, rejected: dict, texts=("text", "text"), ids=None) -> dict:

@@ -160,7 +160,7 @@ def validate_prompts(rows: list[dict[str, Any]], where: str) -> None:
 
 
 def read_prompts_shard(store: RunStore, shard: int) -> list[dict[str, Any]]:
-    return store.read_table(RunStore.shard_rel("prompts", shard)).to_pylist()
+    return store.read_shard("prompts", shard).to_pylist()
 
 
 def load_shard_images(rows: list[dict[str, Any]], shard: int) -> list[Image.Image]:

@@ -45,7 +45,7 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
     def compute() -> pa.Table:
         rows = read_prompts_shard(store, shard)
         images = load_shard_images(rows, shard)
-        cands = store.read_table(RunStore.shard_rel("candidates", shard))
+        cands = store.read_shard("candidates", shard)
         clip = components.clip_encoder(cfg, store, clip_ref)
         judge = components.judge(cfg, store)
         with device_slot():  # one shard at a time per process: the judge's usage delta is this shard's

@@ -28,8 +28,8 @@ def shard_candidates_with_scores(store: RunStore, shard: int, columns: list[str]
             raise RuntimeError(f"{store.url(stage)}: shard {shard} is not complete")
     if columns is not None:
         columns = ["prompt_id", "cand_idx", *(c for c in columns if c in schema.CANDIDATES.names)]
-    cands = store.read_table(RunStore.shard_rel("candidates", shard), columns).sort_by(order)
-    scores = store.read_table(RunStore.shard_rel("scores", shard)).sort_by(order)
+    cands = store.read_shard("candidates", shard, columns).sort_by(order)
+    scores = store.read_shard("scores", shard).sort_by(order)
     # Arrow's hash join cannot carry list columns (token_ids): align by sorted keys instead.
     for k in ("prompt_id", "cand_idx"):
         if not cands.column(k).equals(scores.column(k)):
@@ -82,7 +82,7 @@ def _pairs_with_texts(store: RunStore, shard: int, chosen: pa.Table, candidates:
     token ids. Rows are taken by index (an Arrow hash join would allocate its output for 32K rows,
     and every shard's pairs are kept until the stage ends)."""
     pid = chosen.column("prompt_id").to_pylist()
-    prompts = store.read_table(RunStore.shard_rel("prompts", shard), ["prompt_id", "image", "instruction"])
+    prompts = store.read_shard("prompts", shard, ["prompt_id", "image", "instruction"])
     prompt_row = {p: r for r, p in enumerate(prompts.column("prompt_id").to_pylist())}
     cand_row = {k: r for r, k in enumerate(zip(candidates.column("prompt_id").to_pylist(),
                                                candidates.column("cand_idx").to_pylist()))}
