@@ -4,8 +4,9 @@ path as a real one (`run_shard`: cache check, `running` record, a one-row Parque
 manifest record, or the failure recorded) in every fan-out mode, so what is measured is the fan-out.
 
 The shard's reference (the `model_ref` a real sampling shard gets) says how it ends: "ok", or
-"fail:3,7" (those shards raise) and "crash:5" (that shard's process exits at once, as a killed
-worker would; only where a shard has a process of its own: execution.shards=deployment).
+"fail:3,7" (those shards raise), "crash:5" (that shard's process exits at once, as a killed
+worker would; only where a shard has a process of its own: execution.shards=deployment) and
+"crash-once:5" (SIGKILL of the shard's process, a task worker's too, on its first attempt only).
 A remote shard holds a slot of `execution.gpu_concurrency_limit` while it runs, as real ones do.
 Limit: nothing is computed, so the figures are the orchestration's cost alone, not a stage's.
 """
@@ -19,7 +20,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from m3po_core.config import RunConfig, config_from_dict
-from m3po_core.stages.runner import ShardResult, run_shard
+from m3po_core.stages.runner import ShardResult, run_shard, shard_lease
 from m3po_core.store import RunStore
 
 STAGE = "noop"
@@ -37,11 +38,14 @@ def noop_shard(cfg: RunConfig, store: RunStore, shard: int, ref: str) -> ShardRe
     def compute() -> pa.Table:
         if shard in _shards(ref, "crash"):
             os._exit(3)
+        if shard in _shards(ref, "crash-once") and not store.exists(f"{STAGE}/crashed-{shard}"):
+            store.write_bytes(f"{STAGE}/crashed-{shard}", b"")  # the next attempt computes
+            os.kill(os.getpid(), 9)  # as the OOM killer would: no cleanup, the run left Running
         if shard in _shards(ref, "fail"):
             raise ValueError(f"noop shard {shard} told to fail")
         return pa.table({"shard": [shard]}, schema=SCHEMA)
 
-    return run_shard(store, STAGE, shard, f"noop-{ref}", compute, SCHEMA)
+    return run_shard(store, STAGE, shard, f"noop-{ref}", compute, SCHEMA, lease_seconds=cfg.execution.lease_seconds)
 
 
 @task(name="noop-shard", task_run_name="noop-shard-{shard:05d}", cache_policy=NO_CACHE)
@@ -57,8 +61,10 @@ def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: 
     from prefect.concurrency.sync import concurrency
 
     cfg = config_from_dict(config)
-    with concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
-        return dataclasses.asdict(noop_shard(cfg, RunStore(root, run_id), shard, model_ref))
+    store = RunStore(root, run_id)
+    with shard_lease(store, STAGE, shard, cfg.execution.lease_seconds), \
+            concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
+        return dataclasses.asdict(noop_shard(cfg, store, shard, model_ref))
 
 
 @task(name="noop-shard-job", task_run_name="noop-{run_id}-{shard}", cache_policy=NO_CACHE)

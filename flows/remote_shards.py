@@ -93,7 +93,23 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
         runs = submit(client, cfg, stage, params, tags, fan_tag)
         poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page)
         poll.submitted_in = time.time() - started
+        lease, checked_at, resubmitted = cfg.execution.lease_seconds, time.time(), {}
         while True:
+            if lease and time.time() - checked_at > lease / 2:  # dead workers: their shards again
+                checked_at = time.time()
+                for shard, why in lapsed_shards(poll, store, stage, lease).items():
+                    n = resubmitted[shard] = resubmitted.get(shard, 0) + 1
+                    _mark_crashed(client, poll.kind, poll.runs[shard], why)
+                    if n > cfg.execution.lease_resubmits:
+                        poll.drop(shard)
+                        batch = {shard: f"{why}; failed after {n - 1} resubmissions (execution.lease_resubmits)"}
+                        outcomes.update(batch)
+                        on_finished(batch, len(outcomes))
+                        continue
+                    again = submit(client, cfg, stage, [params[shard]], [tags[shard]], f"{fan_tag}-again{n}")
+                    poll.replace(shard, again[shard])
+                    get_run_logger().warning(f"{stage} shard {shard}: {why}; submitted again as run {again[shard]} "
+                                             f"({n} of {cfg.execution.lease_resubmits})")
             ended = poll.finished()
             if ended:
                 entries = store.shard_entries(stage, sorted(ended))
@@ -184,6 +200,15 @@ class ShardPoll:
                 ended[shard] = run
         return ended
 
+    def replace(self, shard: int, run_id: UUID) -> None:
+        """Follow a shard's new run (submitted again) instead of its old one."""
+        self.drop(shard)
+        self.runs[shard] = run_id
+        self.outstanding[run_id] = shard
+
+    def drop(self, shard: int) -> None:
+        self.outstanding.pop(self.runs[shard], None)
+
     def unfinished(self) -> dict[int, tuple[UUID, Any]]:
         """Every outstanding shard: (run id, its run as read now, or None)."""
         runs = {run.id: run for run in self._read(None)}
@@ -202,6 +227,40 @@ class ShardPoll:
             self.calls += 1
             self.count_calls += 1
         return n
+
+
+def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float) -> dict[int, str]:
+    """The shards whose run is still Running but whose worker is gone: the lease its job renews
+    (m3po_core.stages.runner.shard_lease) is older than `lease` seconds, or it has run that long
+    without writing one. One state read and one read of the running shards' leases."""
+    running = {s: run for s, (_, run) in poll.unfinished().items()
+               if run is not None and run.state_type == StateType.RUNNING and run.start_time is not None}
+    if not running:
+        return {}
+    leases, now, out = store.leases(stage, sorted(running)), time.time(), {}
+    for shard, run in running.items():
+        started = run.start_time.timestamp()
+        record = leases.get(shard)
+        if record is not None and record.get("renewed_at", 0) >= started - lease / 2:  # this run's lease
+            age = now - record["renewed_at"]
+            if age > lease:
+                out[shard] = (f"its lease was last renewed {age:.0f}s ago by {record.get('host')} pid "
+                              f"{record.get('pid')} (execution.lease_seconds={lease:g}): its worker is gone")
+        elif now - started > lease:
+            out[shard] = (f"running {now - started:.0f}s without a lease (execution.lease_seconds={lease:g}): "
+                          "its worker is gone")
+    return out
+
+
+def _mark_crashed(client, kind: str, run_id: UUID, why: str) -> None:
+    """The abandoned run shows as Crashed in the UI (best effort: the fan-out no longer follows it)."""
+    from prefect.states import Crashed
+
+    try:
+        setter = client.set_flow_run_state if kind == "flow" else client.set_task_run_state
+        setter(run_id, Crashed(message=why), force=True)
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning(f"run {run_id}: could not be marked crashed ({type(e).__name__}: {e})")
 
 
 def _outcome(stage: str, shard: int, entry: dict[str, Any] | None, run, started: float) -> Outcome:

@@ -17,9 +17,9 @@ from m3po.tasks.stage_tasks import run_shard_job
 
 @flow(name="m3po-sample-shard", flow_run_name="sample-{run_id}-{shard}")
 def sample_shard(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
-    return run_shard_job(sample.sample_shard, config, root, run_id, shard, model_ref)
+    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref)
 
 
 @flow(name="m3po-score-shard", flow_run_name="score-{run_id}-{shard}")
 def score_shard(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
-    return run_shard_job(score.score_shard, config, root, run_id, shard, clip_ref)
+    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref)

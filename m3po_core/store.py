@@ -201,6 +201,15 @@ class RunStore:
         found = self._cat_many(files)
         return [json.loads(found[f]) for f in files if f in found]
 
+    @staticmethod
+    def lease_rel(stage: str, shard: int) -> str:
+        return f"{stage}/_leases/shard-{shard:05d}.json"
+
+    def leases(self, stage: str, shards: list[int]) -> dict[int, dict[str, Any]]:
+        """The lease records of these shards (read at once); a shard without one is left out."""
+        paths = {self.path(self.lease_rel(stage, s)): s for s in shards}
+        return {paths[p]: json.loads(data) for p, data in self._cat_many(list(paths)).items()}
+
     def shard_entries(self, stage: str, shards: list[int]) -> dict[int, dict[str, Any]]:
         """The records of these shards (read at once, as `manifest`); a shard without one is left out."""
         paths = {self.path(self._entry_rel(stage, s)): s for s in shards}

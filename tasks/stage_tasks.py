@@ -15,7 +15,7 @@ from prefect.concurrency.sync import concurrency
 
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.stages import base_models, evaluate as evaluate_step, prompts, sample, score, select, train as train_step
-from m3po_core.stages.runner import ShardResult
+from m3po_core.stages.runner import ShardResult, shard_lease
 from m3po_core.store import RunStore
 
 
@@ -75,22 +75,25 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
 # Plain parameters (the configuration as a dict, root, run id): they travel through the API and the
 # scheduling storage, so no live object (file system, model) and no credential goes with them.
 
-def run_shard_job(stage_fn: Callable[..., ShardResult], config: dict[str, Any], root: str, run_id: str,
+def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str, run_id: str,
                   shard: int, ref: str) -> dict[str, Any]:
-    """Hold one slot of the global concurrency limit (one per GPU) while the shard computes."""
+    """Hold one slot of the global concurrency limit (one per GPU) while the shard computes; the
+    shard's lease is renewed from the start, so the wait for a slot does not read as a dead worker."""
     cfg = config_from_dict(config)
-    with concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
-        return dataclasses.asdict(stage_fn(cfg, RunStore(root, run_id), shard, ref))
+    store = RunStore(root, run_id)
+    with shard_lease(store, stage, shard, cfg.execution.lease_seconds), \
+            concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
+        return dataclasses.asdict(stage_fn(cfg, store, shard, ref))
 
 
 @task(name="sample-shard-job", task_run_name="sample-{run_id}-{shard}", cache_policy=NO_CACHE)
 def sample_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
-    return run_shard_job(sample.sample_shard, config, root, run_id, shard, model_ref)
+    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref)
 
 
 @task(name="score-shard-job", task_run_name="score-{run_id}-{shard}", cache_policy=NO_CACHE)
 def score_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
-    return run_shard_job(score.score_shard, config, root, run_id, shard, clip_ref)
+    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref)
 
 
 @task(name="evaluate-base", cache_policy=NO_CACHE)

@@ -358,6 +358,14 @@ class ExecutionConfig:
     shard_timeout_seconds: Optional[float] = field(default=None, metadata={
         "help": "deployment / task_worker: a shard with no final state this long after the stage submitted its "
                 "shards fails the stage (its worker died, or none runs); size it for the whole stage. None: wait."})
+    lease_seconds: Optional[float] = field(default=60.0, metadata={
+        "help": "A running shard renews a lease in the store every lease_seconds / 4 (`{stage}/_leases/`); "
+                "deployment / task_worker: a shard whose run is still running but whose lease is older than "
+                "this (its worker was killed, its node pre-empted) is submitted again. Hosts' clocks must agree "
+                "within a fraction of it. None: no leases (then only shard_timeout_seconds ends a wait)."})
+    lease_resubmits: int = field(default=2, metadata={
+        "help": "deployment / task_worker: how often a shard whose lease lapsed is submitted again before it "
+                "fails the stage."})
     gpu_concurrency_limit: str = field(default="m3po-gpu", metadata={
         "help": "Global concurrency limit each shard flow run holds (deployment / task_worker: one slot per shard; "
                 "create it with as many slots as GPUs, `prefect gcl create m3po-gpu --limit 8`; absent, it does "

@@ -202,7 +202,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
             x["verified"] = v.verified if v is not None else None
         return pa.Table.from_pylist(responses, schema.IPA_RESPONSES)
 
-    return run_shard(store, stage, shard, key, compute, schema.IPA_RESPONSES)
+    return run_shard(store, stage, shard, key, compute, schema.IPA_RESPONSES, lease_seconds=cfg.execution.lease_seconds)
 
 
 # ------------------------------------------------------------------ a round's pairs, all pairs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -26,6 +27,8 @@ from m3po_core.config import RunConfig
 from m3po_core.errors import Interrupted
 from m3po_core.selection import ALPHA_ZERO_STRATEGIES
 from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore
+
+log = logging.getLogger("m3po.runner")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
 CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 2,
@@ -155,8 +158,45 @@ class ShardResult:
     seconds: float
 
 
+_HELD: set[tuple[str, str, int]] = set()  # the leases this process renews now
+
+
+@contextmanager
+def shard_lease(store: RunStore, stage: str, shard: int, seconds: float | None):
+    """While the block runs, the shard's lease record (`{stage}/_leases/`: host, pid, renewed_at)
+    is renewed every `seconds` / 4, so a fan-out can tell a shard whose worker died from a slow one
+    (flows/remote_shards.py). A renewal that fails is logged and tried again at the next beat."""
+    held = (store.base, stage, shard)
+    if not seconds or held in _HELD:  # an outer block (the remote job, slot wait included) renews it
+        yield
+        return
+    _HELD.add(held)
+    rel = RunStore.lease_rel(stage, shard)
+    record = {"stage": stage, "shard": shard, "host": socket.gethostname(), "pid": os.getpid(),
+              "lease_seconds": seconds}
+    store.write_json(rel, {**record, "renewed_at": time.time()})
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(seconds / 4):
+            try:
+                store.write_json(rel, {**record, "renewed_at": time.time()})
+            except Exception as e:  # noqa: BLE001 (the next beat tries again; the lease tolerates a missed one)
+                log.warning("%s shard %d: lease not renewed: %s", stage, shard, e)
+
+    thread = threading.Thread(target=beat, name=f"lease-{stage}-{shard}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        _HELD.discard(held)
+        thread.join(timeout=seconds)
+
+
 def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callable[[], pa.Table],
-              table_schema: pa.Schema, extra: Callable[[], dict[str, Any]] | None = None) -> ShardResult:
+              table_schema: pa.Schema, extra: Callable[[], dict[str, Any]] | None = None,
+              lease_seconds: float | None = None) -> ShardResult:
     """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure.
 
     A shard already published (with rows a judge left unrated, or under another key) and computed
@@ -175,7 +215,8 @@ def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callab
         store.mark_shard(stage, shard, RUNNING, key)
     _waited.seconds = 0.0
     try:
-        table = compute()
+        with shard_lease(store, stage, shard, lease_seconds):
+            table = compute()
         wall = time.time() - t0
         entry = store.publish_shard(stage, shard, table, table_schema, key, seconds=wall - _waited.seconds,
                                     wall_seconds=wall, host=socket.gethostname(), pid=os.getpid(),

@@ -57,7 +57,8 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
                     add_candidate(out, r["prompt_id"], s.n + k, c, sampler.name, kind)
         return pa.table(out, schema=schema.CANDIDATES)
 
-    return run_shard(store, "candidates", shard, key, compute, schema.CANDIDATES)
+    return run_shard(store, "candidates", shard, key, compute, schema.CANDIDATES,
+                     lease_seconds=cfg.execution.lease_seconds)
 
 
 CONTRASTIVE_SEED = 1_000_003  # the contrastive calls' seeds come from another stream than the normal samples'

@@ -71,4 +71,4 @@ def score_shard(cfg: RunConfig, store: RunStore, shard: int, clip_ref: str) -> S
     # not done, so a re-run asks the judge again for those (the rest come from its cache).
     return run_shard(store, "scores", shard, key, compute, schema.SCORES,
                       extra=lambda: {"judge_usage": usage, "unrated": unrated["n"], "attempts": attempts}
-                      if usage else {})
+                      if usage else {}, lease_seconds=cfg.execution.lease_seconds)
