@@ -148,6 +148,7 @@ class ShardPoll:
         self.page = page or PREFECT_API_DEFAULT_LIMIT.value()
         self.polls = self.calls = 0  # polls; API calls of every kind
         self.count_calls = 0  # of those, the "still waiting" counts
+        self.lease_calls = 0  # and the state reads of the lease checks (one per lease_seconds / 2)
         self.submitted_in = 0.0  # seconds the submission took (set by remote_shards)
 
     def _filter(self, ids: list[UUID], types: list[StateType] | None) -> dict[str, Any]:
@@ -233,8 +234,10 @@ def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float) ->
     """The shards whose run is still Running but whose worker is gone: the lease its job renews
     (m3po_core.stages.runner.shard_lease) is older than `lease` seconds, or it has run that long
     without writing one. One state read and one read of the running shards' leases."""
+    before = poll.calls
     running = {s: run for s, (_, run) in poll.unfinished().items()
                if run is not None and run.state_type == StateType.RUNNING and run.start_time is not None}
+    poll.lease_calls += poll.calls - before
     if not running:
         return {}
     leases, now, out = store.leases(stage, sorted(running)), time.time(), {}

@@ -70,8 +70,8 @@ def test_task_worker_shards_are_read_back_in_one_call_per_poll(workers, tmp_path
         poll = remote_shards.last_poll
         submission, polling = _polling_phase(counter, t0, "POST /task_runs/filter")
         assert submission["POST /task_runs/"] == n                       # one Task.delay per shard
-        assert polling["POST /task_runs/filter"] == poll.polls                # one read per poll, no paging
-        assert poll.calls == poll.polls + poll.count_calls                      # + a count every 120 s
+        assert polling["POST /task_runs/filter"] == poll.polls + poll.lease_calls  # one read per poll, no paging
+        assert poll.calls == poll.polls + poll.count_calls + poll.lease_calls  # + a count every 120 s, leases
         # everything else the polling does: the progress artifact (once per poll at most), logs, the flow's end
         other = sum(c for r, c in polling.items() if r not in ("POST /task_runs/filter", "POST /logs/"))
         assert polling["PATCH /artifacts/{id}"] <= poll.polls and other <= poll.polls + 5, polling
@@ -125,7 +125,8 @@ def test_deployment_shards_fail_and_crash_by_name_and_are_read_in_one_call_per_p
         assert submission["GET /deployments/name/m3po-noop-shard/noop"] == 1
         assert submission["POST /task_runs/"] == n
         assert submission["POST /deployments/{id}/create_flow_run/bulk"] == math.ceil(n / 100)
-        assert polling["POST /flow_runs/filter"] == poll.polls and poll.calls == poll.polls + poll.count_calls
+        assert polling["POST /flow_runs/filter"] == poll.polls + poll.lease_calls
+        assert poll.calls == poll.polls + poll.count_calls + poll.lease_calls
         assert polling["PATCH /artifacts/{id}"] <= poll.polls
         other = sum(c for r, c in polling.items() if r not in ("POST /flow_runs/filter", "POST /logs/"))
         assert other <= poll.polls + 5, polling  # the artifact (once per poll at most), counts, the flow's end
