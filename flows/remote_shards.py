@@ -302,18 +302,40 @@ def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tag
 async def _delay_all(job, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
     """What `job.delay(**p)` does for each shard, over one client: `delay` opens a client (a new
     connection and a CSRF-token request) per call; here each shard is its one POST."""
-    from prefect import tags as tag_context
     from prefect.client.orchestration import get_client
     from prefect.utilities.engine import emit_task_run_state_change_event
 
     ids = {}
     async with get_client() as client:
         for p, t in zip(params, tags):
-            with tag_context(*t):
-                run = await job.create_run(client=client, parameters=p, deferred=True)
+            run = await _busy_retried(lambda: _create_task_run(job, client, p, t), f"shard {p['shard']}'s task run")
             emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)  # as delay does
             ids[p["shard"]] = run.id
     return ids
+
+
+async def _create_task_run(job, client, params: dict[str, Any], tags: list[str]):
+    from prefect import tags as tag_context
+
+    with tag_context(*tags):
+        return await job.create_run(client=client, parameters=params, deferred=True)
+
+
+async def _busy_retried(make, what: str):
+    """`make()` again while the server answers 503/429 past the client's own retries (the default
+    SQLite server under load: "database is locked"), with backoff; then its error."""
+    import asyncio
+
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return await make()
+        except PrefectHTTPStatusError as e:
+            if e.response.status_code not in (429, 503) or attempt == CREATE_ATTEMPTS - 1:
+                raise
+            get_run_logger().warning(f"{what}: the API is busy ({e.response.status_code}); trying again")
+            await asyncio.sleep(2.0 * 2**attempt)
 
 
 def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]],

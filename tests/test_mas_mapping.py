@@ -87,7 +87,7 @@ def test_report_shows_the_shares_of_a_pool_with_known_components(tmp_path):
     table = pa.Table.from_pylist([
         {"prompt_id": p, "cand_idx": i, "clip": 0.0, "judge": j, "judge_relevance": j, "judge_accuracy": j,
          "judge_adherence": j, "mas": None if j is None else c + 0.8 * j} for p, i, c, j in rows], schema.SCORES)
-    store.write_table(RunStore.shard_rel("scores", 0), table)
+    store.publish_shard("scores", 0, table, schema.SCORES, key="k")
     shares = mas_variance_shares(cfg, store, 1)
     # deviations: clip +-0.05, judge -+0.2: ss 0.005, 0.08, cross 2 * (-0.02) = -0.04; total 0.045
     assert shares == pytest.approx({"clip": 0.005 / 0.045, "judge": 0.08 / 0.045, "covariance": -0.04 / 0.045})
