@@ -49,7 +49,7 @@ from m3po.tasks import stage_tasks
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 ID_CHUNK = 10_000   # ids per filter: well under the 32,766 bound parameters of SQLite and PostgreSQL
 BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
-CREATE_ATTEMPTS = 5  # sends of a batch whose runs the server refused in part
+CREATE_ATTEMPTS = 8  # sends of a batch the server refused (in part), halved each time, ~90 s of pauses
 _no_bulk = False     # set once an API answers that it has no bulk endpoint
 WARN_EVERY = 120.0  # seconds between "still waiting for a worker" checks
 
@@ -355,15 +355,19 @@ def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list
     ids: dict[int, UUID] = {}
     shards = list(bodies)
     for start in range(0, len(shards), BULK_CREATE):
-        todo = shards[start:start + BULK_CREATE]
+        todo, size = shards[start:start + BULK_CREATE], BULK_CREATE
         for attempt in range(CREATE_ATTEMPTS):
-            refused = _create_batch(client, deployment.id, {s: bodies[s] for s in todo}, ids)
+            refused: dict[int, str] = {}
+            for i in range(0, len(todo), size):
+                refused.update(_create_batch(client, deployment.id, {s: bodies[s] for s in todo[i:i + size]}, ids))
             if not refused:
                 break
             if attempt == CREATE_ATTEMPTS - 1:
-                raise M3POError(f"{name}: the API refused {len(refused)} shard runs: {next(iter(refused.values()))}")
-            todo = list(refused)
-            time.sleep(0.5 * 2**attempt)
+                raise M3POError(f"{name}: the API refused {len(refused)} shard runs {CREATE_ATTEMPTS} times: "
+                                f"{next(iter(refused.values()))}")
+            # a busy SQLite server holds its lock through a whole batch: smaller ones, after a pause
+            todo, size = list(refused), max(1, size // 2)
+            time.sleep(min(30.0, 2.0**attempt))
     return ids
 
 
