@@ -335,7 +335,7 @@ async def _busy_retried(make, what: str):
             if e.response.status_code not in (429, 503) or attempt == CREATE_ATTEMPTS - 1:
                 raise
             get_run_logger().warning(f"{what}: the API is busy ({e.response.status_code}); trying again")
-            await asyncio.sleep(2.0 * 2**attempt)
+            await asyncio.sleep(min(30.0, 2.0 * 2**attempt))
 
 
 def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]],
