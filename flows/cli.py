@@ -6,6 +6,7 @@ show in that server's UI.
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import signal
@@ -320,10 +321,9 @@ def _main(args) -> int:
             print(f"m3po: Prefect's ephemeral API server did not start within {budget:g} s; raise {STARTUP_SETTING}, "
                   "or start a server (`prefect server start`) and set PREFECT_API_URL to it", file=sys.stderr)
             return 1
-        try:
-            return _dispatch(args)
-        finally:
-            api_server.stop(server)
+        # stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent
+        # the last log lines to it; killed with the command, it stops by itself
+        atexit.register(api_server.stop, server)
     return _dispatch(args)
 
 

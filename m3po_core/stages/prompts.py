@@ -90,10 +90,11 @@ def _file_prompts(cfg: RunConfig, store: RunStore) -> tuple[list[dict[str, Any]]
                                     skipped=skipped)
     f = data.filter
     decode = f.enabled and f.check_images
-    cache = store.read_table(IMAGE_CACHE) if store.exists(IMAGE_CACHE) else None
+    cached = store.read_table(IMAGE_CACHE) if store.exists(IMAGE_CACHE) else None
     facts, cache, n_read = digests(sorted({r["image"] for r in rows}), decode=decode, threads=f.image_threads,
-                                   cache=cache)
-    store.write_table(IMAGE_CACHE, cache)
+                                   cache=cached)
+    if cached is None or not cache.equals(cached):  # a re-run with nothing new writes nothing
+        store.write_table(IMAGE_CACHE, cache)
     if n_read:
         log.info("prompts: read %d new or changed image files of %d", n_read, len(facts))
     rows, filtered = quality_filter(rows, f, facts)
