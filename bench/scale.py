@@ -1,6 +1,6 @@
 """How each stage's host memory and time grow with the number of prompts: the pipeline's own cost.
 
-    python bench/scale.py --quick            # 100, 200, 400 prompts (under 10 minutes on 2 cores)
+    python bench/scale.py --quick            # 100, 200, 400 prompts (8.5-10 minutes on 2 cores)
     python bench/scale.py                    # 1000, 4000, 16000 prompts
     python bench/scale.py --sizes 1000,2000
 
