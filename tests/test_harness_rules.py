@@ -163,7 +163,7 @@ def _write(path, rows):
 def test_score_predictions_scores_a_file_under_every_rule(tmp_path, capsys, suffix):
     import json
 
-    from flows.cli import main
+    from m3po.flows.cli import main
 
     path = tmp_path / f"pope{suffix}"
     _write(path, POPE_RECORDS)
@@ -184,7 +184,7 @@ def test_score_predictions_scores_a_file_under_every_rule(tmp_path, capsys, suff
 def test_score_predictions_tells_mme_by_its_subtasks(tmp_path, capsys):
     import json
 
-    from flows.cli import main
+    from m3po.flows.cli import main
 
     path = tmp_path / "mme.jsonl"
     _write(path, [r for r in MME_RECORDS if r["category"] != "other_task"])
@@ -204,7 +204,7 @@ def test_score_predictions_tells_mme_by_its_subtasks(tmp_path, capsys):
 def test_a_bad_predictions_file_is_refused_in_one_line_naming_it(tmp_path, capsys, content, message):
     import re
 
-    from flows.cli import main
+    from m3po.flows.cli import main
 
     path = tmp_path / "preds.jsonl"
     path.write_text(content)

@@ -51,11 +51,20 @@ def test_run_writes_every_table_and_the_report(finished_run):
         assert ift["n"] == len(store.read_table("eval/ift.parquet")) and ift["unrated"] == 0
         assert 0 <= ift["prompt_accuracy"] <= ift["rule_prompt_accuracy"] <= 1  # judge checks only take away
         assert {"yes_no_first", "max_words", "judge_accuracy"} <= set(ift["by_type"])
+        # every public harness's rule, from the same predictions; the default rule is the headline figure
+        for bench, keys in (("pope", {"accuracy", "f1", "yes_ratio"}), ("mme", {"score", "perception", "cognition"})):
+            rules = metrics[model][bench]["rules"]
+            assert set(rules) == {"default", "lmms-eval", "vlmevalkit", "llava"}
+            assert all(keys <= set(r) for r in rules.values())
+            headline = "accuracy" if bench == "pope" else "score"
+            assert rules["default"][headline] == metrics[model][bench][headline]
     assert cands.num_rows == 8 * cfg.sampling.n
     manifest = store.manifest("candidates")
     assert [e["state"] for e in manifest] == ["complete"] * 3
     report = (base / "report.md").read_text()
     assert "| POPE accuracy |" in report and "MME score" in report and "| IFT prompt accuracy |" in report
+    assert "under each public harness's scoring rule" in report
+    assert all(f"| {rule} |" in report for rule in ("default", "lmms-eval", "vlmevalkit", "llava"))
     for plot in ("base_vs_trained", "mas_vs_logp", "pair_stats", "dpo_loss"):
         assert (base / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     assert (base / "adapter" / "adapter_config.json").exists()
