@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+from m3po_core.child_processes import die_with_parent
+
 GRACE = 10.0  # seconds the server has to finish its writes after its parent died
 WATCH_EVERY = 0.5
 
@@ -27,16 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the thread that started it dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the watch thread alone stops the server
 
 
 def start(startup_seconds: float) -> tuple[subprocess.Popen, str]:
@@ -48,7 +40,7 @@ def start(startup_seconds: float) -> tuple[subprocess.Popen, str]:
     while True:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "m3po.flows.api_server", str(port), str(os.getpid())],
-                                env=env, preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
+                                env=env, preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
         url = f"http://127.0.0.1:{port}/api"
         while time.time() < deadline and proc.poll() is None:
             try:

@@ -93,25 +93,39 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
         runs = submit(client, cfg, stage, params, tags, fan_tag)
         poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page)
         poll.submitted_in = time.time() - started
-        lease, checked_at, resubmitted = cfg.execution.lease_seconds, time.time(), {}
+        lease, checked_at, resubmitted, requeued = cfg.execution.lease_seconds, time.time(), {}, {}
+        last_end = None  # when a shard last ended: a stage idle for a lease with shards still scheduled is stalled
+
+        def again(shard: int, why: str, n: int, of: int) -> None:
+            _mark_crashed(client, poll.kind, poll.runs[shard], why)
+            run_id = submit(client, cfg, stage, [params[shard]], [tags[shard]], f"{fan_tag}-again{n}")[shard]
+            poll.replace(shard, run_id)
+            get_run_logger().warning(f"{stage} shard {shard}: {why}; submitted again as run {run_id} ({n} of {of})")
+
         while True:
             if lease and time.time() - checked_at > lease / 2:  # dead workers: their shards again
                 checked_at = time.time()
-                for shard, why in lapsed_shards(poll, store, stage, lease).items():
+                lapsed, stalled = lapsed_shards(poll, store, stage, lease,
+                                                None if last_end is None else time.time() - last_end)
+                for shard, why in lapsed.items():
                     n = resubmitted[shard] = resubmitted.get(shard, 0) + 1
-                    _mark_crashed(client, poll.kind, poll.runs[shard], why)
                     if n > cfg.execution.lease_resubmits:
+                        _mark_crashed(client, poll.kind, poll.runs[shard], why)
                         poll.drop(shard)
                         batch = {shard: f"{why}; failed after {n - 1} resubmissions (execution.lease_resubmits)"}
                         outcomes.update(batch)
                         on_finished(batch, len(outcomes))
                         continue
-                    again = submit(client, cfg, stage, [params[shard]], [tags[shard]], f"{fan_tag}-again{n}")
-                    poll.replace(shard, again[shard])
-                    get_run_logger().warning(f"{stage} shard {shard}: {why}; submitted again as run {again[shard]} "
-                                             f"({n} of {cfg.execution.lease_resubmits})")
+                    again(shard, why, n, cfg.execution.lease_resubmits)
+                for shard, why in stalled.items():  # never failed for it: a worker may come later
+                    if requeued.get(shard, 0) < cfg.execution.lease_resubmits:
+                        requeued[shard] = requeued.get(shard, 0) + 1
+                        again(shard, why, requeued[shard], cfg.execution.lease_resubmits)
+                if stalled:
+                    last_end = time.time()  # the new runs get a lease's time
             ended = poll.finished()
             if ended:
+                last_end = time.time()
                 entries = store.shard_entries(stage, sorted(ended))
                 batch = {s: _outcome(stage, s, entries.get(s), run, started) for s, run in sorted(ended.items())}
                 outcomes.update(batch)
@@ -230,16 +244,26 @@ class ShardPoll:
         return n
 
 
-def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float) -> dict[int, str]:
-    """The shards whose run is still Running but whose worker is gone: the lease its job renews
-    (m3po_core.stages.runner.shard_lease) is older than `lease` seconds, or it has run that long
-    without writing one. One state read and one read of the running shards' leases."""
+def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float,
+                  idle_for: float | None) -> tuple[dict[int, str], dict[int, str]]:
+    """(lapsed, stalled): shards whose worker is gone, each with why. Lapsed: the run is still
+    Running but the lease its job renews (m3po_core.stages.runner.shard_lease) is older than `lease`
+    seconds, or it has run that long without writing one. Stalled: no shard is running, none has
+    ended for `idle_for` > `lease` seconds (None: none has ended yet, so no worker may be up yet),
+    and these are still Scheduled or Pending: a task worker takes a run off the server's queue
+    before it has a free slot for it, so a worker killed then leaves a run that no one else gets.
+    One state read and one read of the running shards' leases."""
     before = poll.calls
-    running = {s: run for s, (_, run) in poll.unfinished().items()
-               if run is not None and run.state_type == StateType.RUNNING and run.start_time is not None}
+    unfinished = {s: run for s, (_, run) in poll.unfinished().items() if run is not None}
     poll.lease_calls += poll.calls - before
+    running = {s: run for s, run in unfinished.items()
+               if run.state_type == StateType.RUNNING and run.start_time is not None}
     if not running:
-        return {}
+        if idle_for is None or idle_for <= lease:
+            return {}, {}
+        return {}, {s: f"still {run.state_type.value.lower()} after {idle_for:.0f}s in which no shard of the stage "
+                       "ran: the worker that took it is gone" for s, run in unfinished.items()
+                    if run.state_type in (StateType.SCHEDULED, StateType.PENDING)}
     leases, now, out = store.leases(stage, sorted(running)), time.time(), {}
     for shard, run in running.items():
         started = run.start_time.timestamp()
@@ -252,7 +276,7 @@ def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float) ->
         elif now - started > lease:
             out[shard] = (f"running {now - started:.0f}s without a lease (execution.lease_seconds={lease:g}): "
                           "its worker is gone")
-    return out
+    return out, {}
 
 
 def _mark_crashed(client, kind: str, run_id: UUID, why: str) -> None:

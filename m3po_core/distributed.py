@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from m3po_core.child_processes import die_with_parent, exit_with_parent
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.errors import M3POError
 from m3po_core.store import CellStore, RunStore
@@ -54,7 +55,9 @@ def launch_training(cfg: RunConfig, store: RunStore, model_ref: str, output_dir:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     tail: list[str] = []
     try:
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        # SIGTERM to the launcher if this process dies (its ranks die with the launcher, see _rank_main)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              preexec_fn=die_with_parent) as proc:
             for line in proc.stdout:
                 line = line.rstrip()
                 tail = (tail + [line])[-40:]
@@ -75,6 +78,8 @@ def _rank_main(job_file: str) -> None:
     from accelerate import PartialState
 
     from m3po_core.training import train_adapter
+
+    exit_with_parent()  # a rank whose launcher was killed stops instead of holding its GPU
 
     job = json.loads(Path(job_file).read_text())
     cfg = config_from_dict(job["config"])

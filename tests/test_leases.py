@@ -62,3 +62,26 @@ def test_a_task_worker_killed_mid_shard_costs_its_shards_not_the_stage(tmp_path,
     entries = {e["shard"]: e for e in store.manifest(noop_stage.STAGE)}
     assert sorted(entries) == list(range(6)) and all(e["state"] == "complete" for e in entries.values())
     assert all(e["finished_at"] > t0 for e in entries.values())
+
+
+def test_a_run_left_scheduled_while_the_stage_idles_counts_as_stalled(tmp_path):
+    """A task worker takes a run off the server's queue before it has a slot for it; killed then,
+    it leaves the run Scheduled with no lease, and no other worker is given it. The fan-out calls
+    such a run stalled once no shard has run for a lease (never before any shard ended: the workers
+    may not be up yet), and only while no shard is running. Against the session's API: the run is
+    real and no worker serves it."""
+    from prefect.client.orchestration import get_client
+
+    from m3po.flows.remote_shards import ShardPoll, lapsed_shards, submit
+
+    cfg = load_config(TINY, noop_stage.register() + ["execution.shards=task_worker"])
+    store = RunStore(str(tmp_path), "stalled")
+    params = [{"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": 0, "model_ref": "ok"}]
+    with get_client(sync_client=True) as client:
+        runs = submit(client, cfg, noop_stage.STAGE, params, [["run:stalled"]], "fan-out:stalled-test")
+        poll = ShardPoll(client, "task", runs)
+        assert lapsed_shards(poll, store, noop_stage.STAGE, 4.0, None) == ({}, {})   # nothing ended yet
+        assert lapsed_shards(poll, store, noop_stage.STAGE, 4.0, 3.0) == ({}, {})    # idle for less than a lease
+        lapsed, stalled = lapsed_shards(poll, store, noop_stage.STAGE, 4.0, 10.0)
+        assert lapsed == {} and list(stalled) == [0]
+        assert "still scheduled after 10s in which no shard of the stage ran" in stalled[0]

@@ -240,6 +240,65 @@ def test_training_over_two_processes_keeps_the_global_batch(root, finished_run, 
     assert not any(n.startswith("m3po_") for n in names)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_training_ranks_die_with_a_killed_run(root, finished_run, tmp_path):
+    """The process that launched two-process training is SIGKILLed while the ranks train: the
+    launcher and both ranks stop too (none is left holding a GPU)."""
+    import shutil
+    import signal
+    import time
+
+    from test_no_orphans import _alive, _children
+
+    store = finished_run[1]
+    ddp_store = RunStore(root, "t1-ddp-killed")
+    shutil.copytree(store.path(""), ddp_store.path(""))
+    shutil.rmtree(ddp_store.path("adapter"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\n"
+        "from m3po_core.config import load_config\n"
+        "from m3po_core.stages import base_models, train\n"
+        "from m3po_core.store import RunStore\n"
+        f"cfg = load_config({str(TINY)!r}, ['training.num_processes=2', 'training.epochs=50'])\n"
+        f"store = RunStore({root!r}, 't1-ddp-killed')\n"
+        "train.train(cfg, store, base_models.ensure_base_model(cfg, store), log_fn=print)\n")
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def tree(pid: int) -> set[int]:
+        out, frontier = set(), {pid}
+        while frontier:
+            frontier = {c for p in frontier for c in _children(p)} - out
+            out |= frontier
+        return out
+
+    def ranks(pids: set[int]) -> set[int]:
+        cmd = lambda p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")  # noqa: E731
+        found = set()
+        for p in pids:
+            try:
+                if "m3po_core.distributed" in cmd(p):
+                    found.add(p)
+            except OSError:
+                pass
+        return found
+
+    deadline, started = time.time() + 300, set()
+    while time.time() < deadline and len(ranks(started)) < 3:   # the launcher and its two ranks
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        started |= tree(proc.pid)
+        time.sleep(0.2)
+    assert len(ranks(started)) >= 3, started
+    time.sleep(2)
+    started |= tree(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.time() + 90
+    while time.time() < deadline and any(_alive(p) for p in started):
+        time.sleep(0.2)
+    assert not [p for p in started if _alive(p)], "processes outlived the killed run"
+
+
 def test_an_odd_global_batch_over_two_processes_is_refused():
     from m3po_core.errors import ConfigError
 
