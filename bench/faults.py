@@ -68,6 +68,8 @@ def in_process_rows(work: Path) -> list[dict]:
             t0 = time.time()
             row = fn(work / f"row-{len(rows)}", proxy if needs_s3 else str(work / "store"), judge)
             problems = fault_rows.check(name, row)
+            if "message" in row:
+                row["message"] = row["message"].replace(f"{work}/", "")  # the bench's own folder: not news
             rows.append({"fault": name, **row, "expected": expect["recomputed"], "problems": problems,
                          "seconds": round(time.time() - t0, 1)})
             print(f"# {name}: {'as expected' if not problems else problems} ({rows[-1]['seconds']} s)", flush=True)
@@ -196,7 +198,7 @@ def killed_run_row(work: Path) -> dict:
     row = fault_rows.outcome(p, before, {"candidates": computed.get("candidates")})
     expected = 3 - len(complete)
     row.update(fault="m3po run SIGKILLed while sampling", expected={"candidates": expected},
-               message=f"{len(started)} processes started, {len(left)} left after the kill",
+               message=f"{len(started)} process(es) started by the run, {len(left)} left 60 s after the kill",
                processes_left=left)
     ok = (running and out.returncode == 0 and not left and computed.get("candidates") == expected
           and all(after.get(s) == t for s, t in complete.items()) and row["rows_lost"] == 0)
