@@ -73,7 +73,8 @@ def _runs(client, mode: str, run_id: str, flow_run_id) -> list:
     if mode == "deployment":
         read, kw = client.read_flow_runs, {"flow_run_filter": f.FlowRunFilter(tags=f.FlowRunFilterTags(all_=[f"run:{run_id}"]))}
     elif mode == "task_worker":
-        read, kw = client.read_task_runs, {"task_run_filter": f.TaskRunFilter(tags=f.TaskRunFilterTags(all_=[f"run:{run_id}"]))}
+        # background task runs carry no tags (flows/task_worker.py): found by their name, noop-{run_id}-{shard}
+        read, kw = client.read_task_runs, {"task_run_filter": f.TaskRunFilter(name=f.TaskRunFilterName(like_=f"noop-{run_id}-"))}
     else:
         read, kw = client.read_task_runs, {"flow_run_filter": f.FlowRunFilter(id=f.FlowRunFilterId(any_=[flow_run_id])),
                                            "task_run_filter": f.TaskRunFilter(name=f.TaskRunFilterName(like_="noop-shard-"))}

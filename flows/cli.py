@@ -235,12 +235,12 @@ def _worker(limit: int) -> int:
         print("m3po worker: set PREFECT_API_URL to the Prefect server (or Cloud workspace) the runs use; "
               "a task worker on the ephemeral API would never receive a shard", file=sys.stderr)
         return 2
-    from prefect.task_worker import serve
+    from m3po.flows.task_worker import serve_shard_jobs
     from m3po.tasks.stage_tasks import sample_shard_job, score_shard_job
 
     print(f"m3po worker: serving sample and score shards from {PREFECT_API_URL.value()} "
           f"({limit} at a time); Ctrl-C to stop", flush=True)
-    serve(sample_shard_job, score_shard_job, limit=limit)
+    serve_shard_jobs(sample_shard_job, score_shard_job, limit=limit)
     return 0
 
 

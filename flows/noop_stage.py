@@ -90,9 +90,9 @@ def register(deployment: str = "m3po-noop-shard/noop") -> list[str]:
 
 def serve_task_worker(limit: int = 10) -> None:
     """A long-lived task worker for the noop shards (what `m3po worker` is for real shards)."""
-    from prefect.task_worker import serve
+    from m3po.flows.task_worker import serve_shard_jobs
 
-    serve(noop_shard_job, limit=limit)
+    serve_shard_jobs(noop_shard_job, limit=limit)
 
 
 if __name__ == "__main__":

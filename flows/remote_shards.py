@@ -82,10 +82,10 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
     fan_tag = f"fan-out:{uuid.uuid4().hex[:12]}"
     params = [{"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
               for shard in range(n_shards)]
-    # Tags are concurrency-limit names to a task run's engine: a task worker starts a lease service per
-    # distinct set, under a lock that deadlocked Prefect 3.7.7 task workers here given a tag per shard.
-    # So task runs share one set; flow runs (their engine takes no such leases) carry the shard's too.
-    tags = [[f"run:{store.run_id}", fan_tag] + ([f"shard:{shard}"] if mode == "deployment" else [])
+    # Tags are concurrency-limit names to a task run's engine: a task worker creates a lease service per
+    # distinct set, which can deadlock a Prefect 3.7 task worker (flows/task_worker.py). So task runs
+    # carry none (they are found by id, and under their flow run in the UI); flow runs carry the tags.
+    tags = [[f"run:{store.run_id}", fan_tag, f"shard:{shard}"] if mode == "deployment" else []
             for shard in range(n_shards)]
     outcomes: dict[int, Outcome] = {}
     global last_poll
@@ -339,9 +339,10 @@ async def _delay_all(job, params: list[dict[str, Any]], tags: list[list[str]]) -
 
 
 async def _create_task_run(job, client, params: dict[str, Any], tags: list[str]):
-    from prefect import tags as tag_context
+    from prefect.context import TagsContext
 
-    with tag_context(*tags):
+    # exactly `tags` (none, see flows/task_worker.py), not also the tags around the flow (`run:...`)
+    with TagsContext(current_tags=set(tags)):
         return await job.create_run(client=client, parameters=params, deferred=True)
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect import flow, task
+from prefect import flow, tags as prefect_tags, task
 
 from m3po.flows import noop_stage, remote_shards
 from m3po.flows.fan_out import fan_out
@@ -64,7 +64,7 @@ def test_task_worker_shards_are_read_back_in_one_call_per_poll(workers, tmp_path
     per_poll = {}
     for n in (5, 40):
         t0 = time.time()
-        with counter.counting():
+        with counter.counting(), prefect_tags(f"run:tw{n}", "config:tiny"):   # as the CLI runs a pipeline
             results = noop_stage_flow("task_worker", n, "ok", str(tmp_path), f"tw{n}")
         assert [r.shard for r in results] == list(range(n)) and all(r.rows == 1 and not r.cached for r in results)
         poll = remote_shards.last_poll
@@ -80,8 +80,12 @@ def test_task_worker_shards_are_read_back_in_one_call_per_poll(workers, tmp_path
 
     # a page that comes back full is followed by one for the runs it did not hold
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
     with get_client(sync_client=True) as client:
+        # no tags on the background runs, not even the flow's (flows/task_worker.py: they deadlock workers)
+        shard_runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(poll.runs.values()))))
+        assert len(shard_runs) == 40 and all(r.tags == [] for r in shard_runs)
         again = remote_shards.ShardPoll(client, "task", poll.runs, page=7)
         assert sorted(again.finished()) == list(range(40)) and again.calls == math.ceil(40 / 7)
         assert not again.outstanding
