@@ -40,6 +40,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.client.schemas.objects import StateType
 
+from m3po.flows.task_submission import CREATE_ATTEMPTS
 from m3po_core.config import RunConfig
 from m3po_core.errors import M3POError
 from m3po_core.stages.runner import ShardResult
@@ -49,7 +50,6 @@ from m3po.tasks import stage_tasks
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 ID_CHUNK = 10_000   # ids per filter: well under the 32,766 bound parameters of SQLite and PostgreSQL
 BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
-CREATE_ATTEMPTS = 8  # sends of a batch the server refused (in part), halved each time, ~90 s of pauses
 _no_bulk = False     # set once an API answers that it has no bulk endpoint
 WARN_EVERY = 120.0  # seconds between "still waiting for a worker" checks
 
@@ -320,47 +320,9 @@ def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tag
         return create_flow_runs(client, getattr(cfg.execution, field), params, tags, key)
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    return run_coro_as_sync(_delay_all(job, params, tags))
+    from m3po.flows.task_submission import delay_all
 
-
-async def _delay_all(job, params: list[dict[str, Any]], tags: list[list[str]]) -> dict[int, UUID]:
-    """What `job.delay(**p)` does for each shard, over one client: `delay` opens a client (a new
-    connection and a CSRF-token request) per call; here each shard is its one POST."""
-    from prefect.client.orchestration import get_client
-    from prefect.utilities.engine import emit_task_run_state_change_event
-
-    ids = {}
-    async with get_client() as client:
-        for p, t in zip(params, tags):
-            run = await _busy_retried(lambda: _create_task_run(job, client, p, t), f"shard {p['shard']}'s task run")
-            emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)  # as delay does
-            ids[p["shard"]] = run.id
-    return ids
-
-
-async def _create_task_run(job, client, params: dict[str, Any], tags: list[str]):
-    from prefect.context import TagsContext
-
-    # exactly `tags` (none, see flows/task_worker.py), not also the tags around the flow (`run:...`)
-    with TagsContext(current_tags=set(tags)):
-        return await job.create_run(client=client, parameters=params, deferred=True)
-
-
-async def _busy_retried(make, what: str):
-    """`make()` again while the server answers 503/429 past the client's own retries (the default
-    SQLite server under load: "database is locked"), with backoff; then its error."""
-    import asyncio
-
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    for attempt in range(CREATE_ATTEMPTS):
-        try:
-            return await make()
-        except PrefectHTTPStatusError as e:
-            if e.response.status_code not in (429, 503) or attempt == CREATE_ATTEMPTS - 1:
-                raise
-            get_run_logger().warning(f"{what}: the API is busy ({e.response.status_code}); trying again")
-            await asyncio.sleep(min(30.0, 2.0 * 2**attempt))
+    return run_coro_as_sync(delay_all(job, params, tags))
 
 
 def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]],
