@@ -48,8 +48,8 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             raise
         except OSError as e:
-            if i == attempts - 1:
-                raise
+            if i == attempts - 1:  # the object at fault named (an object store's error often does not)
+                raise OSError(e.errno, f"{what}: {e.strerror or e} (after {attempts} tries)") from e
             log.warning("storage error on %s (%s); retrying", what, e)
             time.sleep(0.5 * 2**i)
     raise AssertionError("unreachable")
@@ -130,8 +130,11 @@ class RunStore:
         try:
             _retry(put, full)
         finally:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+            try:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            except OSError as e:  # the store is down: its error is the one to report, not this one
+                log.warning("could not remove %s (%s)", tmp, e)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._put_bytes(self.path(rel), data)

@@ -99,7 +99,7 @@ def test_a_storage_outage_fails_loudly_and_keeps_the_published_shard(flaky_store
     proxy, store = flaky_store
     store.publish_shard("candidates", 0, table(4), schema.CANDIDATES, key="k")
     proxy.outage = True
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"candidates/shard-00000\.parquet: .*\(after 4 tries\)"):  # the object named
         store.publish_shard("candidates", 0, table(6), schema.CANDIDATES, key="k2")
     proxy.outage = False
     assert store.shard_done("candidates", 0, "k") and not store.shard_done("candidates", 0, "k2")
