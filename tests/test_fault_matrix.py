@@ -47,7 +47,7 @@ MESSAGES = {
     "image reference outside its root": r"data\.json: record 2 \(id 'r2'\).*'\.\./secret\.png'",
     "published shard corrupted": r"shard-00001\.parquet: its bytes do not match the SHA-256",
     "judge retry fails (401)": r"401",
-    "object store outage mid-stage": r"^\S+: .*\(after 4 tries\)",   # names the object it could not reach
+    "object store outage mid-stage": r"\] \S+: .*\(after 4 tries\)",   # names the object it could not reach
 }
 
 

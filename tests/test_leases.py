@@ -78,10 +78,13 @@ def test_a_run_left_scheduled_while_the_stage_idles_counts_as_stalled(tmp_path):
     store = RunStore(str(tmp_path), "stalled")
     params = [{"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": 0, "model_ref": "ok"}]
     with get_client(sync_client=True) as client:
-        runs = submit(client, cfg, noop_stage.STAGE, params, [["run:stalled"]], "fan-out:stalled-test")
-        poll = ShardPoll(client, "task", runs)
-        assert lapsed_shards(poll, store, noop_stage.STAGE, 4.0, None) == ({}, {})   # nothing ended yet
-        assert lapsed_shards(poll, store, noop_stage.STAGE, 4.0, 3.0) == ({}, {})    # idle for less than a lease
-        lapsed, stalled = lapsed_shards(poll, store, noop_stage.STAGE, 4.0, 10.0)
-        assert lapsed == {} and list(stalled) == [0]
-        assert "still scheduled after 10s in which no shard of the stage ran" in stalled[0]
+        runs = submit(client, cfg, noop_stage.STAGE, params, [[]], "fan-out:stalled-test")  # no tags, as the fan-out
+        try:
+            poll = ShardPoll(client, "task", runs)
+            assert lapsed_shards(poll, store, noop_stage.STAGE, 4.0, None) == ({}, {})   # nothing ended yet
+            assert lapsed_shards(poll, store, noop_stage.STAGE, 4.0, 3.0) == ({}, {})    # idle for less than a lease
+            lapsed, stalled = lapsed_shards(poll, store, noop_stage.STAGE, 4.0, 10.0)
+            assert lapsed == {} and list(stalled) == [0]
+            assert "still scheduled after 10s in which no shard of the stage ran" in stalled[0]
+        finally:  # a task worker of a later test would be handed this run
+            client.delete_task_run(runs[0])

@@ -28,6 +28,16 @@ def rate_yes_high(body: dict) -> list[Reply]:
     return [Reply(content=json.dumps({"relevance": r, "accuracy": r, "adherence": r}))]
 
 
+def _marked_candidates(store: RunStore, prompts: list[dict], tag: str) -> list[dict]:
+    """Two candidates per prompt, published as candidates shard 0, each carrying a marker
+    <{tag}prompt_id#j> so that faults and requests name their candidate."""
+    rows = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": f"{text} <{tag}{p['prompt_id']}#{j}>", "token_ids": [1],
+             "logp_sum": -1.0, "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop", "sampler": "test", "seed": 0}
+            for p in prompts for j, text in enumerate(["yes , it is .", "no , it is not ."])]
+    store.publish_shard("candidates", 0, pa.Table.from_pylist(rows, schema.CANDIDATES), schema.CANDIDATES, key="c")
+    return rows
+
+
 def test_score_shard_with_the_openai_judge(openai_server, root, monkeypatch):  # noqa: F811
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     openai_server.responder = rate_yes_high
@@ -75,11 +85,7 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     store = RunStore(str(root), "j2")
     prompts_step.prepare_prompts(cfg, store)
     prompts = prompts_step.read_prompts_shard(store, 0)
-    # each response carries a marker <prompt_id#j>, so faults and requests name their candidate
-    rows = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": f"{text} <{p['prompt_id']}#{j}>", "token_ids": [1],
-             "logp_sum": -1.0, "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop", "sampler": "test", "seed": 0}
-            for p in prompts for j, text in enumerate(["yes , it is .", "no , it is not ."])]
-    store.publish_shard("candidates", 0, pa.Table.from_pylist(rows, schema.CANDIDATES), schema.CANDIDATES, key="c")
+    rows = _marked_candidates(store, prompts, "")
     clip_ref = base_models.ensure_clip(cfg, store)
     down = [f"<{prompts[0]['prompt_id']}#1>", f"<{prompts[2]['prompt_id']}#0>", f"<{prompts[3]['prompt_id']}#1>"]
     for marker in down:  # every attempt fails (a short Retry-After keeps the judge's retries fast)
@@ -133,10 +139,7 @@ def test_a_failed_retry_keeps_the_published_shard_and_its_spending(openai_server
     store = RunStore(str(root), "j3")
     prompts_step.prepare_prompts(cfg, store)
     prompts = prompts_step.read_prompts_shard(store, 0)
-    rows = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": f"{text} <j3:{p['prompt_id']}#{j}>", "token_ids": [1],
-             "logp_sum": -1.0, "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop", "sampler": "test", "seed": 0}
-            for p in prompts for j, text in enumerate(["yes , it is .", "no , it is not ."])]
-    store.publish_shard("candidates", 0, pa.Table.from_pylist(rows, schema.CANDIDATES), schema.CANDIDATES, key="c")
+    rows = _marked_candidates(store, prompts, "j3:")  # its own markers: the judge's cache holds j2's ratings
     clip_ref = base_models.ensure_clip(cfg, store)
     openai_server.fail_when(f"<j3:{prompts[1]['prompt_id']}#0>", Fault("status", status=503, headers={"retry-after-ms": "5"}))
     score.score_shard(cfg, store, 0, clip_ref)

@@ -32,31 +32,37 @@ READABLE, MISSING, UNDECODABLE, TOO_LARGE = "ok", "missing", "undecodable", "too
 
 def identities(urls: Iterable[str]) -> dict[str, str]:
     """url -> its file identity ("" for a file that is not there), one listing per directory."""
-    by_dir: dict[tuple[str, str], list[str]] = {}
+    by_dir: dict[tuple[str, str], list[tuple[str, str]]] = {}
     fss: dict[str, fsspec.AbstractFileSystem] = {}
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         fss[proto] = fs
-        by_dir.setdefault((proto, posixpath.dirname(path)), []).append(url)
+        by_dir.setdefault((proto, posixpath.dirname(path)), []).append((url, posixpath.basename(path)))
     out: dict[str, str] = {}
     for (proto, directory), members in by_dir.items():
-        fs = fss[proto]
         try:
             listing = {posixpath.basename(e["name"].rstrip("/")): e  # refresh: s3fs caches listings
-                       for e in fs.ls(directory, detail=True, refresh=True)}
+                       for e in fss[proto].ls(directory, detail=True, refresh=True)}
         except FileNotFoundError:
             listing = {}
-        for url in members:
-            e = listing.get(posixpath.basename(fsspec.core.url_to_fs(url)[1]))
-            out[url] = _identity(e) if e is not None else ""
+        for url, name in members:
+            out[url] = _identity(listing[name]) if name in listing else ""
     return out
 
 
-def _identity(entry: dict) -> str:
+def store_version(entry: dict) -> str | None:
+    """An object store's version of a file from its listing or info entry (version id, ETag, MD5,
+    generation); None on a local disk."""
     for field in ("VersionId", "ETag", "etag", "md5Hash", "generation"):
         if entry.get(field):
-            return f"{field}={str(entry[field]).strip(chr(34))};size={entry.get('size')}"
+            return f"{field}={str(entry[field]).strip(chr(34))}"
+    return None
+
+
+def _identity(entry: dict) -> str:
+    if (version := store_version(entry)) is not None:
+        return f"{version};size={entry.get('size')}"
     mtime = entry.get("mtime") or entry.get("LastModified") or entry.get("updated")
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()

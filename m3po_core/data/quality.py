@@ -89,9 +89,8 @@ def quality_filter(rows: list[dict[str, Any]], cfg: QualityFilterConfig,
         r["image_sha256"] = digest
         if not cfg.check_images:  # nothing is dropped for its image; duplicates by bytes where known
             verdict = READABLE
-        image_key[r["image"]] = None if verdict in (MISSING, UNDECODABLE, TOO_LARGE) else (digest or r["image"])
-        if verdict == TOO_LARGE:
-            image_key[r["image"]] = TOO_LARGE
+        image_key[r["image"]] = (TOO_LARGE if verdict == TOO_LARGE else None if verdict in (MISSING, UNDECODABLE)
+                                 else digest or r["image"])
     kept, seen = [], set()
     for r in sized:
         if image_key[r["image"]] in (None, TOO_LARGE):

@@ -106,15 +106,16 @@ def _file_prompts(cfg: RunConfig, store: RunStore) -> tuple[list[dict[str, Any]]
 def source_identity(url: str) -> str:
     """What identifies a source file's content: its SHA-256 on a local disk (a 150K-record JSON
     hashes in about a second), its version id or ETag on an object store (no download)."""
+    from m3po_core.data.image_digests import store_version
+
     fs, path = fsspec.core.url_to_fs(url)
     fs.invalidate_cache(path)  # an object store's listing cache would hide an edit
     try:
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(f"{url}: file not found") from None
-    for field in ("VersionId", "ETag", "etag", "md5Hash", "generation"):
-        if info.get(field):
-            return f"{field}={str(info[field]).strip(chr(34))}"
+    if (version := store_version(info)) is not None:
+        return version
     digest = hashlib.sha256()
     with fs.open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

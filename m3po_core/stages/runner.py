@@ -26,7 +26,7 @@ import pyarrow as pa
 from m3po_core.config import RunConfig
 from m3po_core.errors import Interrupted
 from m3po_core.selection import ALPHA_ZERO_STRATEGIES
-from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore
+from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, retry_unrated
 
 log = logging.getLogger("m3po.runner")
 
@@ -204,14 +204,13 @@ def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callab
     `last_retry` (error, key, time) and the published file, its rows and what the judge cost stay as
     they were. Only a shard with nothing intact published is marked running, then failed."""
     t0 = time.time()
-    if store.shard_done(stage, shard, key):
-        entry = store.shard_entry(stage, shard)
-        return ShardResult(stage, shard, entry["rows"], True, 0.0)
+    entry = store.shard_entry(stage, shard)  # read once: done (as RunStore.shard_done decides) or published
+    published = entry if entry and entry.get("state") == COMPLETE and store.shard_intact(stage, shard, entry) else None
+    if published is not None and published.get("key") == key and not retry_unrated(published):
+        return ShardResult(stage, shard, published["rows"], True, 0.0)
     if STOP.is_set():
         raise Interrupted(f"{stage} shard {shard} not started: the run was interrupted")
-    published = store.shard_entry(stage, shard)
-    if not (published and published.get("state") == COMPLETE and store.shard_intact(stage, shard, published)):
-        published = None
+    if published is None:
         store.mark_shard(stage, shard, RUNNING, key)
     _waited.seconds = 0.0
     try:
