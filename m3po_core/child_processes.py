@@ -29,6 +29,5 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 def exit_with_parent(sig: int = signal.SIGKILL) -> None:
     """Called by a process at its start: `sig` to itself when its parent dies, and at once if the
     parent is already gone (it may have died before this call)."""
-    parent = os.getppid()
-    if _set_pdeathsig(sig) and parent == 1:
+    if _set_pdeathsig(sig) and os.getppid() == 1:  # checked after the call: a death before it is seen
         os.kill(os.getpid(), sig)

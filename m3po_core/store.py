@@ -14,6 +14,7 @@ per shard so that workers on different machines never write the same object.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -48,8 +49,10 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             raise
         except OSError as e:
-            if i == attempts - 1:  # the object at fault named (an object store's error often does not)
-                raise OSError(e.errno, f"{what}: {e.strerror or e} (after {attempts} tries)") from e
+            # a full disk or quota does not clear in seconds; the object at fault named (an object
+            # store's error often does not)
+            if i == attempts - 1 or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise OSError(e.errno, f"{what}: {e.strerror or e} (after {i + 1} tries)") from e
             log.warning("storage error on %s (%s); retrying", what, e)
             time.sleep(0.5 * 2**i)
     raise AssertionError("unreachable")
