@@ -15,6 +15,8 @@ import threading
 import time
 import warnings
 
+from m3po.flows import cli_data
+
 
 # A cold Prefect database on 2 cores takes 20-28 s to create and migrate before the ephemeral API
 # answers, and Prefect waits 20 s by default: a first run on a fresh machine would often not start.
@@ -118,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     scored.add_argument("--benchmark", choices=("pope", "mme"), default=None,
                         help="which benchmark (default: told by the categories)")
     scored.add_argument("--json", action="store_true", help="print every figure as one JSON object")
+    cli_data.add_parsers(sub)
     config = sub.add_parser("config", help="every configuration key with its type, default and meaning")
     config.add_argument("section", nargs="?", default=None,
                         help="one section only, e.g. sampling or data.world (default: all)")
@@ -294,7 +297,10 @@ def check_args(args) -> None:
     if getattr(args, "root", None) is not None:
         check_root(args.root, "--root")
     if getattr(args, "run_id", None) is not None:
-        check_run_id(args.run_id, "run id" if args.command in ("status", "rerun-failed") else "--run-id")
+        check_run_id(args.run_id, "run id" if args.command in ("status", "rerun-failed", *cli_data.COMMANDS)
+                     else "--run-id")
+    if args.command in cli_data.COMMANDS:
+        cli_data.check(args)
     if args.command == "worker" and args.limit < 1:
         raise ArgumentError(f"--limit {args.limit}: a worker runs at least one shard at a time")
     if args.command in ("run", "ipa", "experiment"):
@@ -346,6 +352,8 @@ def _dispatch(args) -> int:
         return _config(args.section)
     if args.command == "status":
         return _status(args.root, args.run_id, args.show_all)
+    if args.command in cli_data.COMMANDS:
+        return cli_data.dispatch(args)
     if args.command == "worker":
         return _worker(args.limit)
     if args.command == "make-ift":

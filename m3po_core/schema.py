@@ -70,6 +70,10 @@ PAIRS = pa.schema(
     ]
 )
 
+# pairs.parquet's rows per row group: a page of the viewer or a batch of an export reads the row
+# groups that hold its rows, not the whole table (150K pairs of ~2.4 kB each).
+PAIRS_ROW_GROUP = 2048
+
 PREDICTIONS = pa.schema(
     [
         ("model", pa.string()),          # "base" or the trained adapter's name

@@ -151,18 +151,25 @@ class RunStore:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
-    def write_table(self, rel: str, table: pa.Table, schema: pa.Schema | None = None) -> dict[str, Any]:
-        """Write a Parquet file atomically; returns its row count and content hash."""
+    def write_table(self, rel: str, table: pa.Table, schema: pa.Schema | None = None,
+                    row_group_size: int | None = None) -> dict[str, Any]:
+        """Write a Parquet file atomically; returns its row count and content hash. `row_group_size`:
+        rows per row group (a reader can then read a few rows without the whole file)."""
         if schema is not None:
             table = table.select(schema.names).cast(schema)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         data = buf.getvalue()
         self.write_bytes(rel, data)
         return {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
+
+    def parquet_file(self, rel: str) -> pq.ParquetFile:
+        """A Parquet file opened for reading parts of it (row groups, columns) with ranged reads,
+        not its whole bytes: what a page of a large table reads."""
+        return pq.ParquetFile(_retry(lambda: self.fs.open(self.path(rel), "rb"), rel))
 
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         """A complete shard's table, its bytes checked against the SHA-256 in its manifest record

@@ -61,3 +61,27 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mined_run(tmp_path_factory):
+    """One finished tiny run, 80 prompts with N = 32 candidates each (the viewer's and the exports' tests
+    share it; about a minute): (root, run id). Beside it, run "broken": one image unreadable, so
+    its candidates shard 1 failed, naming the image."""
+    from pathlib import Path
+
+    from m3po.flows.pipeline import m3po_pipeline
+    from m3po_core.config import load_config
+    from m3po_core.errors import M3POError
+    from m3po_core.stages import prompts
+    from m3po_core.store import RunStore
+
+    root = str(tmp_path_factory.mktemp("mined"))
+    cfg = load_config(Path(__file__).parent / "tiny.yaml", ["sampling.n=32", "data.world.n_train_scenes=40"])
+    m3po_pipeline(config=cfg.to_dict(), root=root, run_id="mined")
+    broken = RunStore(root, "broken")
+    prompts.prepare_prompts(cfg, broken)
+    Path(prompts.read_prompts_shard(broken, 1)[0]["image"]).write_bytes(b"not a png")
+    with pytest.raises(M3POError):
+        m3po_pipeline(config=cfg.to_dict(), root=root, run_id="broken")
+    return root, "mined"

@@ -263,7 +263,7 @@ def finalize(cfg: RunConfig, store: RunStore, rounds_run: int) -> dict[str, Any]
         return record
     tables = [store.read_table(f"{_round(r)}/pairs.parquet") for r in range(1, rounds_run + 1)]
     pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema.PAIRS)
-    info = store.write_table("pairs.parquet", pairs, schema.PAIRS)
+    info = store.write_table("pairs.parquet", pairs, schema.PAIRS, row_group_size=schema.PAIRS_ROW_GROUP)
     first = summaries[0] if summaries else {"prompts": 0}
     last_unresolved = len(summaries[-1]["unresolved"]) if summaries else 0
     record = {"key": key, "groups": first["prompts"], "pairs": pairs.num_rows, "sha256": info["sha256"],

@@ -68,7 +68,7 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
         if chosen.num_rows:
             parts.append(_pairs_with_texts(store, shard, chosen, table))
     pairs = pa.concat_tables(parts).sort_by("prompt_id") if parts else schema.PAIRS.empty_table()
-    info = store.write_table("pairs.parquet", pairs, schema.PAIRS)
+    info = store.write_table("pairs.parquet", pairs, schema.PAIRS, row_group_size=schema.PAIRS_ROW_GROUP)
     result = {"key": key, **stats.as_dict(), "sha256": info["sha256"], "strategy": sel.strategy,
               "alpha": effective_alpha(sel.strategy, sel.alpha), "delta": sel.delta, "logp": sel.logp,
               "mean_mas_gap": _mean(pairs, "mas_chosen", "mas_rejected"),

@@ -1,0 +1,205 @@
+"""Which pairs: the filter that the viewer (`m3po view`) and the exports (`m3po export`) share.
+
+`PairIndex.build(store)` reads pairs.parquet's scalar columns (never its answers or token ids) and
+joins each pair's instruction kind, source, image and prompts shard from the prompts stage.
+`PairFilter` selects rows of that index with Arrow's compute functions (no Python loop over rows),
+`PairIndex.select` sorts them, and `PairIndex.rows` reads the full rows of a page from the row
+groups that hold them (pairs.parquet is written in groups of `schema.PAIRS_ROW_GROUP` rows).
+
+Gaps are chosen minus rejected: `mas_gap = mas_chosen - mas_rejected`, `logp_gap = logp_chosen -
+logp_rejected` (log P as the selection read it, `selection.logp`).
+Arrow is imported where tables are worked on, so the CLI can build its options from `PairFilter`
+without it. Memory: the index holds ~150 bytes a pair plus its instruction (~40 MB at 150K pairs).
+Limit: a pairs.parquet written as one row group (before PAIRS_ROW_GROUP) is read whole per page.
+"""
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from m3po_core.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from m3po_core.store import RunStore
+
+SORTABLE = ("prompt_id", "m3p_score", "mas_gap", "logp_gap", "mas_chosen", "mas_rejected",
+            "logp_chosen", "logp_rejected", "strategy", "kind", "source")
+_SCALARS = ["prompt_id", "instruction", "strategy", "chosen_idx", "rejected_idx", "mas_chosen", "mas_rejected",
+            "logp_chosen", "logp_rejected", "m3p_score"]
+
+
+@dataclass
+class PairFilter:
+    """The criteria a user picks pairs by (every field optional; all given ones must hold)."""
+
+    strategy: Optional[str] = field(default=None, metadata={"help": "the selection strategy that made the pair (m3po, ipa, ...)"})
+    kind: Optional[str] = field(default=None, metadata={"help": "the prompt's instruction kind (synthetic world) or 'open'"})
+    source: Optional[str] = field(default=None, metadata={"help": "the prompt's source (dataset or file)"})
+    text: Optional[str] = field(default=None, metadata={"help": "a substring of the instruction (case-insensitive)"})
+    min_mas_gap: Optional[float] = field(default=None, metadata={"help": "mas_chosen - mas_rejected at least this"})
+    max_mas_gap: Optional[float] = field(default=None, metadata={"help": "mas_chosen - mas_rejected at most this"})
+    min_logp_gap: Optional[float] = field(default=None, metadata={"help": "logp_chosen - logp_rejected at least this"})
+    max_logp_gap: Optional[float] = field(default=None, metadata={"help": "logp_chosen - logp_rejected at most this"})
+    min_m3p: Optional[float] = field(default=None, metadata={"help": "the rejected answer's M3P-Score at least this"})
+    max_m3p: Optional[float] = field(default=None, metadata={"help": "the rejected answer's M3P-Score at most this"})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "filter") -> "PairFilter":
+        """From query parameters or CLI options (strings); empty values are absent. A value that is
+        not a number where one is needed is refused, naming the field."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = values.get(f.name)
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                continue
+            if f.name.startswith(("min_", "max_")):
+                try:
+                    out[f.name] = float(raw)
+                except (TypeError, ValueError):
+                    raise InputError(f"{where}: {f.name}={raw!r} is not a number") from None
+            else:
+                out[f.name] = str(raw).strip()
+        return cls(**out)
+
+    def as_params(self) -> dict[str, str]:
+        """The set fields as query parameters (what `from_mapping` reads back)."""
+        return {k: f"{v:g}" if isinstance(v, float) else str(v)
+                for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def mask(self, table: "pa.Table") -> "pa.Array":
+        """True for the index rows (PairIndex.table) that pass every set criterion."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keep = pa.array([True] * table.num_rows)
+        for name in ("strategy", "kind", "source"):
+            value = getattr(self, name)
+            if value is not None:
+                keep = pc.and_(keep, pc.fill_null(pc.equal(table.column(name), value), False))
+        if self.text:
+            keep = pc.and_(keep, pc.fill_null(pc.match_substring(table.column("instruction"), self.text,
+                                                                 ignore_case=True), False))
+        for column, low, high in (("mas_gap", self.min_mas_gap, self.max_mas_gap),
+                                  ("logp_gap", self.min_logp_gap, self.max_logp_gap),
+                                  ("m3p_score", self.min_m3p, self.max_m3p)):
+            if low is not None:
+                keep = pc.and_(keep, pc.fill_null(pc.greater_equal(table.column(column), low), False))
+            if high is not None:
+                keep = pc.and_(keep, pc.fill_null(pc.less_equal(table.column(column), high), False))
+        return keep
+
+
+class PairIndex:
+    """A run's pairs, one index row each: `row` (its row in pairs.parquet), the scalar columns, the
+    gaps, and the prompt's kind, source, image and shard (null where the prompts stage lacks it)."""
+
+    def __init__(self, store: "RunStore", table: "pa.Table", prompts: "pa.Table"):
+        self.store, self.table = store, table
+        self.prompts = prompts  # prompt_id, kind, source, image, shard: every prompt of the run
+        self._row_groups: list[tuple[int, int]] | None = None
+
+    @classmethod
+    def build(cls, store: "RunStore") -> "PairIndex":
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not store.exists("pairs.parquet"):
+            raise InputError(f"{store.url('pairs.parquet')}: the run has no pairs yet (its select step has not run)")
+        pairs = store.parquet_file("pairs.parquet").read(columns=_SCALARS)
+        pairs = pairs.append_column("row", pa.array(range(pairs.num_rows), pa.int64()))
+        pairs = pairs.append_column("mas_gap", pc.subtract(pairs.column("mas_chosen"), pairs.column("mas_rejected")))
+        pairs = pairs.append_column("logp_gap", pc.subtract(pairs.column("logp_chosen"), pairs.column("logp_rejected")))
+        prompts = read_prompt_index(store)
+        table = pairs.join(prompts, "prompt_id", join_type="left outer").sort_by("row")
+        return cls(store, table, prompts)
+
+    def values(self, column: str) -> list[str]:
+        """The distinct values of a text column (strategy, kind, source), sorted."""
+        return sorted(v for v in set(self.table.column(column).to_pylist()) if v is not None)
+
+    @property
+    def strategies(self) -> list[str]:
+        return self.values("strategy")
+
+    @property
+    def kinds(self) -> list[str]:
+        return self.values("kind")
+
+    @property
+    def sources(self) -> list[str]:
+        return self.values("source")
+
+    def select(self, flt: PairFilter | None = None, sort: str = "prompt_id", descending: bool = False) -> "pa.Table":
+        """The index rows that pass `flt`, sorted by `sort` (one of SORTABLE)."""
+        if sort not in SORTABLE:
+            raise InputError(f"sort={sort!r}: not a column to sort by (one of {', '.join(SORTABLE)})")
+        table = self.table if flt is None else self.table.filter(flt.mask(self.table))
+        return table.sort_by([(sort, "descending" if descending else "ascending"), ("row", "ascending")])
+
+    def rows(self, rows: list[int], columns: list[str] | None = None) -> list[dict[str, Any]]:
+        """Full rows of pairs.parquet (all columns, or `columns`) by row number, in the order given:
+        only the row groups that hold them are read."""
+        import pyarrow as pa
+
+        if not rows:
+            return []
+        pf = self.store.parquet_file("pairs.parquet")
+        if self._row_groups is None:
+            starts, start = [], 0
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                starts.append((start, start + n))
+                start += n
+            self._row_groups = starts
+        wanted = sorted({g for g, (a, b) in enumerate(self._row_groups) for r in rows if a <= r < b})
+        table = pf.read_row_groups(wanted, columns=columns)
+        offsets, base = {}, 0
+        for g in wanted:
+            offsets[g] = base
+            base += self._row_groups[g][1] - self._row_groups[g][0]
+        position = [offsets[g] + r - self._row_groups[g][0] for r in rows
+                    for g, (a, b) in enumerate(self._row_groups) if a <= r < b]
+        return table.take(pa.array(position, pa.int64())).to_pylist()
+
+    def prompt(self, prompt_id: str) -> dict[str, Any] | None:
+        """The prompts index row of `prompt_id` (kind, source, image, shard), or None."""
+        import pyarrow.compute as pc
+
+        found = self.prompts.filter(pc.equal(self.prompts.column("prompt_id"), prompt_id))
+        return found.to_pylist()[0] if found.num_rows else None
+
+    def pair_of(self, prompt_id: str) -> dict[str, Any] | None:
+        """The full pair row of `prompt_id`, or None if it has no pair."""
+        import pyarrow.compute as pc
+
+        found = self.table.filter(pc.equal(self.table.column("prompt_id"), prompt_id))
+        return self.rows([found.column("row")[0].as_py()])[0] if found.num_rows else None
+
+
+def read_prompt_index(store: "RunStore", stage: str = "prompts") -> "pa.Table":
+    """Every complete prompts shard's prompt_id, kind, source and image, with its shard number
+    (the candidates and scores shard of the same number hold its candidates). Shards are read
+    concurrently (an object store's round trips overlap)."""
+    import pyarrow as pa
+
+    from m3po_core.store import COMPLETE
+
+    columns = ["prompt_id", "kind", "source", "image"]
+    empty = pa.table({c: pa.array([], pa.string()) for c in columns}).append_column("shard", pa.array([], pa.int32()))
+    if not store.exists(f"{stage}/_stage.json"):
+        return empty
+    n = store.read_json(f"{stage}/_stage.json")["n_shards"]
+    entries = {e["shard"]: e for e in store.manifest(stage)}
+    done = [i for i in range(n) if entries.get(i, {}).get("state") == COMPLETE]
+
+    def one(shard: int) -> pa.Table:
+        t = store.read_shard(stage, shard, columns)
+        return t.append_column("shard", pa.array([shard] * t.num_rows, pa.int32()))
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(one, done))
+    return pa.concat_tables(parts) if parts else empty
