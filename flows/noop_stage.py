@@ -4,7 +4,7 @@ path as a real one (`run_shard`: cache check, `running` record, a one-row Parque
 manifest record, or the failure recorded) in every fan-out mode, so what is measured is the fan-out.
 
 The shard's reference (the `model_ref` a real sampling shard gets) says how it ends: "ok", or
-"fail:3,7" (those shards raise), "crash:5" (that shard's process exits at once, as a killed
+"fail:3,7" (those shards raise; "fail-once:3" on its first attempt only), "crash:5" (that shard's process exits at once, as a killed
 worker would; only where a shard has a process of its own: execution.shards=deployment) and
 "crash-once:5" (SIGKILL of the shard's process, a task worker's too, on its first attempt only).
 A remote shard holds a slot of `execution.gpu_concurrency_limit` while it runs, as real ones do.
@@ -13,7 +13,7 @@ Limit: nothing is computed, so the figures are the orchestration's cost alone, n
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 from prefect import flow, task
@@ -43,6 +43,9 @@ def noop_shard(cfg: RunConfig, store: RunStore, shard: int, ref: str) -> ShardRe
             os.kill(os.getpid(), 9)  # as the OOM killer would: no cleanup, the run left Running
         if shard in _shards(ref, "fail"):
             raise ValueError(f"noop shard {shard} told to fail")
+        if shard in _shards(ref, "fail-once") and not store.exists(f"{STAGE}/failed-{shard}"):
+            store.write_bytes(f"{STAGE}/failed-{shard}", b"")
+            raise ValueError(f"noop shard {shard} told to fail once")
         return pa.table({"shard": [shard]}, schema=SCHEMA)
 
     return run_shard(store, STAGE, shard, f"noop-{ref}", compute, SCHEMA, lease_seconds=cfg.execution.lease_seconds)
@@ -74,9 +77,19 @@ def noop_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, m
 
 
 @flow(name="m3po-noop-shard", flow_run_name="noop-{run_id}-{shard}")
-def noop_shard_flow(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
-    """execution.shards=deployment: the entry point of the noop shard deployment."""
-    return _job(config, root, run_id, shard, model_ref)
+def noop_shard_flow(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str,
+                    shards: Optional[list[int]] = None) -> dict[str, Any]:
+    """execution.shards=deployment: the entry point of the noop shard deployment (`shards`: a group
+    of them, as the real shard flows take)."""
+    failed = []
+    for s in shards or [shard]:
+        try:
+            _job(config, root, run_id, s, model_ref)
+        except Exception:  # noqa: BLE001 (recorded in its manifest record)
+            failed.append(s)
+    if failed:
+        raise RuntimeError(f"noop shards {failed} failed")
+    return {"shards": shards or [shard]}
 
 
 def register(deployment: str = "m3po-noop-shard/noop") -> list[str]:

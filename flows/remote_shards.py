@@ -1,5 +1,7 @@
 """Shards on remote workers: `execution.shards: deployment` (a flow run per shard of the shard
-deployment, on its work pool) and `task_worker` (a background task run per shard, for `m3po worker`).
+deployment, on its work pool, or per `execution.shards_per_run` consecutive shards) and
+`task_worker` (a background task run per shard, for `m3po worker`). Runs are followed under their
+first shard; a run of several that did not complete is trusted only for the shards it reached.
 
 Submission. deployment: the deployment is read once; each shard gets the placeholder task run that
 makes its flow run a subflow of this one (one POST each, as `run_deployment` makes them: the UI
@@ -80,84 +82,96 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
     started = warned_at = time.time()
     # one tag for the whole fan-out: its runs found together in the UI (`fan-out:...`) and by the bench
     fan_tag = f"fan-out:{uuid.uuid4().hex[:12]}"
-    params = [{"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": shard, ref_name: ref}
-              for shard in range(n_shards)]
+    jobs = shard_groups(n_shards, cfg.execution.shards_per_run if mode == "deployment" else 1)
+    params = {first: {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": first, ref_name: ref,
+                      **({"shards": group} if len(group) > 1 else {})} for first, group in jobs.items()}
     # Tags are concurrency-limit names to a task run's engine: a task worker creates a lease service per
     # distinct set, which can deadlock a Prefect 3.7 task worker (flows/task_worker.py). So task runs
     # carry none (they are found by id, and under their flow run in the UI); flow runs carry the tags.
-    tags = [[f"run:{store.run_id}", fan_tag, f"shard:{shard}"] if mode == "deployment" else []
-            for shard in range(n_shards)]
+    tags = {first: [f"run:{store.run_id}", fan_tag, f"shard:{first}" if len(group) == 1 else f"shards:{first}-{group[-1]}"]
+            if mode == "deployment" else [] for first, group in jobs.items()}
     outcomes: dict[int, Outcome] = {}
     global last_poll
     with get_client(sync_client=True) as client:
-        runs = submit(client, cfg, stage, params, tags, fan_tag)
-        poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page)
+        runs = submit(client, cfg, stage, list(params.values()), list(tags.values()), fan_tag)
+        poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page, jobs)
         poll.submitted_in = time.time() - started
         lease, checked_at, resubmitted, requeued = cfg.execution.lease_seconds, time.time(), {}, {}
-        last_end = None  # when a shard last ended: a stage idle for a lease with shards still scheduled is stalled
+        last_end = None  # when a run last ended: a stage idle for a lease with runs still scheduled is stalled
 
-        def again(shard: int, why: str, n: int, of: int) -> None:
-            _mark_crashed(client, poll.kind, poll.runs[shard], why)
-            run_id = submit(client, cfg, stage, [params[shard]], [tags[shard]], f"{fan_tag}-again{n}")[shard]
-            poll.replace(shard, run_id)
-            get_run_logger().warning(f"{stage} shard {shard}: {why}; submitted again as run {run_id} ({n} of {of})")
+        def report(batch: dict[int, Outcome]) -> None:
+            outcomes.update(batch)
+            on_finished(batch, len(outcomes))
+
+        def again(job: int, why: str, n: int, of: int) -> None:
+            _mark_crashed(client, poll.kind, poll.runs[job], why)
+            run_id = submit(client, cfg, stage, [params[job]], [tags[job]], f"{fan_tag}-again{n}")[job]
+            poll.replace(job, run_id)
+            get_run_logger().warning(f"{stage} {_named(jobs[job])}: {why}; submitted again as run {run_id} ({n} of {of})")
 
         while True:
             if lease and time.time() - checked_at > lease / 2:  # dead workers: their shards again
                 checked_at = time.time()
                 lapsed, stalled = lapsed_shards(poll, store, stage, lease,
                                                 None if last_end is None else time.time() - last_end)
-                for shard, why in lapsed.items():
-                    n = resubmitted[shard] = resubmitted.get(shard, 0) + 1
+                for job, why in lapsed.items():
+                    n = resubmitted[job] = resubmitted.get(job, 0) + 1
                     if n > cfg.execution.lease_resubmits:
-                        _mark_crashed(client, poll.kind, poll.runs[shard], why)
-                        poll.drop(shard)
-                        batch = {shard: f"{why}; failed after {n - 1} resubmissions (execution.lease_resubmits)"}
-                        outcomes.update(batch)
-                        on_finished(batch, len(outcomes))
+                        _mark_crashed(client, poll.kind, poll.runs[job], why)
+                        poll.drop(job)
+                        report({s: f"{why}; failed after {n - 1} resubmissions (execution.lease_resubmits)"
+                                for s in jobs[job]})
                         continue
-                    again(shard, why, n, cfg.execution.lease_resubmits)
-                for shard, why in stalled.items():  # never failed for it: a worker may come later
-                    if requeued.get(shard, 0) < cfg.execution.lease_resubmits:
-                        requeued[shard] = requeued.get(shard, 0) + 1
-                        again(shard, why, requeued[shard], cfg.execution.lease_resubmits)
+                    again(job, why, n, cfg.execution.lease_resubmits)
+                for job, why in stalled.items():  # never failed for it: a worker may come later
+                    if requeued.get(job, 0) < cfg.execution.lease_resubmits:
+                        requeued[job] = requeued.get(job, 0) + 1
+                        again(job, why, requeued[job], cfg.execution.lease_resubmits)
                 if stalled:
                     last_end = time.time()  # the new runs get a lease's time
             ended = poll.finished()
             if ended:
                 last_end = time.time()
-                entries = store.shard_entries(stage, sorted(ended))
-                batch = {s: _outcome(stage, s, entries.get(s), run, started) for s, run in sorted(ended.items())}
-                outcomes.update(batch)
-                on_finished(batch, len(outcomes))
+                report(ended_outcomes(store, stage, {job: (jobs[job], run) for job, run in ended.items()}, started, lease))
             if not poll.outstanding:
                 break
             timeout = cfg.execution.shard_timeout_seconds
             if timeout is not None and time.time() - started > timeout:
-                batch = {s: f"no result after {timeout:g}s (run {run_id} "
-                            f"{run.state_type.value if run and run.state_type else 'without state'}): is a worker running?"
-                         for s, (run_id, run) in sorted(poll.unfinished().items())}
-                outcomes.update(batch)
-                on_finished(batch, len(outcomes))
+                report({s: f"no result after {timeout:g}s (run {run_id} "
+                           f"{run.state_type.value if run and run.state_type else 'without state'}): is a worker running?"
+                        for job, (run_id, run) in sorted(poll.unfinished().items()) for s in jobs[job]})
                 break
             if time.time() - warned_at > WARN_EVERY:  # say so when nothing takes the shards (no worker running?)
-                _warn_waiting(cfg, stage, poll.waiting(), n_shards, started)
+                _warn_waiting(cfg, stage, poll.waiting(), len(jobs), started)
                 warned_at = time.time()
             time.sleep(cfg.execution.poll_seconds)
-    get_run_logger().info(f"{stage}: {n_shards} shards ({fan_tag}) submitted in {poll.submitted_in:.1f}s, "
-                          f"read back in {poll.polls} polls and {poll.calls} API calls")
+    get_run_logger().info(f"{stage}: {n_shards} shards in {len(jobs)} runs ({fan_tag}) submitted in "
+                          f"{poll.submitted_in:.1f}s, read back in {poll.polls} polls and {poll.calls} API calls")
     return outcomes
+
+
+def shard_groups(n_shards: int, per_run: int) -> dict[int, list[int]]:
+    """The shards of each run, keyed by the run's first shard: consecutive runs of `per_run`."""
+    return {first: list(range(first, min(n_shards, first + per_run))) for first in range(0, n_shards, per_run)}
+
+
+def _named(group: list[int]) -> str:
+    return f"shard {group[0]}" if len(group) == 1 else f"shards {group[0]}-{group[-1]}"
 
 
 class ShardPoll:
     """The submitted runs of one fan-out (`kind` "flow" or "task"), read back in one call per poll
-    whatever their number. `calls` counts the API calls it made, `polls` its polls."""
+    whatever their number, each under its first shard (`jobs`: a run's shards, by its first; one
+    each unless `execution.shards_per_run` groups them). `calls` counts the API calls it made,
+    `polls` its polls."""
 
-    def __init__(self, client, kind: str, runs: dict[int, UUID], page: int | None = None):
+    def __init__(self, client, kind: str, runs: dict[int, UUID], page: int | None = None,
+                 jobs: dict[int, list[int]] | None = None):
         from prefect.settings import PREFECT_API_DEFAULT_LIMIT
 
         self.client, self.kind = client, kind
-        self.runs = dict(runs)  # every submitted run, by shard
+        self.jobs = jobs or {job: [job] for job in runs}
+        self.runs = dict(runs)  # every submitted run, by its first shard
         self.outstanding: dict[UUID, int] = {run_id: shard for shard, run_id in runs.items()}
         self.page = page or PREFECT_API_DEFAULT_LIMIT.value()
         self.polls = self.calls = 0  # polls; API calls of every kind
@@ -246,37 +260,56 @@ class ShardPoll:
 
 def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float,
                   idle_for: float | None) -> tuple[dict[int, str], dict[int, str]]:
-    """(lapsed, stalled): shards whose worker is gone, each with why. Lapsed: the run is still
-    Running but the lease its job renews (m3po_core.stages.runner.shard_lease) is older than `lease`
-    seconds, or it has run that long without writing one. Stalled: no shard is running, none has
-    ended for `idle_for` > `lease` seconds (None: none has ended yet, so no worker may be up yet),
-    and these are still Scheduled or Pending: a task worker takes a run off the server's queue
-    before it has a free slot for it, so a worker killed then leaves a run that no one else gets.
-    One state read and one read of the running shards' leases."""
+    """(lapsed, stalled): runs (by first shard) whose worker is gone, each with why. Lapsed: the run
+    is still Running but the freshest lease its shards renew (m3po_core.stages.runner.shard_lease;
+    a run of several shards renews the one it is on) is older than `lease` seconds, or it has run
+    that long without writing one. Stalled: no run is running, none has ended for `idle_for` >
+    `lease` seconds (None: none has ended yet, so no worker may be up yet), and these are still
+    Scheduled or Pending: a task worker takes a run off the server's queue before it has a free slot
+    for it, so a worker killed then leaves a run that no one else gets. One state read and one read
+    of the running runs' leases."""
     before = poll.calls
-    unfinished = {s: run for s, (_, run) in poll.unfinished().items() if run is not None}
+    unfinished = {job: run for job, (_, run) in poll.unfinished().items() if run is not None}
     poll.lease_calls += poll.calls - before
-    running = {s: run for s, run in unfinished.items()
+    running = {job: run for job, run in unfinished.items()
                if run.state_type == StateType.RUNNING and run.start_time is not None}
     if not running:
         if idle_for is None or idle_for <= lease:
             return {}, {}
-        return {}, {s: f"still {run.state_type.value.lower()} after {idle_for:.0f}s in which no shard of the stage "
-                       "ran: the worker that took it is gone" for s, run in unfinished.items()
+        return {}, {job: f"still {run.state_type.value.lower()} after {idle_for:.0f}s in which no shard of the stage "
+                         "ran: the worker that took it is gone" for job, run in unfinished.items()
                     if run.state_type in (StateType.SCHEDULED, StateType.PENDING)}
-    leases, now, out = store.leases(stage, sorted(running)), time.time(), {}
-    for shard, run in running.items():
+    leases = store.leases(stage, sorted(s for job in running for s in poll.jobs[job]))
+    now, out = time.time(), {}
+    for job, run in running.items():
         started = run.start_time.timestamp()
-        record = leases.get(shard)
-        if record is not None and record.get("renewed_at", 0) >= started - lease / 2:  # this run's lease
+        own = [r for s in poll.jobs[job] if (r := leases.get(s)) is not None
+               and r.get("renewed_at", 0) >= started - lease / 2]  # this run's leases
+        if own:
+            record = max(own, key=lambda r: r["renewed_at"])
             age = now - record["renewed_at"]
             if age > lease:
-                out[shard] = (f"its lease was last renewed {age:.0f}s ago by {record.get('host')} pid "
-                              f"{record.get('pid')} (execution.lease_seconds={lease:g}): its worker is gone")
+                out[job] = (f"its lease was last renewed {age:.0f}s ago by {record.get('host')} pid "
+                            f"{record.get('pid')} (execution.lease_seconds={lease:g}): its worker is gone")
         elif now - started > lease:
-            out[shard] = (f"running {now - started:.0f}s without a lease (execution.lease_seconds={lease:g}): "
-                          "its worker is gone")
+            out[job] = (f"running {now - started:.0f}s without a lease (execution.lease_seconds={lease:g}): "
+                        "its worker is gone")
     return out, {}
+
+
+def ended_outcomes(store: RunStore, stage: str, ended: dict[int, tuple[list[int], Any]], started: float,
+                   lease: float | None) -> dict[int, Outcome]:
+    """Each shard's outcome, for runs that ended (by first shard: its shards and its run), from the
+    shards' manifest records read at once (and, for a run of several shards that did not complete,
+    their leases: which shards it reached)."""
+    shards = sorted(s for group, _ in ended.values() for s in group)
+    entries = store.shard_entries(stage, shards)
+    partial = sorted(s for group, run in ended.values() if len(group) > 1 and run.state_type != StateType.COMPLETED
+                     for s in group)
+    leases = store.leases(stage, partial) if partial and lease else {}
+    slack = (lease or 10.0) / 2  # the hosts' clocks agree within this
+    return {s: _outcome(stage, s, entries.get(s), run, started, len(group) > 1, leases.get(s), slack)
+            for group, run in ended.values() for s in group}
 
 
 def _mark_crashed(client, kind: str, run_id: UUID, why: str) -> None:
@@ -290,22 +323,31 @@ def _mark_crashed(client, kind: str, run_id: UUID, why: str) -> None:
         get_run_logger().warning(f"run {run_id}: could not be marked crashed ({type(e).__name__}: {e})")
 
 
-def _outcome(stage: str, shard: int, entry: dict[str, Any] | None, run, started: float) -> Outcome:
+def _outcome(stage: str, shard: int, entry: dict[str, Any] | None, run, started: float, grouped: bool = False,
+             lease_record: dict[str, Any] | None = None, slack: float = 5.0) -> Outcome:
     """A finished remote shard's result, or its error message (the manifest's, else the run's).
     The run's state type, not its state object: a task run's row can carry the type before the
-    server has recorded the state itself (both come through the event pipeline)."""
+    server has recorded the state itself (both come through the event pipeline). A run of several
+    shards that did not complete vouches only for the shards it reached: those whose record it
+    wrote, or whose lease it renewed (a shard found cached renews its lease too)."""
     entry = entry or {}
-    if run.state_type == StateType.COMPLETED and entry.get("state") == COMPLETE:
+    reached = run.state_type == StateType.COMPLETED or not grouped
+    if not reached and run.start_time is not None:
+        since = run.start_time.timestamp() - slack
+        reached = entry.get("finished_at", 0.0) >= since or (lease_record or {}).get("renewed_at", 0.0) >= since
+    if entry.get("state") == COMPLETE and reached and (grouped or run.state_type == StateType.COMPLETED):
         cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
         return ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
     message = f": {run.state.message}" if run.state is not None and run.state.message else ""
+    if not reached:
+        return f"run {run.id} ended {run.state_type.value} before it reached this shard{message}; a re-run computes it"
     return entry.get("error") or f"run {run.id} ended {run.state_type.value}{message}"
 
 
-def _warn_waiting(cfg: RunConfig, stage: str, waiting: int, n_shards: int, started: float) -> None:
+def _warn_waiting(cfg: RunConfig, stage: str, waiting: int, n_runs: int, started: float) -> None:
     if waiting:
         who = "an `m3po worker`" if cfg.execution.shards == "task_worker" else "a worker of the pool"
-        get_run_logger().warning(f"{stage}: {waiting} of {n_shards} shards still waiting for {who} "
+        get_run_logger().warning(f"{stage}: {waiting} of {n_runs} shard runs still waiting for {who} "
                                  f"after {time.time() - started:.0f}s")
 
 
@@ -313,8 +355,9 @@ def _warn_waiting(cfg: RunConfig, stage: str, waiting: int, n_shards: int, start
 
 def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tags: list[list[str]],
            key: str) -> dict[int, UUID]:
-    """One run per shard: shard -> its flow run (deployment) or task run (task_worker) id. `key`
-    names the fan-out (its flow runs' idempotency keys are `{key}-{shard}`)."""
+    """One run per parameter set (a shard, or with `shards` a group of them): its first shard ->
+    its flow run (deployment) or task run (task_worker) id. `key` names the fan-out (its flow runs'
+    idempotency keys are `{key}-{shard}`)."""
     field, job = REMOTE_JOBS[stage]
     if cfg.execution.shards == "deployment":
         return create_flow_runs(client, getattr(cfg.execution, field), params, tags, key)

@@ -2,24 +2,29 @@
 
 Each holds one slot of the global concurrency limit `execution.gpu_concurrency_limit` (create it
 with as many slots as GPUs: `prefect gcl create m3po-gpu --limit 8`; absent, it does not block).
-A flow run is a process of its own, so it loads its model; to keep models loaded across shards,
-use `execution.shards: task_worker` and `m3po worker` instead (docs/gpu-work-pool.md).
+A flow run is a process of its own, so it loads its model: with `shards` (the fan-out passes
+`execution.shards_per_run` of them) it computes them one after the other on the model it loaded;
+to keep models loaded across runs, use `execution.shards: task_worker` and `m3po worker` instead
+(docs/gpu-work-pool.md).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from prefect import flow
 
 from m3po_core.stages import sample, score
-from m3po.tasks.stage_tasks import run_shard_job
+from m3po.tasks.stage_tasks import run_shard_group
 
 
 @flow(name="m3po-sample-shard", flow_run_name="sample-{run_id}-{shard}")
-def sample_shard(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
-    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref)
+def sample_shard(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str,
+                 shards: Optional[list[int]] = None) -> dict[str, Any]:
+    """Shard `shard`, or every shard of `shards` (then `shard` is the first, for the run's name)."""
+    return run_shard_group(sample.sample_shard, "candidates", config, root, run_id, shards or [shard], model_ref)
 
 
 @flow(name="m3po-score-shard", flow_run_name="score-{run_id}-{shard}")
-def score_shard(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
-    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref)
+def score_shard(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str,
+                shards: Optional[list[int]] = None) -> dict[str, Any]:
+    return run_shard_group(score.score_shard, "scores", config, root, run_id, shards or [shard], clip_ref)

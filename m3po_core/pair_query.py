@@ -14,6 +14,7 @@ Limit: a pairs.parquet written as one row group (before PAIRS_ROW_GROUP) is read
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -100,7 +101,10 @@ class PairIndex:
     def __init__(self, store: "RunStore", table: "pa.Table", prompts: "pa.Table"):
         self.store, self.table = store, table
         self.prompts = prompts  # prompt_id, kind, source, image, shard: every prompt of the run
-        self._row_groups: list[tuple[int, int]] | None = None
+        self._row_groups: list[int] | None = None
+        self._values: dict[str, list[str]] = {}
+        self._prompt_rows: dict[str, int] | None = None  # prompt_id -> its row in `prompts`
+        self._pair_rows: dict[str, int] | None = None    # prompt_id -> its pair's row in pairs.parquet
 
     @classmethod
     def build(cls, store: "RunStore") -> "PairIndex":
@@ -118,8 +122,12 @@ class PairIndex:
         return cls(store, table, prompts)
 
     def values(self, column: str) -> list[str]:
-        """The distinct values of a text column (strategy, kind, source), sorted."""
-        return sorted(v for v in set(self.table.column(column).to_pylist()) if v is not None)
+        """The distinct values of a text column (strategy, kind, source), sorted (read once)."""
+        import pyarrow.compute as pc
+
+        if column not in self._values:
+            self._values[column] = sorted(v for v in pc.unique(self.table.column(column)).to_pylist() if v is not None)
+        return self._values[column]
 
     @property
     def strategies(self) -> list[str]:
@@ -148,36 +156,35 @@ class PairIndex:
         if not rows:
             return []
         pf = self.store.parquet_file("pairs.parquet")
-        if self._row_groups is None:
-            starts, start = [], 0
+        if self._row_groups is None:  # the first row of each row group, and the end
+            starts = [0]
             for i in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(i).num_rows
-                starts.append((start, start + n))
-                start += n
+                starts.append(starts[-1] + pf.metadata.row_group(i).num_rows)
             self._row_groups = starts
-        wanted = sorted({g for g, (a, b) in enumerate(self._row_groups) for r in rows if a <= r < b})
+        starts = self._row_groups
+        group_of = {r: bisect.bisect_right(starts, r) - 1 for r in rows}
+        wanted = sorted(set(group_of.values()))
         table = pf.read_row_groups(wanted, columns=columns)
-        offsets, base = {}, 0
+        offset, base = {}, 0  # where each read group begins in `table`
         for g in wanted:
-            offsets[g] = base
-            base += self._row_groups[g][1] - self._row_groups[g][0]
-        position = [offsets[g] + r - self._row_groups[g][0] for r in rows
-                    for g, (a, b) in enumerate(self._row_groups) if a <= r < b]
+            offset[g] = base
+            base += starts[g + 1] - starts[g]
+        position = [offset[group_of[r]] + r - starts[group_of[r]] for r in rows]
         return table.take(pa.array(position, pa.int64())).to_pylist()
 
     def prompt(self, prompt_id: str) -> dict[str, Any] | None:
         """The prompts index row of `prompt_id` (kind, source, image, shard), or None."""
-        import pyarrow.compute as pc
-
-        found = self.prompts.filter(pc.equal(self.prompts.column("prompt_id"), prompt_id))
-        return found.to_pylist()[0] if found.num_rows else None
+        if self._prompt_rows is None:  # built on first use: one dict lookup per thumbnail after
+            self._prompt_rows = {p: i for i, p in enumerate(self.prompts.column("prompt_id").to_pylist())}
+        i = self._prompt_rows.get(prompt_id)
+        return None if i is None else self.prompts.slice(i, 1).to_pylist()[0]
 
     def pair_of(self, prompt_id: str) -> dict[str, Any] | None:
         """The full pair row of `prompt_id`, or None if it has no pair."""
-        import pyarrow.compute as pc
-
-        found = self.table.filter(pc.equal(self.table.column("prompt_id"), prompt_id))
-        return self.rows([found.column("row")[0].as_py()])[0] if found.num_rows else None
+        if self._pair_rows is None:
+            self._pair_rows = dict(zip(self.table.column("prompt_id").to_pylist(), self.table.column("row").to_pylist()))
+        row = self._pair_rows.get(prompt_id)
+        return None if row is None else self.rows([row])[0]
 
 
 def read_prompt_index(store: "RunStore", stage: str = "prompts") -> "pa.Table":

@@ -86,6 +86,27 @@ def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict
         return dataclasses.asdict(stage_fn(cfg, store, shard, ref))
 
 
+def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str,
+                    run_id: str, shards: list[int], ref: str) -> dict[str, Any]:
+    """Several shards in one run (`execution.shards_per_run`), one after the other in this process,
+    so its models load once (`m3po_core.components` keeps them). A shard that fails is recorded in
+    its manifest record and the others still run; then the run fails naming the failed shards."""
+    from m3po_core.errors import M3POError
+
+    if len(shards) == 1:  # a run of one shard fails with the shard's own error
+        return {"shards": {shards[0]: run_shard_job(stage_fn, stage, config, root, run_id, shards[0], ref)}}
+    done, failed = {}, {}
+    for shard in shards:
+        try:
+            done[shard] = run_shard_job(stage_fn, stage, config, root, run_id, shard, ref)
+        except Exception as e:  # noqa: BLE001 (its record has the error; the fan-out reads it there)
+            failed[shard] = f"{type(e).__name__}: {e}"
+    if failed:
+        raise M3POError(f"{stage}: {len(failed)} of {len(shards)} shards of this run failed: "
+                        + "; ".join(f"shard {s}: {m}" for s, m in failed.items()))
+    return {"shards": done}
+
+
 @task(name="sample-shard-job", task_run_name="sample-{run_id}-{shard}", cache_policy=NO_CACHE)
 def sample_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
     return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref)

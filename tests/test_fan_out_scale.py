@@ -139,6 +139,35 @@ def test_deployment_shards_fail_and_crash_by_name_and_are_read_in_one_call_per_p
         assert states[2] == "failed" and states[3] == "running" and list(states.values()).count("complete") == n - 2
 
 
+def test_deployment_runs_of_several_shards_report_each_shard_by_name(workers, tmp_path):
+    """execution.shards_per_run=4: 10 shards in 3 flow runs. A failed shard leaves its run's other
+    shards done; a run whose process is killed at shard 6 keeps the shards it finished (4, 5), and
+    the one it never reached (7) is named as such; a re-run computes only those three."""
+    counter = RequestCounter()
+    t0 = time.time()
+    with counter.counting(), pytest.raises(M3POError) as failed:
+        noop_stage_flow("deployment", 10, "fail-once:2;crash-once:6", str(tmp_path), "grp",
+                        extra=["execution.shards_per_run=4"])
+    message = str(failed.value)
+    assert "noop: 3 of 10 shards failed" in message, _logs(workers)
+    assert "shard 2: ValueError: noop shard 2 told to fail once" in message
+    assert re.search(r"shard 6: run \S+ ended CRASHED", message) and "shard 6: run" in message
+    assert re.search(r"shard 7: run \S+ ended CRASHED before it reached this shard", message), message
+    submission, _ = _polling_phase(counter, t0, "POST /flow_runs/filter")
+    assert submission["POST /task_runs/"] == 3 and submission["POST /deployments/{id}/create_flow_run/bulk"] == 1
+    store = RunStore(str(tmp_path), "grp")
+    states = {e["shard"]: e["state"] for e in store.manifest(noop_stage.STAGE)}
+    assert {s for s, st in states.items() if st == "complete"} == {0, 1, 3, 4, 5, 8, 9}
+    assert 7 not in states  # never reached: no record
+    done = {e["shard"]: e["finished_at"] for e in store.manifest(noop_stage.STAGE) if e["state"] == "complete"}
+
+    results = noop_stage_flow("deployment", 10, "fail-once:2;crash-once:6", str(tmp_path), "grp",
+                              extra=["execution.shards_per_run=4"])
+    assert sorted(r.shard for r in results if not r.cached) == [2, 6, 7]
+    after = {e["shard"]: e["finished_at"] for e in store.manifest(noop_stage.STAGE)}
+    assert all(after[s] == t for s, t in done.items())
+
+
 def test_a_batch_sent_again_returns_the_runs_it_created_not_new_ones(workers, tmp_path):
     """Each shard's flow run carries an idempotency key: a batch the server refused in part (SQLite's
     "database is locked" comes back as a per-run failure) is sent again without doubling any run."""

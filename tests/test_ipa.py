@@ -249,3 +249,26 @@ def test_m3po_ipa_runs_end_to_end_through_the_cli(tmp_path):
     status = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "status", "tiny-ipa", "--root", root],
                             env=env, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0 and "ipa/round-1/responses" in status.stdout
+
+    # `m3po view`: a pair's prompt shows every response of its rounds with the verifier's four
+    # conditions, the feedback of the revised ones, and the pair's two marked in their round
+    import re
+
+    import pyarrow.parquet as pq
+    from markupsafe import escape
+
+    from m3po_core.store import RunStore
+    from viewer_server import get, serving
+
+    pair = min(pq.read_table(run / "pairs.parquet").to_pylist(), key=lambda p: p["prompt_id"])
+    with serving(root, "tiny-ipa", env=env) as url:
+        code, html = get(f"{url}/pool/{pair['prompt_id']}")
+    assert code == 200, html
+    r = int(pair["strategy"].rsplit("-", 1)[1])
+    responses = [x for rr in range(1, r + 1) for x in RunStore(root, "tiny-ipa").read_stage(f"ipa/round-{rr}/responses").to_pylist()
+                 if x["prompt_id"] == pair["prompt_id"]]
+    assert html.count('<tr class="candidate') == len(responses) > 0
+    assert re.search(rf'<tr class="candidate chosen" data-round="{r}">\s*<td class="num">{r}</td><td class="num">{pair["chosen_idx"]}</td>', html)
+    assert re.search(rf'<tr class="candidate rejected" data-round="{r}">\s*<td class="num">{r}</td><td class="num">{pair["rejected_idx"]}</td>', html)
+    revised = next(x for x in responses if x["origin"] == "revised")
+    assert str(escape(revised["feedback"])) in html

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from m3po_core.viewer.run_data import redacted
+from viewer_server import get, serving
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,25 +23,11 @@ needs_browser = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.g
                                    reason="no Chromium (apt-get install chromium)")
 
 
-def serve(root: str, run_id: str):
-    """`m3po view RUN` in a process of its own on a free port: (process, base URL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "m3po.flows.cli", "view", run_id, "--root", root, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-    if not found:
-        proc.kill()
-        raise AssertionError(f"m3po view did not start: {line!r} {proc.stderr.read()[-2000:]}")
-    return proc, found.group(1)
-
-
 @pytest.fixture(scope="module")
 def viewer(mined_run):
     root, run_id = mined_run
-    proc, url = serve(root, run_id)
-    yield url, root, run_id
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(root, run_id) as url:
+        yield url, root, run_id
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +40,6 @@ def browser():
             "--disable-sync", "--no-first-run", "--disable-quic"])
         yield b
         b.close()
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
 
 
 def images_loaded(page) -> tuple[int, int]:
@@ -138,8 +117,7 @@ def test_a_scatter_point_opens_its_prompts_pool_with_all_32_candidates(viewer, b
 @needs_browser
 def test_a_failed_shard_shows_its_error(mined_run, browser):
     root, _ = mined_run
-    proc, url = serve(root, "broken")
-    try:
+    with serving(root, "broken") as url:
         page = browser.new_page()
         page.goto(url + "/")
         failed = page.locator("#stage-candidates table.failed")
@@ -152,9 +130,6 @@ def test_a_failed_shard_shows_its_error(mined_run, browser):
         assert failed.locator("td.error").inner_text() == error
         assert read_prompts_shard(store, 1)[0]["image"] in error  # the unreadable image, by name
         assert "failed: 1" in page.locator("#stage-candidates .counts").inner_text()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_benchmarks_list_the_questions_the_two_models_answer_differently(viewer):
@@ -197,12 +172,8 @@ def test_no_secret_reaches_a_page(mined_run, tmp_path):
     cfg["sampling"]["base_url"] = "https://alice:sk-live-SECRET@judge.example/v1"
     cfg["extra"] = {"api_key": "sk-live-SECRET2", "api_key_env": "OPENAI_API_KEY"}
     (tmp_path / "leaky" / "config.json").write_text(json.dumps(cfg))
-    proc, url = serve(str(tmp_path), "leaky")
-    try:
+    with serving(str(tmp_path), "leaky") as url:
         status, html = get(url + "/")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert status == 200 and "judge.example/v1" in html and "OPENAI_API_KEY" in html
     assert "SECRET" not in html and "alice" not in html
     assert redacted({"a": {"password": "p", "token": "t", "n": 3}}) == {"a": {"password": "(hidden)", "token": "(hidden)", "n": 3}}
@@ -215,16 +186,12 @@ def test_a_run_on_s3_is_viewed_the_same(mined_run, s3_server):
     root, run_id = mined_run
     fs = s3fs.S3FileSystem()
     fs.put(str(Path(root, run_id)), f"m3po/viewer/{run_id}", recursive=True)
-    proc, url = serve("s3://m3po/viewer", run_id)
-    try:
+    with serving("s3://m3po/viewer", run_id) as url:
         status, html = get(f"{url}/pairs?per_page=25")
         assert status == 200 and html.count('<tr class="pair"') == 25
         prompt_id = re.search(r'data-prompt="([^"]+)"', html).group(1)
         status, html = get(f"{url}/pool/{prompt_id}")
         assert status == 200 and html.count('<tr class="candidate') == 32
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_run_that_does_not_exist_is_one_line(tmp_path):

@@ -15,7 +15,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     positive = {"sampling.n": cfg.sampling.n, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
                 "sampling.batch_prompts": cfg.sampling.batch_prompts, "data.shard_size": cfg.data.shard_size,
                 "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size,
-                "training.num_processes": cfg.training.num_processes, "evaluation.shard_size": cfg.evaluation.shard_size}
+                "training.num_processes": cfg.training.num_processes, "evaluation.shard_size": cfg.evaluation.shard_size,
+                "execution.shards_per_run": cfg.execution.shards_per_run}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")

@@ -353,6 +353,11 @@ class ExecutionConfig:
         "help": "shards deployment: the sampling shards' deployment (FLOW/DEPLOYMENT)."})
     score_deployment: str = field(default="m3po-score-shard/m3po-score-shard", metadata={
         "help": "shards deployment: the scoring shards' deployment (FLOW/DEPLOYMENT)."})
+    shards_per_run: int = field(default=1, metadata={
+        "help": "deployment: shards one flow run computes, one after the other (its process starts and loads "
+                "its models once for all of them). A flow run is a process: on a GPU pool, where loading a 7B "
+                "model takes a minute or more, give each run minutes of work (the LLaVA-1.5 configs: 16); a run "
+                "that dies costs its shards not yet done, which a re-run computes."})
     poll_seconds: float = field(default=2.0, metadata={
         "help": "deployment / task_worker: seconds between reads of the submitted shards' states."})
     shard_timeout_seconds: Optional[float] = field(default=None, metadata={
