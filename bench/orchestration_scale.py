@@ -4,6 +4,7 @@ stage whose shard does almost nothing (flows/noop_stage.py), and `m3po status` o
     python bench/orchestration_scale.py                  # sizes 30,300,3000, all three modes, status at 3,000
     python bench/orchestration_scale.py --sizes 30,300   # a quick check
     options: --modes in_process,task_worker,deployment  --status-shards N (0: skip)  --s3-rtt-ms 20
+             --shards-per-run 1,16 (deployment: execution.shards_per_run values; "deployment/16" in the table)
              --process-slots 4 (the process worker's --limit)  --task-slots 8 (the task worker's)  --poll-seconds 2
 
 All real, on loopback: a fresh `prefect server start` (its own database, its access log on), a
@@ -13,7 +14,8 @@ flow run, after a warm-up fan-out of 4 shards (workers started, modules imported
   wall/shard    the fan-out's wall time / shards: submission, the shards on the workers' slots, the polls
   submit/shard  the submission's share of it
   run ovh       median over shards of (the shard's task or flow run end - start) - the shard's own work
-                (its manifest record's wall_seconds): the engine's cost inside a run, the figure of
+                (its manifest record's wall_seconds; a run of several shards: shared out over them):
+                the engine's cost inside a run, the figure of
                 bench/orchestration_overhead.py (a deployment shard's process start comes before it)
   API/shard     HTTP requests the server logged during the fan-out (this process, the workers, the
                 flow-run processes) / shards; `orch/shard`: this process's alone
@@ -57,8 +59,9 @@ def _stage_flow(overrides: list[str]):
     from m3po_core.store import RunStore
 
     @flow(name="bench-noop-stage", flow_run_name="bench-{run_id}")
-    def bench_stage(mode: str, n: int, root: str, run_id: str, poll_seconds: float) -> dict:
-        cfg = load_config(TINY, overrides + [f"execution.shards={mode}", f"execution.poll_seconds={poll_seconds}"])
+    def bench_stage(mode: str, n: int, root: str, run_id: str, poll_seconds: float, per_run: int = 1) -> dict:
+        cfg = load_config(TINY, overrides + [f"execution.shards={mode}", f"execution.poll_seconds={poll_seconds}",
+                                             f"execution.shards_per_run={per_run}"])
         t0 = time.time()
         fan_out(noop_task, cfg, RunStore(root, run_id), n, "ok", STAGE, ref_name="model_ref")
         return {"t0": t0, "seconds": time.time() - t0}
@@ -87,12 +90,18 @@ def _runs(client, mode: str, run_id: str, flow_run_id) -> list:
             return out
 
 
-def _shard_of(run) -> int:
-    tag = next((t for t in run.tags if t.startswith("shard:")), None)
-    return int(tag.split(":")[1]) if tag else int(run.name.rsplit("-", 1)[1])
+def _shards_of(run) -> list[int]:
+    """The shards a run computed: its tag (`shard:N`, or `shards:A-B` for a run of several), else its name."""
+    for t in run.tags:
+        if t.startswith("shard:"):
+            return [int(t.split(":")[1])]
+        if t.startswith("shards:"):
+            a, b = t.split(":")[1].split("-")
+            return list(range(int(a), int(b) + 1))
+    return [int(run.name.rsplit("-", 1)[1])]
 
 
-def fan_out_figures(stack: dict, mode: str, n: int, poll_seconds: float, counter) -> dict:
+def fan_out_figures(stack: dict, mode: str, n: int, poll_seconds: float, counter, per_run: int = 1) -> dict:
     from prefect.client.orchestration import get_client
 
     from m3po.flows import remote_shards
@@ -103,7 +112,8 @@ def fan_out_figures(stack: dict, mode: str, n: int, poll_seconds: float, counter
     run_id = f"{mode.replace('_', '-')}-{n}-{int(time.time())}"
     _, log_from = access_counts(stack["server_log"])
     remote_shards.last_poll = None
-    state = stack["flow"](mode=mode, n=n, root=stack["root"], run_id=run_id, poll_seconds=poll_seconds, return_state=True)
+    state = stack["flow"](mode=mode, n=n, root=stack["root"], run_id=run_id, poll_seconds=poll_seconds,
+                          per_run=per_run if mode == "deployment" else 1, return_state=True)
     if not state.is_completed():
         raise RuntimeError(f"{mode} at {n} shards: {state}")
     timing = state.result()
@@ -114,10 +124,13 @@ def fan_out_figures(stack: dict, mode: str, n: int, poll_seconds: float, counter
     entries = {e["shard"]: e for e in RunStore(stack["root"], run_id).manifest(STAGE)}
     with get_client(sync_client=True) as client:
         runs = _runs(client, mode, run_id, state.state_details.flow_run_id)
-    overheads = [(r.end_time - r.start_time).total_seconds() - entries[_shard_of(r)]["wall_seconds"]
-                 for r in runs if r.start_time and r.end_time and _shard_of(r) in entries]
+    # per shard: a run of several shards' engine cost shared out over them
+    overheads = [((r.end_time - r.start_time).total_seconds() - sum(entries[s]["wall_seconds"] for s in _shards_of(r)))
+                 / len(_shards_of(r)) for r in runs
+                 if r.start_time and r.end_time and all(s in entries for s in _shards_of(r))]
     poll = remote_shards.last_poll
-    return {"mode": mode, "shards": n, "seconds": round(timing["seconds"], 2),
+    return {"mode": mode if mode != "deployment" or per_run == 1 else f"deployment/{per_run}", "shards": n,
+            "seconds": round(timing["seconds"], 2),
             "wall_per_shard": timing["seconds"] / n,
             "submit_per_shard": (poll.submitted_in / n) if poll else None,
             "run_overhead_median": statistics.median(overheads) if overheads else None,
@@ -237,6 +250,8 @@ def main() -> None:
     ap.add_argument("--process-slots", type=int, default=4)
     ap.add_argument("--task-slots", type=int, default=8)
     ap.add_argument("--poll-seconds", type=float, default=2.0)
+    ap.add_argument("--shards-per-run", default="1,16",
+                    help="deployment: execution.shards_per_run values to measure (default 1,16)")
     ap.add_argument("--s3-rtt-ms", type=float, default=20.0, help="the status's third row: each S3 request held this long")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -274,14 +289,15 @@ def main() -> None:
         stack = {"flow": _stage_flow(noop_stage.register()), "root": str(work / "runs"), "server_log": work / "server.log"}
         counter = pl.RequestCounter()
         with temporary_settings(updates={PREFECT_API_URL: url}), counter.counting():
-            for mode in modes:
-                fan_out_figures(stack, mode, 4, args.poll_seconds, counter)  # warm-up
+            per_runs = [int(k) for k in args.shards_per_run.split(",") if k]
+            for mode, per_run in [(m, k) for m in modes for k in (per_runs if m == "deployment" else [1])]:
+                fan_out_figures(stack, mode, 4, args.poll_seconds, counter, per_run)  # warm-up
                 for n in sizes:
-                    r = fan_out_figures(stack, mode, n, args.poll_seconds, counter)
+                    r = fan_out_figures(stack, mode, n, args.poll_seconds, counter, per_run)
                     results.append(r)
                     with open(work / "fan_out.jsonl", "a") as out:  # kept if a later size is cut short
                         out.write(json.dumps(r) + "\n")
-                    print(f"  {mode:<12} {n:>5} shards  {r['seconds']:8.1f} s  wall/shard {r['wall_per_shard']:.3f} s  "
+                    print(f"  {r['mode']:<14} {n:>5} shards  {r['seconds']:8.1f} s  wall/shard {r['wall_per_shard']:.3f} s  "
                           f"run ovh {_fmt(r['run_overhead_median'], '.3f')} s  API/shard {r['api_calls_per_shard']:.1f}  "
                           f"reads/poll {_fmt(r['reads_per_poll'], '.2f')}", flush=True)
     finally:
