@@ -66,12 +66,24 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
     for shard, msg in failed.items():
         logger.error(f"{stage} shard {shard} failed: {msg}")
     if failed:
-        detail = "; ".join(f"shard {s}: {msg}" for s, msg in list(failed.items())[:MAX_NAMED])
+        detail = _grouped(failed)
         if len(failed) > MAX_NAMED:
             detail += f"; and {len(failed) - MAX_NAMED} more: see `m3po status {store.run_id}`"
         raise M3POError(f"{stage}: {len(failed)} of {n_shards} shards failed ({detail}). Finished shards are kept; "
                         f"fix the input and run `m3po rerun-failed {store.run_id}` to recompute only these.")
     return [outcomes[s] for s in range(n_shards)]
+
+
+def _grouped(failed: dict[int, str]) -> str:
+    """The first MAX_NAMED failed shards, those with the same message named together
+    (`shard 3: msg`, `shards 16-31: msg`: a run of several shards that died fails them alike)."""
+    from m3po.flows.status import ranges
+
+    by_message: dict[str, list[int]] = {}
+    for shard, msg in list(failed.items())[:MAX_NAMED]:
+        by_message.setdefault(msg, []).append(shard)
+    return "; ".join(f"shard {shards[0]}: {msg}" if len(shards) == 1 else f"shards {', '.join(ranges(shards))}: {msg}"
+                     for msg, shards in by_message.items())
 
 
 def map_shards(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str, ref: str,

@@ -42,7 +42,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.client.schemas.objects import StateType
 
-from m3po.flows.task_submission import CREATE_ATTEMPTS
+from m3po.flows.deployment_submission import create_flow_runs
 from m3po_core.config import RunConfig
 from m3po_core.errors import M3POError
 from m3po_core.stages.runner import ShardResult
@@ -51,8 +51,6 @@ from m3po.tasks import stage_tasks
 
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 ID_CHUNK = 10_000   # ids per filter: well under the 32,766 bound parameters of SQLite and PostgreSQL
-BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
-_no_bulk = False     # set once an API answers that it has no bulk endpoint
 WARN_EVERY = 120.0  # seconds between "still waiting for a worker" checks
 
 # The remote job of each fan-out stage: the ExecutionConfig field naming its deployment, and its
@@ -103,8 +101,9 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
             outcomes.update(batch)
             on_finished(batch, len(outcomes))
 
-        def again(job: int, why: str, n: int, of: int) -> None:
-            _mark_crashed(client, poll.kind, poll.runs[job], why)
+        def again(job: int, why: str, n: int, of: int, mark: bool = True) -> None:
+            if mark:
+                _mark_crashed(client, poll.kind, poll.runs[job], why)
             run_id = submit(client, cfg, stage, [params[job]], [tags[job]], f"{fan_tag}-again{n}")[job]
             poll.replace(job, run_id)
             get_run_logger().warning(f"{stage} {_named(jobs[job])}: {why}; submitted again as run {run_id} ({n} of {of})")
@@ -130,6 +129,14 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
                 if stalled:
                     last_end = time.time()  # the new runs get a lease's time
             ended = poll.finished()
+            for job, run in list(ended.items()):  # a worker that could not start the run: not the shards' fault
+                if run.state_type == StateType.CRASHED and run.start_time is None \
+                        and resubmitted.get(job, 0) < cfg.execution.lease_resubmits:
+                    n = resubmitted[job] = resubmitted.get(job, 0) + 1
+                    message = run.state.message if run.state is not None else ""
+                    again(job, f"its run {run.id} crashed before it started ({message[:300]})", n,
+                          cfg.execution.lease_resubmits, mark=False)
+                    del ended[job]
             if ended:
                 last_end = time.time()
                 report(ended_outcomes(store, stage, {job: (jobs[job], run) for job, run in ended.items()}, started, lease))
@@ -366,85 +373,3 @@ def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tag
     from m3po.flows.task_submission import delay_all
 
     return run_coro_as_sync(delay_all(job, params, tags))
-
-
-def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]],
-                      key: str) -> dict[int, UUID]:
-    """The shards' flow runs, BULK_CREATE per call. Each carries an idempotency key (`key` and its
-    shard), so a batch the server refused in part (on SQLite a "database is locked" comes back as a
-    per-run failure, not as a retried 503) is sent again: the runs it did create come back, not twins."""
-    from prefect.client.schemas.actions import DeploymentFlowRunCreate
-    from prefect.states import Scheduled, to_state_create
-
-    deployment = client.read_deployment_by_name(name)
-    parents = _placeholders(client, name, deployment.version, [p["shard"] for p in params])
-    bodies = {p["shard"]: DeploymentFlowRunCreate(parameters=p, state=to_state_create(Scheduled()), tags=t,
-                                                  parent_task_run_id=parents.get(p["shard"]),
-                                                  idempotency_key=f"{key}-{p['shard']}")
-              for p, t in zip(params, tags)}
-    ids: dict[int, UUID] = {}
-    shards = list(bodies)
-    for start in range(0, len(shards), BULK_CREATE):
-        todo, size = shards[start:start + BULK_CREATE], BULK_CREATE
-        for attempt in range(CREATE_ATTEMPTS):
-            refused: dict[int, str] = {}
-            for i in range(0, len(todo), size):
-                refused.update(_create_batch(client, deployment.id, {s: bodies[s] for s in todo[i:i + size]}, ids))
-            if not refused:
-                break
-            if attempt == CREATE_ATTEMPTS - 1:
-                raise M3POError(f"{name}: the API refused {len(refused)} shard runs {CREATE_ATTEMPTS} times: "
-                                f"{next(iter(refused.values()))}")
-            # a busy SQLite server holds its lock through a whole batch: smaller ones, after a pause
-            todo, size = list(refused), max(1, size // 2)
-            time.sleep(min(30.0, 2.0**attempt))
-    return ids
-
-
-def _create_batch(client, deployment_id: UUID, batch: dict[int, Any], ids: dict[int, UUID]) -> dict[int, str]:
-    """Create one batch (into `ids`); the shards the server refused, with its reason."""
-    from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.states import Scheduled
-
-    global _no_bulk
-    if not _no_bulk:
-        try:
-            reply = client.request("POST", "/deployments/{id}/create_flow_run/bulk",  # type: ignore[arg-type]
-                                   path_params={"id": deployment_id},
-                                   json=[b.model_dump(mode="json", exclude_unset=True) for b in batch.values()])
-        except PrefectHTTPStatusError as e:
-            if e.response.status_code not in (404, 405):
-                raise
-            _no_bulk = True  # an API without the bulk endpoint (older servers): one call per run
-        else:
-            refused = {}
-            for shard, result in zip(batch, reply.json()["results"]):
-                if result.get("status") == "CREATED":
-                    ids[shard] = UUID(result["flow_run_id"])
-                else:
-                    refused[shard] = result.get("error") or "no reason given"
-            return refused
-    for shard, b in batch.items():
-        ids[shard] = client.create_flow_run_from_deployment(
-            deployment_id, parameters=b.parameters, state=Scheduled(), tags=b.tags,
-            parent_task_run_id=b.parent_task_run_id, idempotency_key=b.idempotency_key).id
-    return {}
-
-
-def _placeholders(client, name: str, version: str | None, shards: list[int]) -> dict[int, UUID]:
-    """The task runs that make the shards' flow runs subflows of this flow run (none outside one)."""
-    from prefect import Task
-    from prefect.context import FlowRunContext
-    from prefect.states import Pending
-    from prefect.utilities.slugify import slugify
-
-    ctx = FlowRunContext.get()
-    if not (ctx and ctx.flow_run):
-        return {}
-    placeholder = Task(name=name, fn=lambda: None, version=version)
-    placeholder.task_key = f"prefect.deployments.flow_runs.run_deployment.{slugify(name)}"  # as run_deployment keys them
-    nonce = uuid.uuid4().hex[:8]  # unique per fan-out, also when a retried flow run fans out again
-
-    return {shard: client.create_task_run(task=placeholder, flow_run_id=ctx.flow_run.id, dynamic_key=f"{nonce}-{shard}",
-                                          name=f"{name.split('/')[-1]}-{shard}", state=Pending()).id
-            for shard in shards}
