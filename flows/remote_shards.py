@@ -130,8 +130,8 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
                     last_end = time.time()  # the new runs get a lease's time
             ended = poll.finished()
             for job, run in list(ended.items()):  # a worker that could not start the run: not the shards' fault
-                if run.state_type == StateType.CRASHED and run.start_time is None \
-                        and resubmitted.get(job, 0) < cfg.execution.lease_resubmits:
+                if run.state_type == StateType.CRASHED and resubmitted.get(job, 0) < cfg.execution.lease_resubmits \
+                        and not reached_any(store, stage, jobs[job], run, lease):
                     n = resubmitted[job] = resubmitted.get(job, 0) + 1
                     message = run.state.message if run.state is not None else ""
                     again(job, f"its run {run.id} crashed before it started ({message[:300]})", n,
@@ -302,6 +302,20 @@ def lapsed_shards(poll: ShardPoll, store: RunStore, stage: str, lease: float,
             out[job] = (f"running {now - started:.0f}s without a lease (execution.lease_seconds={lease:g}): "
                         "its worker is gone")
     return out, {}
+
+
+def reached_any(store: RunStore, stage: str, group: list[int], run, lease: float | None) -> bool:
+    """Whether a run that ended touched any of its shards (a record written or a lease renewed
+    since it was created): a run crashed before reaching one was never run (the worker could not
+    start it, e.g. "Failed to submit flow run to infrastructure" on a busy server)."""
+    created = run.created or run.expected_start_time
+    if created is None:
+        return True  # cannot tell: not submitted again
+    since = created.timestamp() - (lease or 10.0) / 2
+    entries = store.shard_entries(stage, group)
+    leases = store.leases(stage, group) if lease else {}
+    return any(max(e.get("finished_at", 0.0), e.get("at", 0.0)) >= since for e in entries.values()) \
+        or any(r.get("renewed_at", 0.0) >= since for r in leases.values())
 
 
 def ended_outcomes(store: RunStore, stage: str, ended: dict[int, tuple[list[int], Any]], started: float,
