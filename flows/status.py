@@ -88,15 +88,9 @@ def status(root: str, run_id: str, show_all: bool = False) -> int:
     if not store.exists("prompts/_stage.json"):
         print(f"m3po: no run {run_id!r} under {root}", file=sys.stderr)
         return 2
-    n = store.read_json("prompts/_stage.json")["n_shards"]
-    stages = [("candidates", n), ("scores", n)]
-    if store.exists("method.json") and store.read_json("method.json")["method"] == "ipa":
-        stages = []
-        for r in range(1, 100):  # the rounds are consecutive: the first one missing ends them
-            if not store.exists(f"ipa/round-{r}/prompts/_stage.json"):
-                break
-            stages.append((f"ipa/round-{r}/responses", store.read_json(f"ipa/round-{r}/prompts/_stage.json")["n_shards"]))
-    for stage, n in stages:
+    from m3po_core.viewer.run_data import sharded_stages
+
+    for stage, n in sharded_stages(store):
         entries = {e["shard"]: e for e in store.manifest(stage)}
         print("\n".join(stage_lines(stage, n, entries, show_all)))
     for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md"):

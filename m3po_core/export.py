@@ -76,21 +76,29 @@ def export_pairs(store: "RunStore", fmt: str, out: str | Path, flt: PairFilter |
 
 
 def _pairs(index: PairIndex, rows: list[int], on_progress) -> Iterator[dict[str, Any]]:
+    """Full pair rows, each with `image_sha256`: its image's digest when the prompts were made."""
     for start in range(0, len(rows), BATCH):
-        yield from index.rows(rows[start:start + BATCH])
+        for pair in index.rows(rows[start:start + BATCH]):
+            yield {**pair, "image_sha256": (index.prompt(pair["prompt_id"]) or {}).get("image_sha256")}
         if on_progress:
             on_progress(min(start + BATCH, len(rows)), len(rows))
 
 
-def image_bytes(url: str, prompt_id: str) -> bytes:
-    """An image file's bytes as stored (no re-encoding), named on failure."""
+def image_bytes(pair: dict[str, Any]) -> bytes:
+    """A pair's image file's bytes as stored (no re-encoding), named on failure; refused when they
+    are not the bytes the prompts stage read (the pair was mined on another image)."""
     from m3po_core.store import open_url
 
+    url, prompt_id = pair["image"], pair["prompt_id"]
     try:
         with open_url(url) as f:
-            return f.read()
+            data = f.read()
     except OSError as e:
         raise InputError(f"{url}: the image of prompt_id {prompt_id!r} cannot be read ({e})") from e
+    if pair.get("image_sha256") and hashlib.sha256(data).hexdigest() != pair["image_sha256"]:
+        raise InputError(f"{url}: the image of prompt_id {prompt_id!r} changed after the prompts stage read it; "
+                         "not exported (a re-run of the pipeline mines its pair again)")
+    return data
 
 
 # -- TRL / datasets --------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ def _hf(pairs: Iterator[dict[str, Any]], work: Path, fmt: str) -> int:
     def rows() -> Iterator[dict[str, Any]]:
         for p in pairs:
             name = p["image"].rsplit("/", 1)[-1]
-            yield {"images": [{"bytes": image_bytes(p["image"], p["prompt_id"]), "path": name}],
+            yield {"images": [{"bytes": image_bytes(p), "path": name}],
                    **conversational(p), **{k: p[k] for k in PROVENANCE}}
 
     cache = work.with_name(work.name + "-cache")  # from_generator's Arrow, beside the export
@@ -173,7 +181,7 @@ def _llamafactory(pairs: Iterator[dict[str, Any]], work: Path) -> int:
             if rel is None:
                 suffix = Path(p["image"].rsplit("/", 1)[-1]).suffix.lower() or ".png"
                 rel = f"images/{hashlib.sha256(p['image'].encode()).hexdigest()[:20]}{suffix}"
-                (work / rel).write_bytes(image_bytes(p["image"], p["prompt_id"]))
+                (work / rel).write_bytes(image_bytes(p))
                 copied[p["image"]] = rel
             f.write((",\n" if i else "") + json.dumps(llamafactory_row(p, rel), ensure_ascii=False))
         f.write("\n]\n")

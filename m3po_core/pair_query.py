@@ -113,7 +113,8 @@ class PairIndex:
 
         if not store.exists("pairs.parquet"):
             raise InputError(f"{store.url('pairs.parquet')}: the run has no pairs yet (its select step has not run)")
-        pairs = store.parquet_file("pairs.parquet").read(columns=_SCALARS)
+        with store.parquet_file("pairs.parquet") as pf:
+            pairs = pf.read(columns=_SCALARS)
         pairs = pairs.append_column("row", pa.array(range(pairs.num_rows), pa.int64()))
         pairs = pairs.append_column("mas_gap", pc.subtract(pairs.column("mas_chosen"), pairs.column("mas_rejected")))
         pairs = pairs.append_column("logp_gap", pc.subtract(pairs.column("logp_chosen"), pairs.column("logp_rejected")))
@@ -151,11 +152,14 @@ class PairIndex:
     def rows(self, rows: list[int], columns: list[str] | None = None) -> list[dict[str, Any]]:
         """Full rows of pairs.parquet (all columns, or `columns`) by row number, in the order given:
         only the row groups that hold them are read."""
-        import pyarrow as pa
-
         if not rows:
             return []
-        pf = self.store.parquet_file("pairs.parquet")
+        with self.store.parquet_file("pairs.parquet") as pf:
+            return self._take(pf, rows, columns)
+
+    def _take(self, pf, rows: list[int], columns: list[str] | None) -> list[dict[str, Any]]:
+        import pyarrow as pa
+
         if self._row_groups is None:  # the first row of each row group, and the end
             starts = [0]
             for i in range(pf.metadata.num_row_groups):
@@ -188,14 +192,14 @@ class PairIndex:
 
 
 def read_prompt_index(store: "RunStore", stage: str = "prompts") -> "pa.Table":
-    """Every complete prompts shard's prompt_id, kind, source and image, with its shard number
+    """Every complete prompts shard's prompt_id, kind, source, image and its SHA-256, with its shard number
     (the candidates and scores shard of the same number hold its candidates). Shards are read
     concurrently (an object store's round trips overlap)."""
     import pyarrow as pa
 
     from m3po_core.store import COMPLETE
 
-    columns = ["prompt_id", "kind", "source", "image"]
+    columns = ["prompt_id", "kind", "source", "image", "image_sha256"]
     empty = pa.table({c: pa.array([], pa.string()) for c in columns}).append_column("shard", pa.array([], pa.int32()))
     if not store.exists(f"{stage}/_stage.json"):
         return empty

@@ -14,6 +14,7 @@ per shard so that workers on different machines never write the same object.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -26,7 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -166,10 +167,15 @@ class RunStore:
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
 
-    def parquet_file(self, rel: str) -> pq.ParquetFile:
+    @contextlib.contextmanager
+    def parquet_file(self, rel: str) -> Iterator[pq.ParquetFile]:
         """A Parquet file opened for reading parts of it (row groups, columns) with ranged reads,
-        not its whole bytes: what a page of a large table reads."""
-        return pq.ParquetFile(_retry(lambda: self.fs.open(self.path(rel), "rb"), rel))
+        not its whole bytes: what a page of a large table reads. Closed when the block ends."""
+        f = _retry(lambda: self.fs.open(self.path(rel), "rb"), rel)
+        try:
+            yield pq.ParquetFile(f)
+        finally:
+            f.close()
 
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         """A complete shard's table, its bytes checked against the SHA-256 in its manifest record

@@ -131,3 +131,17 @@ def test_an_export_refuses_a_used_folder_and_leaves_nothing_half_written(mined_r
     bad = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "export", run_id, "--root", root, "--format", "trl",
                           "--out", str(out), "--min-mas-gap", "wide"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "min_mas_gap='wide' is not a number" in bad.stderr and not out.exists()
+
+
+def test_an_image_changed_since_the_prompts_stage_is_not_exported(mined_run, tmp_path):
+    root, run_id = mined_run
+    pair = pairs_of(mined_run)[0]
+    image = Path(pair["image"])
+    good = image.read_bytes()
+    image.write_bytes(good + b"\0")  # other bytes than the pair was mined on
+    try:
+        with pytest.raises(Exception, match="changed after the prompts stage read it"):
+            export_pairs(RunStore(root, run_id), "llamafactory", tmp_path / "out")
+    finally:
+        image.write_bytes(good)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())

@@ -61,9 +61,8 @@ def create_app(root: str, run_id: str):
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    def cfg_logp() -> str:
-        """The log P the selection read (selection.logp: logp_mean or logp_sum)."""
-        return (store.read_json("config.json").get("selection") or {}).get("logp", "logp_mean")
+    # the log P the selection read (selection.logp: logp_mean or logp_sum), read once
+    logp = (store.read_json("config.json").get("selection") or {}).get("logp", "logp_mean")
 
     def page(template: str, **context: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(template).render(**context))
@@ -115,7 +114,7 @@ def create_app(root: str, run_id: str):
         sample = selected.take(list(range(0, selected.num_rows, step))).to_pylist()
         points = [{"prompt_id": p["prompt_id"], "role": role, "mas": p[f"mas_{role}"], "logp": p[f"logp_{role}"]}
                   for p in sample for role in ("chosen", "rejected")]
-        return page("scatter.html", plot=scatter(points, "logp", "mas", labels=(f"log P ({cfg_logp()})", "MAS")), flt=flt, params=flt.as_params(),
+        return page("scatter.html", plot=scatter(points, "logp", "mas", labels=(f"log P ({logp})", "MAS")), flt=flt, params=flt.as_params(),
                     shown=len(sample), total=selected.num_rows, strategies=ix.strategies, kinds=ix.kinds,
                     sources=ix.sources)
 
@@ -136,7 +135,6 @@ def create_app(root: str, run_id: str):
                                  if x["round"] == r else "")
             return page("ipa_pool.html", prompt=prompt, pair=pair, responses=responses, small=small)
         candidates = run_data.pool(store, prompt_id, prompt["shard"], pair)
-        logp = cfg_logp()
         points = [{"prompt_id": prompt_id, "role": c["role"] or "other", "mas": c["mas"], "logp": c[logp],
                    "cand_idx": c["cand_idx"]} for c in candidates]
         points.sort(key=lambda p: p["role"] != "other")  # the pair's two drawn last, on top
@@ -159,29 +157,34 @@ def create_app(root: str, run_id: str):
                     items=differ[page_no * per_page:(page_no + 1) * per_page], page_no=page_no, pages=pages,
                     per_page=per_page)
 
-    @lru_cache(maxsize=4096)
-    def image(url: str, thumb: bool) -> tuple[bytes, str]:
+    def read_image(url: str) -> tuple[bytes, str]:
+        """An image's bytes and MIME type (not cached: full images would fill memory)."""
         from PIL import Image
 
         with open_url(url) as f:
             data = f.read()
-        if not thumb:
-            im = Image.open(io.BytesIO(data))
-            return data, Image.MIME.get(im.format or "", "application/octet-stream")
-        im = Image.open(io.BytesIO(data))
-        im.draft("RGB", (THUMB, THUMB))  # a JPEG is decoded at a reduced scale (DCT scaling): ~4x faster
-        im.thumbnail((THUMB, THUMB))
-        out = io.BytesIO()
-        im.convert("RGB").save(out, "JPEG", quality=80)
+        return data, Image.MIME.get(Image.open(io.BytesIO(data)).format or "", "application/octet-stream")
+
+    @lru_cache(maxsize=4096)  # ~4 kB each
+    def thumbnail(url: str) -> tuple[bytes, str]:
+        from PIL import Image
+
+        with open_url(url) as f:
+            im = Image.open(f)
+            im.draft("RGB", (THUMB, THUMB))  # a JPEG is decoded at a reduced scale (DCT scaling): ~4x faster
+            im.thumbnail((THUMB, THUMB))
+            out = io.BytesIO()
+            im.convert("RGB").save(out, "JPEG", quality=80)
         return out.getvalue(), "image/jpeg"
 
     def image_is_small(url: str) -> bool:
-        """Under 224 pixels a side (the demo's worlds): shown enlarged without smoothing."""
+        """Under 224 pixels a side (the demo's worlds): shown enlarged without smoothing. Reads
+        the image's header only."""
         from PIL import Image
 
         try:
-            data, _ = image(url, False)
-            return max(Image.open(io.BytesIO(data)).size) < 224
+            with open_url(url) as f:
+                return max(Image.open(f).size) < 224
         except OSError:
             return False
 
@@ -189,7 +192,7 @@ def create_app(root: str, run_id: str):
         if not url:
             raise HTTPException(404, "no such image in this run")
         try:
-            data, mime = image(url, bool(thumb))
+            data, mime = thumbnail(url) if thumb else read_image(url)
         except OSError as e:
             raise HTTPException(404, f"the image cannot be read ({type(e).__name__})") from None
         return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
