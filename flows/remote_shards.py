@@ -314,8 +314,14 @@ def reached_any(store: RunStore, stage: str, group: list[int], run, lease: float
     since = created.timestamp() - (lease or 10.0) / 2
     entries = store.shard_entries(stage, group)
     leases = store.leases(stage, group) if lease else {}
-    return any(max(e.get("finished_at", 0.0), e.get("at", 0.0)) >= since for e in entries.values()) \
-        or any(r.get("renewed_at", 0.0) >= since for r in leases.values())
+    return any(touched(entries.get(s), leases.get(s), since) for s in group)
+
+
+def touched(entry: dict[str, Any] | None, lease_record: dict[str, Any] | None, since: float) -> bool:
+    """Whether a run reached a shard after `since`: it wrote the shard's record (done, failed or
+    running) or renewed its lease (a shard found cached renews its lease too)."""
+    entry, lease_record = entry or {}, lease_record or {}
+    return max(entry.get("finished_at", 0.0), entry.get("at", 0.0), lease_record.get("renewed_at", 0.0)) >= since
 
 
 def ended_outcomes(store: RunStore, stage: str, ended: dict[int, tuple[list[int], Any]], started: float,
@@ -354,8 +360,7 @@ def _outcome(stage: str, shard: int, entry: dict[str, Any] | None, run, started:
     entry = entry or {}
     reached = run.state_type == StateType.COMPLETED or not grouped
     if not reached and run.start_time is not None:
-        since = run.start_time.timestamp() - slack
-        reached = entry.get("finished_at", 0.0) >= since or (lease_record or {}).get("renewed_at", 0.0) >= since
+        reached = touched(entry, lease_record, run.start_time.timestamp() - slack)
     if entry.get("state") == COMPLETE and reached and (grouped or run.state_type == StateType.COMPLETED):
         cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
         return ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
