@@ -15,6 +15,7 @@ from m3po_core.errors import M3POError
 
 BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
 _no_bulk = False     # set once an API answers that it has no bulk endpoint
+resent_batches = 0   # batches sent again because the server refused part of them (read by the tests)
 
 
 def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list[list[str]],
@@ -25,6 +26,7 @@ def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
     from prefect.states import Scheduled, to_state_create
 
+    global resent_batches
     deployment = client.read_deployment_by_name(name)
     parents = _placeholders(client, name, deployment.version, [p["shard"] for p in params])
     bodies = {p["shard"]: DeploymentFlowRunCreate(parameters=p, state=to_state_create(Scheduled()), tags=t,
@@ -46,6 +48,7 @@ def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list
                                 f"{next(iter(refused.values()))}")
             # a busy SQLite server holds its lock through a whole batch: smaller ones, after a pause
             todo, size = list(refused), max(1, size // 2)
+            resent_batches += -(-len(todo) // size)
             time.sleep(min(30.0, 2.0**attempt))
     return ids
 
