@@ -1,7 +1,8 @@
 """The stage flows. Each takes the run configuration as a plain dict, the store root and the run id,
 so it can run alone, as a subflow of the pipeline, or as a deployment.
 
-    generate:  prepare prompts -> base model -> sample shard 0..S-1 (fan-out)
+    generate:  prepare prompts -> base model -> sample shard 0..S-1 (fan-out; sampling.adaptive: CLIP
+               encoder, then each shard sampled and scored in rounds)
     score:     CLIP encoder -> score shard 0..S-1 (fan-out)
     select:    candidates + scores -> pairs.parquet
     train:     pairs -> LoRA adapter
@@ -30,6 +31,8 @@ def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
     prompts = st.prepare_prompts.submit(cfg, store)  # a future, so the shards can wait for it by name
     n_shards = prompts.result()
     model_ref = st.ensure_base_model(cfg, store)
+    if cfg.sampling.adaptive:  # rounds score as they go (m3po_core/stages/adaptive_rounds.py): the encoder first
+        st.ensure_clip(cfg, store)
     results = fan_out(st.sample_shard, cfg, store, n_shards, model_ref, "candidates", wait_for=[prompts])
     return {"n_shards": n_shards, "model_ref": model_ref, "rows": sum(r.rows for r in results),
             "computed": sum(not r.cached for r in results)}

@@ -105,3 +105,12 @@ IPA_RESPONSES = pa.schema(
         ("verified", pa.bool_()),        # all four hold
     ]
 )
+
+
+def add_candidate(out: dict[str, list], prompt_id: str, idx: int, c, sampler: str, perturbation: str) -> None:
+    """Append one `m3po_core.sampling.Candidate` to column lists of CANDIDATES."""
+    for col, val in (("prompt_id", prompt_id), ("cand_idx", idx), ("text", c.text), ("token_ids", c.token_ids),
+                     ("logp_sum", c.logp_sum), ("logp_mean", c.logp_mean), ("n_tokens", c.n_tokens),
+                     ("finish_reason", c.finish_reason), ("sampler", sampler), ("seed", c.seed),
+                     ("perturbation", perturbation)):
+        out[col].append(val)

@@ -16,7 +16,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                 "sampling.batch_prompts": cfg.sampling.batch_prompts, "data.shard_size": cfg.data.shard_size,
                 "training.batch_size": cfg.training.batch_size, "evaluation.batch_size": cfg.evaluation.batch_size,
                 "training.num_processes": cfg.training.num_processes, "evaluation.shard_size": cfg.evaluation.shard_size,
-                "execution.shards_per_run": cfg.execution.shards_per_run}
+                "execution.shards_per_run": cfg.execution.shards_per_run, "sampling.round_size": cfg.sampling.round_size,
+                "sampling.settle_rounds": cfg.sampling.settle_rounds}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"configuration key '{key}': must be >= 1, got {value}")
@@ -27,6 +28,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.sampling.temperature <= 0 or not 0 < cfg.sampling.top_p <= 1:
         raise ConfigError("configuration keys 'sampling.temperature' (> 0) and 'sampling.top_p' (0, 1]: "
                           f"got {cfg.sampling.temperature}, {cfg.sampling.top_p}")
+    check_adaptive(cfg)
     if cfg.selection.alpha < 0 or cfg.selection.delta < 0:
         raise ConfigError(f"configuration keys 'selection.alpha' and 'selection.delta' must be >= 0")
     if cfg.scoring.judge != "reference" and not cfg.scoring.judge.startswith("openai:"):
@@ -105,6 +107,27 @@ def batch_split(t: TrainingConfig) -> tuple[int, int]:
             f"pair(s) on each of {t.num_processes} process(es); set a per-device batch >= 1 that divides "
             f"batch_size / num_processes")
     return t.per_device_batch_size, t.batch_size // per_step
+
+
+def check_adaptive(cfg: RunConfig) -> None:
+    """Adaptive sampling and the judge budget."""
+    s, sc = cfg.sampling, cfg.scoring
+    if s.adaptive and s.seeding == "batch":
+        raise ConfigError("configuration key 'sampling.seeding': adaptive sampling needs per-candidate seeds "
+                          "('candidate' or 'auto'), got 'batch'")
+    if s.adaptive and s.contrastive_n:
+        raise ConfigError("configuration key 'sampling.contrastive_n': not supported with sampling.adaptive "
+                          f"(got {s.contrastive_n}); set one of them off")
+    if not 0 <= s.settle_gap <= 1:
+        raise ConfigError(f"configuration key 'sampling.settle_gap': a MAS gap in [0, 1], got {s.settle_gap}")
+    if sc.max_judge_requests is not None and sc.max_judge_requests < 0:
+        raise ConfigError(f"configuration key 'scoring.max_judge_requests': must be >= 0, got {sc.max_judge_requests}")
+    if sc.max_judge_cost is not None:
+        if sc.max_judge_cost < 0:
+            raise ConfigError(f"configuration key 'scoring.max_judge_cost': must be >= 0, got {sc.max_judge_cost}")
+        if sc.judge_price_per_1k_input is None or sc.judge_price_per_1k_output is None:
+            raise ConfigError("configuration key 'scoring.max_judge_cost': a cost budget needs both "
+                              "'scoring.judge_price_per_1k_input' and 'scoring.judge_price_per_1k_output'")
 
 
 def check_ipa(cfg: RunConfig) -> None:

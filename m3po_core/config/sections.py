@@ -126,6 +126,23 @@ class SamplingConfig:
     seed: int = field(default=0, metadata={
         "help": "Base seed of the candidates: each batch's seed derives from it and the batch's prompt ids, so a "
                 "prompt gets the same samples however prompts are cut into shards (also draws the perturbations)."})
+    seeding: Literal["auto", "batch", "candidate"] = field(default="auto", metadata={
+        "help": "batch: one random stream per batch of prompts (the scheme the figures in README and docs/ were "
+                "measured with); candidate: candidate j of a prompt is drawn with seed(prompt) + j alone, so its "
+                "first k candidates are the same whether k or n are sampled, at once or in rounds; auto: candidate "
+                "when adaptive, else batch."})
+    adaptive: bool = field(default=False, metadata={
+        "help": "Sample and score in rounds of round_size candidates per prompt and stop a prompt once its pair is "
+                "settled (m3po_core/adaptive.py: a MAS gap of settle_gap with a confident rejected answer, or, after "
+                "settle_rounds rounds, the gap alone or one answer repeated), up to n. The paper samples N = 32 "
+                "for every prompt (dynamic candidate generation is its future work)."})
+    round_size: int = field(default=8, metadata={"help": "adaptive: candidates per prompt and round (k)."})
+    settle_gap: float = field(default=0.3, metadata={
+        "help": "adaptive: the MAS gap of a settled pair (chosen on the demo's training prompts' pools, "
+                "bench/adaptive_sampling.py; MAS lies in [0, 1])."})
+    settle_rounds: int = field(default=2, metadata={
+        "help": "adaptive: after this many rounds a pair with the gap is settled even when its rejected answer "
+                "pays a confidence penalty, and a prompt whose answers are all alike (one MAS) stops."})
     base_url: Optional[str] = field(default=None, metadata={
         "help": "backend openai: the OpenAI-compatible server, e.g. `vllm serve llava-hf/llava-1.5-7b-hf`, at e.g. "
                 "http://gpu-host:8000/v1 (also needed when evaluation.backend is openai)."})
@@ -141,6 +158,11 @@ class SamplingConfig:
         "help": "backend vllm: the share of each GPU's memory the engine reserves."})
     max_model_len: Optional[int] = field(default=4096, metadata={
         "help": "backend vllm: the engine's context length in tokens (None: the model's own)."})
+
+    @property
+    def per_candidate_seeds(self) -> bool:
+        """`seeding` resolved: candidate j of a prompt drawn with its own seed (m3po_core/sampling)."""
+        return self.seeding == "candidate" or (self.seeding == "auto" and self.adaptive)
 
 
 @dataclass
@@ -198,6 +220,13 @@ class ScoringConfig:
         "help": "Price per 1000 input tokens, for the cost line of the report; unset: tokens only."})
     judge_price_per_1k_output: Optional[float] = field(default=None, metadata={
         "help": "Price per 1000 output tokens, for the cost line of the report; unset: tokens only."})
+    max_judge_requests: Optional[int] = field(default=None, metadata={
+        "help": "Judge budget: scoring stops sending requests once the run's judge requests reach this; what is "
+                "left unrated is marked (`unrated_budget`) and a run with a larger budget rates it. The reference "
+                "judge counts one request per rating. None: no limit."})
+    max_judge_cost: Optional[float] = field(default=None, metadata={
+        "help": "Judge budget in the prices' currency (needs both judge prices): as max_judge_requests, by cost. "
+                "None: no limit."})
     clip_weight: float = field(default=0.2, metadata={"help": "MAS weight of the encoder's score in [0, 1] "
                                                               "(`clip_mapping`; paper 3.3, the value is ours)."})
     clip_mapping: str = field(default="auto", metadata={

@@ -9,6 +9,14 @@ Every backend returns, per prompt, `n` `Candidate`s whose log-probabilities are 
 itself: log P(R | I, Q) under the base model, the confidence term of the M3P-Score (paper 3.4).
 A run builds its sampler for (model, adapter, backend) through `m3po_core.components.sampler_for`.
 
+Seeds: `sample(..., seed)` takes either one batch seed (an int: the batch's candidates come from one
+random stream, so a prompt's samples depend on the batch it is in) or one seed per prompt (a
+sequence: candidate j of prompt i is drawn with seed `seed[i] + j` alone, so a prompt's first k
+candidates are the same whether k or 32 are asked for, in one call or in rounds: what adaptive
+sampling needs; `candidate_seeds`). vLLM and OpenAI-compatible servers seed completion j of a request
+with seed + j, so for them both are one request seed per prompt; the transformers backend draws
+per-candidate seeds by Gumbel-max from one generator per sequence.
+
 `next_token_logprobs` reports the top-k raw log-probabilities of the first generated position (the
 same prompt `greedy` answers): evaluation compares base and adapter on them
 (`m3po_core.evaluation.adapter_check`) to refuse an adapter that changes nothing.
@@ -46,7 +54,7 @@ class Sampler(Protocol):
     name: str
 
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
-               seed: int) -> list[list[Candidate]]: ...
+               seed: int | Sequence[int]) -> list[list[Candidate]]: ...
 
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str],
                max_new_tokens: int) -> list[str]: ...
@@ -62,6 +70,28 @@ def batch_seed(base_seed: int, prompt_ids: Sequence[str]) -> int:
     """A batch's seed depends on its prompts, not on how prompts were cut into shards or workers."""
     digest = hashlib.sha256(f"{base_seed}:{'|'.join(prompt_ids)}".encode()).digest()
     return int.from_bytes(digest[:6], "big")
+
+
+def prompt_seed(base_seed: int, prompt_id: str) -> int:
+    """The seed of a prompt's candidate 0; candidate j is drawn with this + j (`sampling.seeding: candidate`)."""
+    digest = hashlib.sha256(f"{base_seed}:candidate:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def request_seeds(seed: int | Sequence[int], n_prompts: int, n: int) -> list[int]:
+    """Each prompt's request seed: its own (per-prompt seeds) or the batch seed + i * n (prompts n
+    apart, so identical prompts in a batch still differ under servers that seed completion j with seed + j)."""
+    if isinstance(seed, int):
+        return [seed + i * n for i in range(n_prompts)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    return seeds
+
+
+def candidate_seed(seed: int | Sequence[int], prompt: int, j: int) -> int:
+    """What Candidate.seed records: the batch seed, or this candidate's own seed."""
+    return seed if isinstance(seed, int) else int(seed[prompt]) + j
 
 
 def greedy_batched(sampler: Sampler, images: Sequence[Image.Image], instructions: Sequence[str],
@@ -81,7 +111,7 @@ class AdapterSampler:
         self.name = f"{engine.name}+lora"
 
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
-               seed: int) -> list[list[Candidate]]:
+               seed: int | Sequence[int]) -> list[list[Candidate]]:
         return self.engine.sample(images, instructions, params, seed, adapter_dir=self.adapter_dir)
 
     def greedy(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int) -> list[str]:

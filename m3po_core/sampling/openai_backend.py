@@ -34,7 +34,7 @@ from PIL import Image
 
 from m3po_core.openai_http import (MalformedReply, RetryPolicy, describe_error, png_data_url, read_api_key, redact,
                                    run_sync, with_retries)
-from m3po_core.sampling import Candidate, SamplingParams
+from m3po_core.sampling import Candidate, SamplingParams, candidate_seed, request_seeds
 
 log = logging.getLogger("m3po.sampling.openai")
 T = TypeVar("T")
@@ -122,18 +122,21 @@ class OpenAICompatibleSampler:
         return f"OpenAICompatibleSampler(model={self.model!r}, base_url={self.base_url!r})"
 
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
-               seed: int) -> list[list[Candidate]]:
-        # Each prompt gets its own request seed (seed + index * n) so identical prompts in a batch still
-        # differ; Candidate.seed records the batch seed, as the transformers backend does.
-        def request(i: int) -> dict[str, Any]:  # vLLM seeds choice j with seed + j: prompts n apart
+               seed: int | Sequence[int]) -> list[list[Candidate]]:
+        # One request seed per prompt (the batch seed + index * n, or the prompt's own); Candidate.seed
+        # records the batch seed, or with per-prompt seeds the candidate's own (vLLM draws choice j with seed + j).
+        seeds = request_seeds(seed, len(instructions), params.n)
+
+        def request(i: int) -> dict[str, Any]:
             return dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                        max_tokens=params.max_new_tokens, seed=seed + i * params.n, logprobs=True, top_logprobs=0,
+                        max_tokens=params.max_new_tokens, seed=seeds[i], logprobs=True, top_logprobs=0,
                         extra_body={"return_tokens_as_token_ids": True})
 
         def read(i: int, completion: Any) -> list[Candidate]:
             if len(completion.choices) != params.n:
                 raise MalformedReply(f"{len(completion.choices)} choices for n={params.n}")
-            return [candidate_from_choice(c, seed) for c in sorted(completion.choices, key=lambda c: c.index)]
+            return [candidate_from_choice(c, candidate_seed(seed, i, j))
+                    for j, c in enumerate(sorted(completion.choices, key=lambda c: c.index))]
 
         return run_sync(lambda: self._run_all(images, instructions, request, read))
 

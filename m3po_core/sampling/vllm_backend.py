@@ -33,14 +33,16 @@ from typing import Any, Sequence
 from PIL import Image
 
 from m3po_core.models import prompt_text
-from m3po_core.sampling import Candidate, SamplingParams
+from m3po_core.sampling import Candidate, SamplingParams, request_seeds
 
 log = logging.getLogger("m3po.sampling.vllm")
 
 
-def candidates_from_output(output: Any, seed: int) -> list[Candidate]:
-    """A vLLM `RequestOutput` (n completions) -> Candidates, in completion-index order. Raises
-    ValueError naming what is missing when the request did not ask for log-probabilities."""
+def candidates_from_output(output: Any, seed: int, per_candidate: bool = False) -> list[Candidate]:
+    """A vLLM `RequestOutput` (n completions) -> Candidates, in completion-index order; each records
+    `seed` (the batch's), or `seed` + its index with `per_candidate` (the request's seed: vLLM drew
+    completion j with it + j). Raises ValueError naming what is missing when the request did not ask
+    for log-probabilities."""
     out = []
     for c in sorted(output.outputs, key=lambda c: c.index):
         if c.finish_reason not in ("stop", "length"):
@@ -54,7 +56,7 @@ def candidates_from_output(output: Any, seed: int) -> list[Candidate]:
         logp_sum = float(sum(step[t].logprob for step, t in zip(c.logprobs, ids)))
         out.append(Candidate(text=c.text.strip(), token_ids=ids, logp_sum=logp_sum,
                              logp_mean=logp_sum / max(len(ids), 1), n_tokens=len(ids),
-                             finish_reason=c.finish_reason, seed=seed))
+                             finish_reason=c.finish_reason, seed=seed + c.index if per_candidate else seed))
     return out
 
 
@@ -95,16 +97,17 @@ class VLLMSampler:
                 for img, q in zip(images, instructions)]
 
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
-               seed: int, adapter_dir: str | None = None) -> list[list[Candidate]]:
+               seed: int | Sequence[int], adapter_dir: str | None = None) -> list[list[Candidate]]:
         from vllm import SamplingParams as VSamplingParams
 
-        # vLLM seeds completion j of a request with seed + j: requests n apart share no seed
+        # vLLM seeds completion j of a request with seed + j (its parallel-sampling child requests)
+        seeds = request_seeds(seed, len(instructions), params.n)
         per_prompt = [VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                      max_tokens=params.max_new_tokens, seed=seed + i * params.n, logprobs=0)
-                      for i in range(len(instructions))]
+                                      max_tokens=params.max_new_tokens, seed=s, logprobs=0) for s in seeds]
         outputs = self.llm.generate(self.requests(images, instructions), per_prompt, use_tqdm=False,
                                     lora_request=self.lora(adapter_dir))
-        return [candidates_from_output(o, seed) for o in outputs]
+        return [candidates_from_output(o, seed if isinstance(seed, int) else s, per_candidate=not isinstance(seed, int))
+                for o, s in zip(outputs, seeds)]
 
     def lora(self, adapter_dir: str | None):
         """A LoRARequest for a PEFT adapter directory (ids stable per directory within the process)."""

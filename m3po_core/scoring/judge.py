@@ -183,8 +183,19 @@ class ReferenceJudge:
 
     name = "reference"
 
+    def __init__(self) -> None:
+        self._ratings = 0
+
+    @property
+    def usage(self) -> dict:
+        """One request per rating (what an OpenAI judge with one candidate per call sends): the judge
+        budget and the bench of adaptive sampling count them; no tokens, no cost."""
+        return {"requests": self._ratings, "rated": self._ratings, "cost": None}
+
     def score(self, items: Sequence[JudgeItem]) -> list[JudgeScore | None]:
-        return [self._score_one(item) for item in items]
+        out = [self._score_one(item) for item in items]
+        self._ratings += len(out)
+        return out
 
     def _score_one(self, item: JudgeItem) -> JudgeScore:
         scene_json = (item.meta or {}).get("scene")

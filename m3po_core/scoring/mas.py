@@ -54,8 +54,10 @@ def _one_judge(cfg: ScoringConfig, name: str, base_url: str | None, api_key_env:
 
 
 def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.Image], candidates: pa.Table,
-                     clip: ClipScorer, cfg: ScoringConfig, judge=None) -> pa.Table:
-    """Score one shard: each prompt's image encoded once, its candidates batched."""
+                     clip: ClipScorer, cfg: ScoringConfig, judge=None, budget=None) -> pa.Table:
+    """Score one shard: each prompt's image encoded once, its candidates batched. With a judge
+    `budget` (m3po_core/scoring/budget.py) the judge rates what the budget pays for; the rest stay unrated."""
+    from m3po_core.scoring.budget import rate_within_budget
     from m3po_core.scoring.judge import JudgeItem
 
     by_prompt = {p["prompt_id"]: i for i, p in enumerate(prompts)}
@@ -81,7 +83,7 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
                                image=images[by_prompt[p]],
                                meta={"scene": prompt.get("scene"), "kind": prompt.get("kind"),
                                      "reference": prompt.get("reference")}))
-    rated = judge.score(items)
+    rated = rate_within_budget(judge, items, budget)
     nan = float("nan")
     parts = {k: np.array([getattr(s, k) if s is not None else nan for s in rated], dtype=float)
              for k in ("overall", "relevance", "accuracy", "adherence")}

@@ -26,7 +26,7 @@ from m3po_core.components import Adapter, cached, processor_for, release_engines
 from m3po_core.config import RunConfig
 from m3po_core.data.images import load_image
 from m3po_core.stages.runner import ShardResult, device_slot, done_record, run_shard, stage_key
-from m3po_core.stages.sample import CONTRASTIVE_SEED, add_candidate
+from m3po_core.stages.sample import CONTRASTIVE_SEED
 from m3po_core.store import RunStore
 
 log = logging.getLogger("m3po.stages.ipa")
@@ -156,7 +156,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                     cands = sampler.sample(batch_images, [p["instruction"] for p in batch], params, seed)
                 for p, row in zip(batch, cands):
                     for j, cand in enumerate(row):
-                        add_candidate(out, p["prompt_id"], j, cand, sampler.name, "")
+                        schema.add_candidate(out, p["prompt_id"], j, cand, sampler.name, "")
             if c.n_contrastive:
                 jobs = [(i, k, *perturb.draw(c.seed * 1000 + r, p["prompt_id"], k))
                         for i, p in enumerate(batch) for k in range(c.n_contrastive)]
@@ -166,7 +166,7 @@ def ipa_shard(cfg: RunConfig, store: RunStore, r: int, shard: int, model_ref: st
                                            [batch[i]["instruction"] for i, *_ in jobs], one,
                                            batch_seed(c.seed * 1000 + r + CONTRASTIVE_SEED, [p["prompt_id"] for p in batch]))
                 for (i, k, kind, _), (cand,) in zip(jobs, cands):
-                    add_candidate(out, batch[i]["prompt_id"], c.n_normal + k, cand, sampler.name, kind)
+                    schema.add_candidate(out, batch[i]["prompt_id"], c.n_normal + k, cand, sampler.name, kind)
         by_id = {p["prompt_id"]: (p, img) for p, img in zip(rows, images)}
         responses = [{"prompt_id": pid, "resp_idx": idx, "origin": "contrastive" if pert else "normal",
                       "perturbation": pert, "parent_idx": -1, "feedback": "", "text": text, "token_ids": ids}

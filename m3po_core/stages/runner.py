@@ -32,7 +32,7 @@ log = logging.getLogger("m3po.runner")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
 CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 2,
-                "train": 1, "evaluate": 3, "ipa": 1}
+                "train": 1, "evaluate": 3, "ipa": 1, "candidates_round": 1, "scores_round": 1}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
 # resource, and HF sampling seeds torch's global generator.
@@ -99,6 +99,18 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     d = cfg.to_dict()
     world = d["data"]["world"]
     sampling_key = _without(d["sampling"], "concurrency", "api_key_env", "tensor_parallel_size", "gpu_memory_utilization")
+    # settings added since the cache keys of older runs: absent at their old defaults, so those stay valid
+    adaptive_keys = ("seeding", "adaptive", "round_size", "settle_gap", "settle_rounds")
+    ipa_sampling = _without(sampling_key, "n", "contrastive_n", *adaptive_keys)  # IPA draws with batch seeds
+    if cfg.sampling.adaptive:
+        sampling_key = {**sampling_key, "seeding": "candidate"}
+    else:
+        sampling_key = _without(sampling_key, *adaptive_keys)
+        if cfg.sampling.per_candidate_seeds:
+            sampling_key["seeding"] = "candidate"
+    scoring_key = {**_without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_mapping",
+                              "judge_price_per_1k_input", "judge_price_per_1k_output", "max_judge_requests",
+                              "max_judge_cost"), **_cosine_mappings(cfg)}
     sections = {
         "prompts": {"seed": d["seed"], "data": d["data"]},
         # models built here depend on the warm-start split only, not on the prompt/eval split sizes
@@ -109,13 +121,15 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
                  "image_size": world["image_size"], "cooccurrence": world["cooccurrence"]},
         "candidates": {"sampling": sampling_key, "dtype": d["model"]["dtype"]},
-        "scores": {"scoring": {**_without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_mapping",
-                                          "judge_price_per_1k_input", "judge_price_per_1k_output"),
-                               **_cosine_mappings(cfg)},
-                   "clip": _without(d["scoring"]["clip"], "batch_size")},
+        "scores": {"scoring": scoring_key, "clip": _without(d["scoring"]["clip"], "batch_size")},
+        # one round of adaptive sampling: not its budget n nor the stopping rule (which prompts a round
+        # samples is part of its inputs), so a run with a larger n or another rule reuses the rounds it shares
+        "candidates_round": {"sampling": _without(sampling_key, "n", "adaptive", "settle_gap", "settle_rounds"),
+                             "dtype": d["model"]["dtype"]},
+        "scores_round": {"scoring": scoring_key, "clip": _without(d["scoring"]["clip"], "batch_size")},
         "pairs": {"selection": _selection_key(d["selection"])},
         "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
-                "sampling": _without(sampling_key, "n", "contrastive_n"), "dtype": d["model"]["dtype"]},
+                "sampling": ipa_sampling, "dtype": d["model"]["dtype"]},
         "train": {"training": _training_key(d["training"]), "dtype": d["model"]["dtype"]},
         # the adapter check only guards: it decides whether evaluation runs, not what it answers
         "evaluate": {"evaluation": _without(d["evaluation"], "adapter_check_probes", "adapter_check_min_change"),
@@ -125,7 +139,8 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
                                   "served_model": d["sampling"]["served_model"]},
                      # the preference test's ratings are the judge's
                      "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight", "clip_mapping",
-                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output")
+                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output",
+                                       "max_judge_requests", "max_judge_cost")
                      if {"preference", "ift"} & set(d["evaluation"]["benchmarks"]) else None},
     }
     return sections[stage]
@@ -196,17 +211,19 @@ def shard_lease(store: RunStore, stage: str, shard: int, seconds: float | None):
 
 def run_shard(store: RunStore, stage: str, shard: int, key: str, compute: Callable[[], pa.Table],
               table_schema: pa.Schema, extra: Callable[[], dict[str, Any]] | None = None,
-              lease_seconds: float | None = None) -> ShardResult:
+              lease_seconds: float | None = None, stale: Callable[[dict[str, Any]], bool] | None = None) -> ShardResult:
     """Skip a shard complete under `key`; otherwise compute it, publish it whole, or record the failure.
 
     A shard already published (with rows a judge left unrated, or under another key) and computed
     again keeps its record while it runs and if it fails: the failure is added to that record as
     `last_retry` (error, key, time) and the published file, its rows and what the judge cost stay as
-    they were. Only a shard with nothing intact published is marked running, then failed."""
+    they were. Only a shard with nothing intact published is marked running, then failed. `stale`:
+    whether a record complete under `key` must be computed again all the same (a larger judge budget)."""
     t0 = time.time()
     entry = store.shard_entry(stage, shard)  # read once: done (as RunStore.shard_done decides) or published
     published = entry if entry and entry.get("state") == COMPLETE and store.shard_intact(stage, shard, entry) else None
-    if published is not None and published.get("key") == key and not retry_unrated(published):
+    if published is not None and published.get("key") == key and not retry_unrated(published) \
+            and not (stale and stale(published)):
         return ShardResult(stage, shard, published["rows"], True, 0.0)
     if STOP.is_set():
         raise Interrupted(f"{stage} shard {shard} not started: the run was interrupted")

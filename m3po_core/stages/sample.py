@@ -3,7 +3,9 @@
     candidates/shard-*.parquet (+ manifest)    text, token ids, raw log P (sum, mean), finish reason, seed
 
 A shard's key is its prompts shard's content hash, the sampling configuration and the base model
-reference. Limit: a shard's images and candidates are held in memory together (64 prompts x 32).
+reference. With `sampling.adaptive` the shard is sampled and scored in rounds instead
+(m3po_core/stages/adaptive_rounds.py), which writes this stage's shard and the scores stage's.
+Limit: a shard's images and candidates are held in memory together (64 prompts x 32).
 """
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ from m3po_core.store import RunStore
 
 
 def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:
-    from m3po_core.sampling import SamplingParams, batch_seed
+    from m3po_core.sampling import SamplingParams, batch_seed, prompt_seed
 
     s = cfg.sampling
+    if s.adaptive:
+        from m3po_core.stages.adaptive_rounds import sample_and_score_shard
+
+        return sample_and_score_shard(cfg, store, shard, model_ref)
     prompts_entry = store.shard_entry("prompts", shard)
     key = stage_key(cfg, "candidates", prompts_entry["sha256"], model_ref)
 
@@ -34,13 +40,14 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
         out: dict[str, list] = {c: [] for c in schema.CANDIDATES.names}
         for start in range(0, len(rows), s.batch_prompts):
             batch = rows[start: start + s.batch_prompts]
-            seed = batch_seed(s.seed, [r["prompt_id"] for r in batch])
+            seed = [prompt_seed(s.seed, r["prompt_id"]) for r in batch] if s.per_candidate_seeds \
+                else batch_seed(s.seed, [r["prompt_id"] for r in batch])
             with device_slot():
                 cands = sampler.sample(images[start: start + len(batch)], [r["instruction"] for r in batch],
                                        params, seed)
             for r, row_cands in zip(batch, cands):
                 for j, c in enumerate(row_cands):
-                    add_candidate(out, r["prompt_id"], j, c, sampler.name, "")
+                    schema.add_candidate(out, r["prompt_id"], j, c, sampler.name, "")
             if s.contrastive_n:  # extra candidates on perturbed images: hard negatives (never chosen)
                 from m3po_core import perturb
 
@@ -54,7 +61,7 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
                                            [r["instruction"] for r, *_ in jobs], one,
                                            batch_seed(s.seed + CONTRASTIVE_SEED, [r["prompt_id"] for r in batch]))
                 for (r, k, kind, _), (c,) in zip(jobs, cands):
-                    add_candidate(out, r["prompt_id"], s.n + k, c, sampler.name, kind)
+                    schema.add_candidate(out, r["prompt_id"], s.n + k, c, sampler.name, kind)
         return pa.table(out, schema=schema.CANDIDATES)
 
     return run_shard(store, "candidates", shard, key, compute, schema.CANDIDATES,
@@ -62,11 +69,3 @@ def sample_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) ->
 
 
 CONTRASTIVE_SEED = 1_000_003  # the contrastive calls' seeds come from another stream than the normal samples'
-
-
-def add_candidate(out: dict[str, list], prompt_id: str, idx: int, c, sampler: str, perturbation: str) -> None:
-    for col, val in (("prompt_id", prompt_id), ("cand_idx", idx), ("text", c.text), ("token_ids", c.token_ids),
-                     ("logp_sum", c.logp_sum), ("logp_mean", c.logp_mean), ("n_tokens", c.n_tokens),
-                     ("finish_reason", c.finish_reason), ("sampler", sampler), ("seed", c.seed),
-                     ("perturbation", perturbation)):
-        out[col].append(val)

@@ -1,0 +1,130 @@
+"""The judge budget (`scoring.max_judge_requests`, `scoring.max_judge_cost`) and the run's judge spend.
+
+A run's spend is what its score records say the judge cost (`judge_usage` of every scores shard;
+of every adaptive round whose shard has no scores record yet), read when a shard starts scoring,
+plus what the judge has cost this process since. Scoring asks the judge in chunks of at most
+`CHUNK` candidates and does not send a chunk the budget cannot pay (by the requests and cost per
+candidate measured so far; a cost budget's first chunk is `PROBE` candidates): the candidates left
+are unrated (no MAS, in no pair; never invented) and counted as `unrated_budget` in the shard's
+record with the budget in force, so a run with a larger budget rates them and one with the same
+budget sends nothing. The reference judge counts one request per rating, as an OpenAI judge with
+one candidate per call sends.
+
+Limit: shards scoring at the same time in different processes each see the records of the shards
+finished when they started, so together they can pass the budget by what the others spend
+meanwhile (at most one shard's spend per other process scoring).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from m3po_core.store import COMPLETE, RunStore
+
+CHUNK = 64  # candidates per judge call under a budget: what one call can pass the budget by
+PROBE = 8   # a cost budget's first call, before any cost per candidate is measured
+SPENT = ("requests", "prompt_tokens", "completion_tokens", "cost")
+
+
+def round_stages(store: RunStore) -> list[str]:
+    """The adaptive rounds' score stages this run has (rounds/scores-r00, ...)."""
+    found = store.fs.glob(store.path("rounds/scores-r*"))
+    return sorted("rounds/" + p.rstrip("/").rsplit("/", 1)[-1] for p in found)
+
+
+def run_spend(store: RunStore) -> dict[str, float]:
+    """What the judge cost the run so far, from the score records (adaptive rounds included)."""
+    total = {k: 0.0 for k in SPENT}
+    scored = set()
+    cost_known = True
+
+    def add(usage: dict[str, Any]) -> None:
+        nonlocal cost_known
+        for k in SPENT:
+            v = usage.get(k)
+            if isinstance(v, (int, float)):
+                total[k] += v
+            elif k == "cost" and usage:
+                cost_known = False
+
+    for e in store.manifest("scores"):
+        if e.get("state") == COMPLETE:
+            scored.add(e["shard"])
+            add(e.get("judge_usage") or {})
+    for stage in round_stages(store):
+        for e in store.manifest(stage):
+            if e.get("state") == COMPLETE and e["shard"] not in scored:
+                add(e.get("judge_usage") or {})
+    if not cost_known:
+        total["cost"] = None
+    return total
+
+
+@dataclass
+class JudgeBudget:
+    max_requests: int | None
+    max_cost: float | None
+    spent: dict[str, Any] = field(default_factory=dict)   # the run's, when this shard started scoring
+    unrated: int = 0                                      # candidates this shard left unrated at the budget
+
+    @classmethod
+    def for_run(cls, scoring, store: RunStore) -> "JudgeBudget | None":
+        if scoring.max_judge_requests is None and scoring.max_judge_cost is None:
+            return None
+        return cls(scoring.max_judge_requests, scoring.max_judge_cost, run_spend(store))
+
+    def limits(self) -> dict[str, Any]:
+        return {"max_requests": self.max_requests, "max_cost": self.max_cost}
+
+    def allowed(self, used: dict[str, Any], items_done: int) -> int:
+        """Candidates the budget can still pay for, given what this shard's calls `used` for `items_done`."""
+        left = []
+        if self.max_requests is not None:
+            spent = (self.spent.get("requests") or 0) + (used.get("requests") or 0)
+            per_item = (used.get("requests") or 0) / items_done if items_done and used.get("requests") else 1.0
+            left.append((self.max_requests - spent) / per_item if per_item > 0 else CHUNK)
+        if self.max_cost is not None:
+            spent = (self.spent.get("cost") or 0.0) + (used.get("cost") or 0.0)
+            if not items_done:
+                left.append(PROBE if spent < self.max_cost else 0)
+            else:
+                per_item = (used.get("cost") or 0.0) / items_done
+                left.append((self.max_cost - spent) / per_item if per_item > 0 else CHUNK)
+        return max(0, int(min(left))) if left else CHUNK
+
+
+def usage_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v - (before.get(k) or 0) for k, v in after.items() if isinstance(v, (int, float))}
+    if after.get("cost") is not None:
+        out["cost"] = after["cost"] - (before.get("cost") or 0.0)
+    return out
+
+
+def rate_within_budget(judge, items: Sequence[Any], budget: JudgeBudget | None) -> list[Any]:
+    """`judge.score(items)`, in chunks the budget can pay for; the items past it are None."""
+    if budget is None:
+        return judge.score(items)
+    start = dict(getattr(judge, "usage", {}))
+    out: list[Any] = [None] * len(items)
+    done = 0
+    while done < len(items):
+        take = min(budget.allowed(usage_delta(dict(getattr(judge, "usage", {})), start), done), CHUNK,
+                   len(items) - done)
+        if take <= 0:
+            break
+        out[done:done + take] = judge.score(items[done:done + take])
+        done += take
+    budget.unrated += len(items) - done
+    return out
+
+
+def budget_raised(record: dict[str, Any], scoring) -> bool:
+    """A record with candidates left unrated at a budget smaller than the one in force now."""
+    if not record.get("unrated_budget"):
+        return False
+    was = record.get("judge_budget") or {}
+    for key, now in (("max_requests", scoring.max_judge_requests), ("max_cost", scoring.max_judge_cost)):
+        before = was.get(key)
+        if before is not None and (now is None or now > before):
+            return True
+    return False
