@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
+from m3po_core import progress as terminal
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.store import RunStore
 from m3po.flows.fan_out import fan_out
@@ -25,6 +26,22 @@ def open_run(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig,
     return config_from_dict(config), RunStore(root, run_id)
 
 
+def judge_pilot(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str) -> None:
+    """With a model judge or a judge budget: shard 0 is scored first, alone, and what the stage will
+    cost the judge (requests, tokens, cost: shard 0's measured usage times the shards) is printed
+    before the other shards start."""
+    from m3po_core.scoring.budget import projection
+
+    s = cfg.scoring
+    paid = s.judge != "reference" or s.extra_judges or s.max_judge_requests is not None or s.max_judge_cost is not None
+    if n_shards < 2 or not paid:
+        return
+    fan_out(task_fn, cfg, store, 1, ref, stage)
+    if line := projection(store.shard_entry("scores", 0) or {}, n_shards, s):
+        get_run_logger().info(line)
+        terminal.note(line)
+
+
 @flow(name="m3po-generate", flow_run_name="generate-{run_id}")
 def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
@@ -33,6 +50,7 @@ def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
     model_ref = st.ensure_base_model(cfg, store)
     if cfg.sampling.adaptive:  # rounds score as they go (m3po_core/stages/adaptive_rounds.py): the encoder first
         st.ensure_clip(cfg, store)
+        judge_pilot(st.sample_shard, cfg, store, n_shards, model_ref, "candidates")
     results = fan_out(st.sample_shard, cfg, store, n_shards, model_ref, "candidates", wait_for=[prompts])
     return {"n_shards": n_shards, "model_ref": model_ref, "rows": sum(r.rows for r in results),
             "computed": sum(not r.cached for r in results)}
@@ -42,6 +60,7 @@ def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
 def score(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
     clip_ref = st.ensure_clip(cfg, store)
+    judge_pilot(st.score_shard, cfg, store, n_shards, clip_ref, "scores")
     results = fan_out(st.score_shard, cfg, store, n_shards, clip_ref, "scores")
     return {"clip_ref": clip_ref, "rows": sum(r.rows for r in results), "computed": sum(not r.cached for r in results)}
 

@@ -93,6 +93,12 @@ def status(root: str, run_id: str, show_all: bool = False) -> int:
     for stage, n in sharded_stages(store):
         entries = {e["shard"]: e for e in store.manifest(stage)}
         print("\n".join(stage_lines(stage, n, entries, show_all)))
+    if store.exists("config.json"):
+        from m3po_core.config import config_from_dict
+        from m3po_core.scoring.budget import spend_line
+
+        if line := spend_line(store, config_from_dict(store.read_json("config.json")).scoring):
+            print(line)
     for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md"):
         print(f"{name:<20} {'done' if store.exists(name) else 'not yet'}")
     return 0

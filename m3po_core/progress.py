@@ -2,7 +2,7 @@
 elapsed, an estimate of what is left), redrawn in place on a terminal and printed as plain lines
 otherwise. The full logs stay in Prefect's run logs and in the run's log file (flows/cli.py).
 
-Stages report through the module functions (`begin`, `shards`, `shard_done`, `steps`, `end`); they
+Stages report through the module functions (`begin`, `shards`, `shard_done`, `steps`, `note`, `end`); they
 do nothing until a command `install`s a reporter, so library use and tests print nothing extra.
 Limit: one process. Shards that other workers run are counted as their results are read back.
 """
@@ -118,6 +118,14 @@ class Reporter:
                 stage.printed_at = done / total
                 self._draw()
 
+    def note(self, text: str) -> None:
+        """A line of its own above the stage's (a stage's projection or warning)."""
+        with self._lock:
+            self.stream.write(("\r\x1b[K" if self.live else "") + text + "\n")
+            if self.live and self.stage is not None:
+                self._draw()
+            self.stream.flush()
+
     def end(self) -> None:
         with self._lock:
             if self.stage is not None:
@@ -164,6 +172,11 @@ def shard_done(rows: int = 0, cached: bool = False) -> None:
 def steps(done: int, total: int) -> None:
     if _reporter is not None:
         _reporter.steps(done, total)
+
+
+def note(text: str) -> None:
+    if _reporter is not None:
+        _reporter.note(text)
 
 
 def end() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from m3po_core.config import RunConfig
+from m3po_core.scoring.budget import spend_line
 from m3po_core.stages.evaluate import trained_under_its_name
 from m3po_core.store import RunStore
 
@@ -37,10 +38,32 @@ def judge_usage_line(store: RunStore) -> str | None:
                                                                "completion_tokens", "cache_hits", "unrated")}
     costs = [e.get("cost") for e in entries]
     cost = f", cost {sum(costs):.2f}" if all(c is not None for c in costs) else ""
+    tokens = f", {total['prompt_tokens']} prompt + {total['completion_tokens']} completion tokens" \
+        if total["prompt_tokens"] or total["completion_tokens"] else ""
     return (f"- judge: {total['requests']} requests ({total['failed_requests']} failed, {total['cache_hits']} "
-            f"ratings from its cache), {total['prompt_tokens']} prompt + {total['completion_tokens']} completion "
-            f"tokens{cost}; {total['unrated']} candidates left unrated"
+            f"ratings from its cache){tokens}{cost}; {total['unrated']} candidates left unrated"
             + (" (a re-run retries them)" if total["unrated"] else ""))
+
+
+def _budget_set(cfg: RunConfig) -> bool:
+    return cfg.scoring.max_judge_requests is not None or cfg.scoring.max_judge_cost is not None
+
+
+def adaptive_line(cfg: RunConfig, store: RunStore) -> str | None:
+    """How many candidates adaptive sampling drew against N for every prompt, and where prompts stopped."""
+    if not cfg.sampling.adaptive:
+        return None
+    stopped: dict[int, int] = {}
+    for e in store.manifest("candidates"):
+        for m, count in ((e.get("adaptive") or {}).get("stopped_at") or {}).items():
+            stopped[int(m)] = stopped.get(int(m), 0) + count
+    prompts = sum(stopped.values())
+    if not prompts:
+        return None
+    drawn = sum(m * c for m, c in stopped.items())
+    return (f"- adaptive sampling (rounds of {cfg.sampling.round_size}): {drawn} candidates, "
+            f"{drawn / (prompts * cfg.sampling.n):.2f} of N = {cfg.sampling.n} for every prompt; prompts stopped at "
+            + ", ".join(f"{m}: {c}" for m, c in sorted(stopped.items())))
 
 
 def win_rate_line(metrics: dict[str, Any]) -> str | None:
@@ -364,6 +387,8 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         *(_ipa_lines(pair_stats) if ipa_run else _m3po_lines(cfg, info, pair_stats,
                                                              mas_variance_shares(cfg, store, n_shards))),
         *([line] if (line := judge_usage_line(store)) else []),
+        *([f"- {line}"] if (line := spend_line(store, cfg.scoring)) and _budget_set(cfg) else []),
+        *([line] if (line := adaptive_line(cfg, store)) else []),
         (f"- DPO: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "- DPO: no steps")
         + (f"; {n} pairs longer than {train_log.get('max_length')} tokens left out (training.overlong_pairs=drop)"
            if (n := train_log.get("dropped_overlong_pairs")) else ""),

@@ -159,3 +159,93 @@ def test_a_failed_retry_keeps_the_published_shard_and_its_spending(openai_server
     assert _status(str(root), "j3") == 0
     assert "complete (kept as published); a retry failed:" in capsys.readouterr().out
     openai_server.heal()
+
+
+def test_a_judge_budget_stops_scoring_cleanly_and_a_larger_one_continues(openai_server, root, monkeypatch, capsys):  # noqa: F811
+    """`scoring.max_judge_requests`: the judge gets exactly the budget's requests over the run's
+    shards; the candidates past it are unrated and counted apart (never invented); a re-run with the
+    same budget sends nothing, one with a larger budget rates only what is left."""
+    from m3po.flows.cli import _status
+    from m3po_core.scoring.budget import projection, run_spend
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    openai_server.heal()
+    openai_server.responder = rate_yes_high
+    base = ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}"]
+    store = RunStore(str(root), "budget")
+    cfg = load_config(TINY, [*base, "scoring.max_judge_requests=10"])
+    prompts_step.prepare_prompts(cfg, store)
+    from m3po_core.stages.runner import fingerprint
+
+    rows = []
+    for shard in (0, 1):  # 8 prompts x 2 candidates per shard: 32 candidates, a budget of 10 requests
+        ps = prompts_step.read_prompts_shard(store, shard)
+        marked = [{"prompt_id": p["prompt_id"], "cand_idx": j, "text": f"{t} <b{shard}:{p['prompt_id']}#{j}>",
+                   "token_ids": [1], "logp_sum": -1.0, "logp_mean": -1.0, "n_tokens": 1, "finish_reason": "stop",
+                   "sampler": "test", "seed": 0} for p in ps for j, t in enumerate(["yes , it is .", "no , it is not ."])]
+        store.publish_shard("candidates", shard, pa.Table.from_pylist(marked, schema.CANDIDATES), schema.CANDIDATES,
+                            key=fingerprint(shard))
+        rows += marked
+    clip_ref = base_models.ensure_clip(cfg, store)
+    store.write_json("config.json", cfg.to_dict())
+    for shard in (0, 1):
+        score.score_shard(cfg, store, shard, clip_ref)
+    assert len(openai_server.requests) == 10                              # the budget, exactly
+    first, second = store.shard_entry("scores", 0), store.shard_entry("scores", 1)
+    assert first["unrated_budget"] == 6 and first["unrated"] == 0 and second["unrated_budget"] == 16
+    assert first["judge_budget"] == {"max_requests": 10, "max_cost": None}
+    table = store.read_table(RunStore.shard_rel("scores", 0)).to_pylist()
+    assert sum(r["judge"] is None and r["mas"] is None for r in table) == 6   # unrated: no MAS, nothing invented
+    assert run_spend(store)["requests"] == 10
+    assert "projection for 2 shards" in projection(first, 2, cfg.scoring)
+    assert "~32 requests" in projection(first, 2, cfg.scoring)            # 10 for 10 of 16 rated: 32 for 32
+    assert _status(str(root), "budget") == 0
+    out = capsys.readouterr().out
+    assert "judge spend: 10 of 10 requests" in out and "22 candidates unrated at the budget" in out
+
+    for shard in (0, 1):                                                  # the same budget: nothing sent
+        score.score_shard(cfg, store, shard, clip_ref)
+    assert len(openai_server.requests) == 10 and store.shard_entry("scores", 1) == second
+
+    larger = load_config(TINY, [*base, "scoring.max_judge_requests=40"])
+    for shard in (0, 1):
+        score.score_shard(larger, store, shard, clip_ref)
+    assert len(openai_server.requests) == 32                              # only the 22 left
+    for shard in (0, 1):
+        entry = store.shard_entry("scores", shard)
+        assert entry["unrated_budget"] == 0 and entry["attempts"] == 1
+        table = store.read_table(RunStore.shard_rel("scores", shard)).to_pylist()
+        assert all(r["judge"] is not None for r in table)
+    assert run_spend(store)["requests"] == 32                            # every attempt's requests kept
+
+
+def test_a_cost_budget_needs_prices_and_stops_at_the_cost(openai_server, root, monkeypatch):  # noqa: F811
+    from m3po_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scoring.max_judge_cost"):
+        load_config(TINY, ["scoring.max_judge_cost=1.0"])
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    openai_server.heal()
+    openai_server.responder = rate_yes_high
+    cfg = load_config(TINY, ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}",
+                             "scoring.judge_price_per_1k_input=1.0", "scoring.judge_price_per_1k_output=1.0"])
+    store = RunStore(str(root), "cost")
+    prompts_step.prepare_prompts(cfg, store)
+    prompts = prompts_step.read_prompts_shard(store, 0)
+    rows = _marked_candidates(store, prompts, "cost:")
+    clip_ref = base_models.ensure_clip(cfg, store)
+    before = len(openai_server.requests)
+    score.score_shard(cfg, store, 0, clip_ref)                            # no budget: what one rating costs
+    per_rating = store.shard_entry("scores", 0)["judge_usage"]["cost"] / len(rows)
+    budget = per_rating * 9.5                                             # pays for 9 ratings, not 10
+    capped = load_config(TINY, ["scoring.judge=openai:judge-test", f"scoring.judge_base_url={openai_server.base_url}",
+                                "scoring.judge_price_per_1k_input=1.0", "scoring.judge_price_per_1k_output=1.0",
+                                f"scoring.max_judge_cost={budget}"])
+    store2 = RunStore(str(root), "cost2")
+    prompts_step.prepare_prompts(capped, store2)
+    _marked_candidates(store2, prompts_step.read_prompts_shard(store2, 0), "cost2:")
+    before = len(openai_server.requests)
+    score.score_shard(capped, store2, 0, clip_ref)
+    entry = store2.shard_entry("scores", 0)
+    assert entry["judge_usage"]["cost"] <= budget
+    assert len(openai_server.requests) - before == 9 and entry["unrated_budget"] == len(rows) - 9

@@ -34,30 +34,70 @@ def round_stages(store: RunStore) -> list[str]:
 
 def run_spend(store: RunStore) -> dict[str, float]:
     """What the judge cost the run so far, from the score records (adaptive rounds included)."""
-    total = {k: 0.0 for k in SPENT}
+    total: dict[str, Any] = {k: 0.0 for k in SPENT} | {"unrated_budget": 0, "shards": 0}
     scored = set()
     cost_known = True
 
-    def add(usage: dict[str, Any]) -> None:
+    def add(record: dict[str, Any]) -> None:
         nonlocal cost_known
+        usage = record.get("judge_usage") or {}
         for k in SPENT:
             v = usage.get(k)
             if isinstance(v, (int, float)):
                 total[k] += v
             elif k == "cost" and usage:
                 cost_known = False
+        total["unrated_budget"] += record.get("unrated_budget", 0)
 
     for e in store.manifest("scores"):
         if e.get("state") == COMPLETE:
             scored.add(e["shard"])
-            add(e.get("judge_usage") or {})
+            total["shards"] += 1
+            add(e)
     for stage in round_stages(store):
         for e in store.manifest(stage):
             if e.get("state") == COMPLETE and e["shard"] not in scored:
-                add(e.get("judge_usage") or {})
+                add(e)
     if not cost_known:
         total["cost"] = None
     return total
+
+
+def spend_line(store: RunStore, scoring) -> str | None:
+    """`judge spend: 120 of 200 requests, cost 1.20 of 5.00; 40 candidates unrated at the budget ...`
+    (`m3po status`, the report); None for a run without judge spend or budget."""
+    spent = run_spend(store)
+    limits = (scoring.max_judge_requests, scoring.max_judge_cost)
+    if not spent["requests"] and limits == (None, None):
+        return None
+    requests = f"{int(spent['requests'])}" + (f" of {limits[0]}" if limits[0] is not None else "") + " requests"
+    tokens = (f", {int(spent['prompt_tokens'])} + {int(spent['completion_tokens'])} tokens"
+              if spent["prompt_tokens"] or spent["completion_tokens"] else "")
+    cost = "" if spent["cost"] is None or (not spent["cost"] and limits[1] is None) else \
+        f", cost {spent['cost']:.2f}" + (f" of {limits[1]:.2f}" if limits[1] is not None else "")
+    left = (f"; {spent['unrated_budget']} candidates unrated at the budget (a run with a larger budget rates them)"
+            if spent["unrated_budget"] else "")
+    return f"judge spend: {requests}{tokens}{cost}{left}"
+
+
+def projection(first: dict[str, Any], n_shards: int, scoring) -> str | None:
+    """What the whole stage will cost the judge, from its first scored shard's record (`judge_usage`,
+    rows): requests, tokens and cost times the shards, against the budget."""
+    usage = first.get("judge_usage") or {}
+    if not usage.get("requests") and not usage.get("cache_hits"):
+        return None
+    rated = max(first.get("rows", 0) - first.get("unrated_budget", 0), 1)
+    scale = n_shards * first.get("rows", rated) / rated  # a shard cut short at the budget, scaled to whole
+    parts = [f"~{usage.get('requests', 0) * scale:,.0f} requests"]
+    if usage.get("prompt_tokens") or usage.get("completion_tokens"):
+        parts.append(f"~{(usage.get('prompt_tokens', 0) + usage.get('completion_tokens', 0)) * scale:,.0f} tokens")
+    if usage.get("cost") is not None:
+        parts.append(f"cost ~{usage['cost'] * scale:,.2f}")
+    budget = [f"{scoring.max_judge_requests} requests" if scoring.max_judge_requests is not None else "",
+              f"cost {scoring.max_judge_cost:.2f}" if scoring.max_judge_cost is not None else ""]
+    budget_text = " and ".join(b for b in budget if b)
+    return (f"judge projection for {n_shards} shards (from shard {first.get('shard', 0)}'s measured usage): "
+            + ", ".join(parts) + (f"; budget {budget_text}" if budget_text else "; no budget set"))
 
 
 @dataclass
