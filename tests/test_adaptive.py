@@ -139,3 +139,26 @@ def test_an_interrupted_shard_resumes_at_its_round_and_a_larger_n_samples_only_w
     assert calls and all(first == 12 for first, _ in calls)  # rounds 0-2 are the same: only round 3 is new
     after = shard_tables(store)
     assert all(after[k] == v for k, v in done.items())
+
+
+def test_the_pipeline_samples_adaptively_and_reports_what_it_drew(root, capsys):
+    """`m3po run` with sampling.adaptive and a judge budget: the scores stage finds every shard done
+    by the rounds, the pilot shard's projection is printed before the others, and the report says
+    how many candidates were drawn and what the judge was asked for against the budget."""
+    from m3po.flows.pipeline import m3po_pipeline
+    from m3po_core import progress
+
+    cfg = load_config(TINY, [*ADAPTIVE, "scoring.max_judge_requests=100000"])
+    progress.install(__import__("sys").stdout, live=False)
+    try:
+        out = m3po_pipeline(config=cfg.to_dict(), root=str(root), run_id="flow")
+    finally:
+        progress.uninstall()
+    printed = capsys.readouterr().out
+    assert "judge projection for 3 shards (from shard 0's measured usage)" in printed
+    store = RunStore(str(root), "flow")
+    report = Path(store.path("report.md")).read_text()
+    drawn = sum(store.shard_entry("candidates", s)["rows"] for s in range(3))
+    assert f"adaptive sampling (rounds of 4): {drawn} candidates" in report
+    assert f"judge spend: {drawn} of 100000 requests" in report  # one reference rating per candidate
+    assert out["pairs"]["pairs"] > 0 and drawn < 24 * 12
