@@ -5,15 +5,20 @@ Limit: placeholders are created one after the other (no bulk endpoint for task r
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 from uuid import UUID
 
-from m3po.flows.task_submission import CREATE_ATTEMPTS
 from m3po_core.errors import M3POError
 
+log = logging.getLogger("m3po.flows")
 BULK_CREATE = 100   # the server's bound per bulk create (prefect.server.api.deployments.BULK_CREATE_LIMIT)
+# sends of a batch the server refused (in part), halved each time, after pauses of 1, 2, 4 .. 60 s
+# (~4 min in all: a SQLite server busy with thousands of runs held its lock for over 90 s here)
+CREATE_ATTEMPTS = 10
+MAX_PAUSE = 60.0
 _no_bulk = False     # set once an API answers that it has no bulk endpoint
 resent_batches = 0   # batches sent again because the server refused part of them (read by the tests)
 
@@ -49,7 +54,10 @@ def create_flow_runs(client, name: str, params: list[dict[str, Any]], tags: list
             # a busy SQLite server holds its lock through a whole batch: smaller ones, after a pause
             todo, size = list(refused), max(1, size // 2)
             resent_batches += -(-len(todo) // size)
-            time.sleep(min(30.0, 2.0**attempt))
+            pause = min(MAX_PAUSE, 2.0**attempt)
+            log.warning("%s: the API refused %d shard run(s) (%s); sending them again in %.0f s", name, len(todo),
+                        next(iter(refused.values()))[:120], pause)
+            time.sleep(pause)
     return ids
 
 
