@@ -130,8 +130,10 @@ def test_an_interrupted_shard_resumes_at_its_round_and_a_larger_n_samples_only_w
     assert store.shard_entry(round_stage("candidates", 1), 0)["state"] == "failed"
     assert store.shard_entry("candidates", 0) is None
     calls.clear()
+    scored0 = store.shard_entry(round_stage("scores", 0), 0)
     run_shard0(cfg, store)
     assert calls and calls[0][0] == 4  # round 0 came from the store: only rounds 1.. were sampled
+    assert store.shard_entry(round_stage("scores", 0), 0) == scored0  # and its scores were not computed again
     done = shard_tables(store)
     calls.clear()
     bigger = load_config(TINY, [*ADAPTIVE, "sampling.n=16"])
@@ -162,3 +164,24 @@ def test_the_pipeline_samples_adaptively_and_reports_what_it_drew(root, capsys):
     assert f"adaptive sampling (rounds of 4): {drawn} candidates" in report
     assert f"judge spend: {drawn} of 100000 requests" in report  # one reference rating per candidate
     assert out["pairs"]["pairs"] > 0 and drawn < 24 * 12
+
+
+def test_the_judge_budget_ends_the_rounds_and_a_larger_budget_goes_on(root):
+    """A budget reached in round 0: the shard is published with what was rated, the rest marked
+    unrated at the budget (no MAS, nothing invented); a larger budget rates them and samples on."""
+    store = RunStore(str(root), "budgeted")
+    small = load_config(TINY, [*ADAPTIVE, "scoring.max_judge_requests=20"])
+    run_shard0(small, store)
+    scores = store.read_shard("scores", 0).to_pylist()
+    record = store.shard_entry("scores", 0)
+    assert len(scores) == 32 and record["unrated_budget"] == 12 and record["judge_usage"]["requests"] == 20
+    assert sum(r["mas"] is None for r in scores) == 12
+    assert store.shard_entry(round_stage("candidates", 1), 0) is None  # no round after the budget ran out
+    larger = load_config(TINY, [*ADAPTIVE, "scoring.max_judge_requests=1000"])
+    run_shard0(larger, store)
+    record = store.shard_entry("scores", 0)
+    assert record.get("unrated_budget", 0) == 0 and all(r["mas"] is not None for r in store.read_shard("scores", 0).to_pylist())
+    from m3po_core.scoring.budget import run_spend
+
+    spent = run_spend(store)["requests"]
+    assert spent == store.shard_entry("candidates", 0)["rows"]  # each candidate rated once: the 20 not again

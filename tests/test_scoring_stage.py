@@ -115,7 +115,7 @@ def test_candidates_left_unrated_are_retried_by_a_rerun(openai_server, root, mon
     assert sorted(m for r in retried for m in down if m in r.text) == sorted(down) and len(retried) == 3
     assert all(j is not None for j in judged().values()) and len(judged()) == len(rows)
     entry = store.shard_entry("scores", 0)
-    assert entry["unrated"] == 0 and entry["attempts"] == 2 and entry["judge_usage"]["cache_hits"] == len(rows) - 3
+    assert entry["unrated"] == 0 and entry["attempts"] == 2  # the rated ones kept from the published shard
     # what the failed attempts spent stays in the record (the report's requests and tokens)
     assert entry["judge_usage"]["requests"] == spent["requests"] + 3
     assert entry["judge_usage"]["prompt_tokens"] > spent["prompt_tokens"]

@@ -54,9 +54,12 @@ def _one_judge(cfg: ScoringConfig, name: str, base_url: str | None, api_key_env:
 
 
 def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.Image], candidates: pa.Table,
-                     clip: ClipScorer, cfg: ScoringConfig, judge=None, budget=None) -> pa.Table:
+                     clip: ClipScorer, cfg: ScoringConfig, judge=None, budget=None,
+                     known: dict[tuple[str, int], Any] | None = None) -> pa.Table:
     """Score one shard: each prompt's image encoded once, its candidates batched. With a judge
-    `budget` (m3po_core/scoring/budget.py) the judge rates what the budget pays for; the rest stay unrated."""
+    `budget` (m3po_core/scoring/budget.py) the judge rates what the budget pays for; the rest stay
+    unrated. `known`: (prompt_id, cand_idx) -> JudgeScore already rated (a retry of a published
+    shard): those are not sent to the judge again."""
     from m3po_core.scoring.budget import rate_within_budget
     from m3po_core.scoring.judge import JudgeItem
 
@@ -76,14 +79,19 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
         clip_col[rows] = s
 
     judge = judge or make_judge(cfg)
+    known = known or {}
+    cand = candidates.column("cand_idx").to_pylist()
+    rated: list[Any] = [known.get((p, c)) for p, c in zip(pid, cand)]
+    todo = [r for r, score in enumerate(rated) if score is None]
     items = []
-    for r, p in enumerate(pid):
-        prompt = prompts[by_prompt[p]]
-        items.append(JudgeItem(prompt_id=p, instruction=prompt["instruction"], response=texts[r],
-                               image=images[by_prompt[p]],
+    for r in todo:
+        prompt = prompts[by_prompt[pid[r]]]
+        items.append(JudgeItem(prompt_id=pid[r], instruction=prompt["instruction"], response=texts[r],
+                               image=images[by_prompt[pid[r]]],
                                meta={"scene": prompt.get("scene"), "kind": prompt.get("kind"),
                                      "reference": prompt.get("reference")}))
-    rated = rate_within_budget(judge, items, budget)
+    for r, score in zip(todo, rate_within_budget(judge, items, budget)):
+        rated[r] = score
     nan = float("nan")
     parts = {k: np.array([getattr(s, k) if s is not None else nan for s in rated], dtype=float)
              for k in ("overall", "relevance", "accuracy", "adherence")}
@@ -99,6 +107,16 @@ def score_candidates(prompts: Sequence[dict[str, Any]], images: Sequence[Image.I
         "judge_adherence": pa.array(parts["adherence"], from_pandas=True),
         "mas": pa.array(mas, from_pandas=True),
     }, schema=schema.SCORES)
+
+
+def known_ratings(table: pa.Table) -> dict[tuple[str, int], Any]:
+    """(prompt_id, cand_idx) -> the JudgeScore of every rated row of a published scores table."""
+    from m3po_core.scoring.judge import JudgeScore
+
+    cols = [table.column(c).to_pylist() for c in ("prompt_id", "cand_idx", "judge", "judge_relevance",
+                                                  "judge_accuracy", "judge_adherence")]
+    return {(p, c): JudgeScore(relevance=rel, accuracy=acc, adherence=adh, overall=j)
+            for p, c, j, rel, acc, adh in zip(*cols) if j is not None and j == j}
 
 
 def variance_sums(groups: Sequence[Sequence[tuple[float, float]]]) -> np.ndarray:

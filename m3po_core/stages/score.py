@@ -5,7 +5,7 @@
 A shard the judge left candidates unrated in is retried by later runs, up to RATING_ATTEMPTS;
 its record keeps what every attempt spent. Under a judge budget (m3po_core/scoring/budget.py) the
 candidates past it are left unrated and counted apart (`unrated_budget`, with the budget in force):
-a run with a larger budget scores the shard again, the judge's cache making what was rated free.
+a run with a larger budget scores the shard again, asking the judge only for the rows it lacks.
 Limit: one shard of candidates is scored at a time per
 process (the judge's usage delta is the shard's).
 """
@@ -43,7 +43,7 @@ def score_table(cfg: RunConfig, store: RunStore, stage: str, shard: int, key: st
     """Score the candidates `read_candidates` gives as shard `shard` of `stage` (the scores stage,
     or an adaptive round's), recording what the judge spent and what it left unrated."""
     from m3po_core.scoring.budget import JudgeBudget, budget_raised
-    from m3po_core.scoring.mas import score_candidates
+    from m3po_core.scoring.mas import known_ratings, score_candidates
 
     usage: dict[str, Any] = {}
     unrated = {"n": 0, "budget": 0}
@@ -59,12 +59,16 @@ def score_table(cfg: RunConfig, store: RunStore, stage: str, shard: int, key: st
         prompt_rows = rows if rows is not None else read_prompts_shard(store, shard)
         shard_images = images if images is not None else load_shard_images(prompt_rows, shard)
         cands = read_candidates()
+        # a retry asks the judge only for what the published shard lacks (its other ratings are kept)
+        known = known_ratings(store.read_shard(stage, shard)) if retry and store.shard_intact(stage, shard, previous) \
+            else None
         clip = components.clip_encoder(cfg, store, clip_ref)
         judge = components.judge(cfg, store)
         with device_slot():  # one shard at a time per process: the judge's usage delta is this shard's
             budget = JudgeBudget.for_run(cfg.scoring, store)  # the run's spend as of now
             before = dict(getattr(judge, "usage", {}))
-            table = score_candidates(prompt_rows, shard_images, cands, clip, cfg.scoring, judge=judge, budget=budget)
+            table = score_candidates(prompt_rows, shard_images, cands, clip, cfg.scoring, judge=judge, budget=budget,
+                                     known=known)
             after = dict(getattr(judge, "usage", {}))
         usage.update({k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))})
         if after.get("cost") is not None:
@@ -96,7 +100,7 @@ def score_table(cfg: RunConfig, store: RunStore, stage: str, shard: int, key: st
 
     # What this shard cost the judge (requests, tokens, cost), in its manifest record for the report;
     # `unrated` (ratings still missing after the judge's retries) makes the store treat the shard as
-    # not done, so a re-run asks the judge again for those (the rest come from its cache).
+    # not done, so a re-run asks the judge again for those (the rated rest are kept from the published shard).
     return run_shard(store, stage, shard, key, compute, schema.SCORES, extra=record,
                      lease_seconds=cfg.execution.lease_seconds, stale=lambda e: budget_raised(e, cfg.scoring))
 
