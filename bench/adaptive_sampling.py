@@ -3,6 +3,7 @@
     python bench/adaptive_sampling.py                          # 3 seeds x {fixed, adaptive}, default env
     python bench/adaptive_sampling.py --envs default,threads1 --parallel 2
     python bench/adaptive_sampling.py --pools RUN_DIR          # the stopping rule on a finished fixed-N run's pools
+    python bench/adaptive_sampling.py --skip-runs --control --seeds 2   # compare runs made, with the control
 
 For each seed (sampling.seed, selection.seed, training.seed) and numerical environment it runs
 `m3po run` twice on the demo's prompts: fixed N = 32 with per-candidate seeds
@@ -11,7 +12,9 @@ For each seed (sampling.seed, selection.seed, training.seed) and numerical envir
 prompt (the reference judge counts one request per rating and spends no tokens; with an OpenAI
 judge the same records hold its tokens), the share of fixed-N pairs that adaptive sampling chose
 identically, and the trained models' benchmark differences (adaptive - fixed) with paired 95 %
-bootstrap intervals over the questions (m3po_core/evaluation/paired.py).
+bootstrap intervals over the questions (m3po_core/evaluation/paired.py). `--control` adds, per seed,
+fixed N with only the training seed changed (the same candidates and pairs): how far training noise
+alone moves the same differences.
 
 `--pools RUN_DIR` reads a finished fixed-N run and replays the stopping rule on its pools cut to
 their first 8, 16, 24 candidates (exact with per-candidate seeds; with batch seeds the cut pools
@@ -41,9 +44,15 @@ MODES = {"fixed": ["sampling.seeding=candidate"], "adaptive": ["sampling.adaptiv
 HEADLINE = (("pope", "accuracy"), ("pope", "f1"), ("mme", "score"))
 
 
+def control_id(seed: int) -> str:
+    """The training-noise control: fixed N on the same candidates and pairs, another training seed."""
+    return f"fixed-seed{seed}-train{seed + 1}"
+
+
 def run(root: Path, env_name: str, mode: str, seed: int) -> dict:
-    run_id = f"{mode}-seed{seed}"
-    sets = MODES[mode] + [f"{k}.seed={seed}" for k in ("sampling", "selection", "training")]
+    run_id = f"{mode}-seed{seed}" if mode in MODES else control_id(seed)
+    sets = MODES.get(mode, MODES["fixed"]) + [f"{k}.seed={seed}" for k in ("sampling", "selection")] \
+        + [f"training.seed={seed if mode in MODES else seed + 1}"]
     env = {**os.environ, **ENVS[env_name], "PREFECT_HOME": tempfile.mkdtemp(prefix="m3po-bench-prefect-")}
     t0 = time.time()
     with open(root / f"{run_id}.out", "w") as out:
@@ -72,8 +81,9 @@ def drawn(root: Path, run_id: str) -> dict:
                                            for u in usage) / prompts}
 
 
-def compare(root: Path, seed: int) -> dict:
-    """Adaptive against fixed for one seed: the same pairs, and the trained models' paired differences."""
+def compare(root: Path, seed: int, other: str = "adaptive") -> dict:
+    """`other` (adaptive, or the control) against fixed for one seed: the same pairs, and the trained
+    models' paired differences (other - fixed)."""
     import pyarrow.parquet as pq
 
     from m3po_core.config import config_from_dict
@@ -81,7 +91,8 @@ def compare(root: Path, seed: int) -> dict:
     from m3po_core.stages.evaluate import predictions
     from m3po_core.store import RunStore
 
-    runs = {m: RunStore(str(root), f"{m}-seed{seed}") for m in MODES}
+    runs = {"fixed": RunStore(str(root), f"fixed-seed{seed}"),
+            "adaptive": RunStore(str(root), f"adaptive-seed{seed}" if other == "adaptive" else control_id(seed))}
     pairs = {m: {r["prompt_id"]: (r["chosen_idx"], r["rejected_idx"]) for r in
                  pq.read_table(s.path("pairs.parquet"), columns=["prompt_id", "chosen_idx", "rejected_idx"]).to_pylist()}
              for m, s in runs.items()}
@@ -154,6 +165,8 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=1, help="environments run side by side")
     p.add_argument("--skip-runs", action="store_true", help="compare runs already made")
     p.add_argument("--pools", type=Path, default=None, help="replay the rule on this finished fixed-N run")
+    p.add_argument("--control", action="store_true",
+                   help="also fixed N with training.seed + 1 (same pairs): what training noise alone moves")
     args = p.parse_args()
     if args.pools:
         pools(args.pools.resolve())
@@ -167,7 +180,8 @@ def main() -> None:
     rows: list[dict] = []
     if not args.skip_runs:
         def one_env(env_name: str) -> list[dict]:
-            return [run(root / env_name, env_name, mode, seed) for seed in seeds for mode in MODES]
+            modes = [*MODES, *(["control"] if args.control else [])]
+            return [run(root / env_name, env_name, mode, seed) for seed in seeds for mode in modes]
 
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             for got in pool.map(one_env, envs):
@@ -181,7 +195,14 @@ def main() -> None:
             if all(r["rc"] == 0 for r in rows if r["env"] == env_name and r["seed"] == seed):
                 comparisons.append({"env": env_name, **compare(root / env_name, seed)})
                 print(json.dumps(comparisons[-1]), flush=True)
-    ok = [r for r in rows if r["rc"] == 0]
+    controls = []
+    if args.control:
+        for env_name in envs:
+            for seed in seeds:
+                if (root / env_name / control_id(seed) / "metrics.json").exists():
+                    controls.append({"env": env_name, **compare(root / env_name, seed, other="control")})
+                    print(json.dumps({"control": controls[-1]}), flush=True)
+    ok = [r for r in rows if r["rc"] == 0 and r["mode"] in MODES]
 
     def total(mode: str, key: str) -> float:
         return sum(r[key] * r["prompts"] for r in ok if r["mode"] == mode)
@@ -194,7 +215,7 @@ def main() -> None:
                                  / max(sum(c["pairs_fixed"] for c in comparisons), 1), 4)}
     worse = [f"{c['env']} seed {c['seed']}: {k}" for c in comparisons for b, key in HEADLINE
              if (k := f"{b}_{key}") in c and c[k]["high"] < 0]
-    print(json.dumps({"rows": rows, "comparisons": comparisons, "worse_beyond_interval": worse}))
+    print(json.dumps({"rows": rows, "comparisons": comparisons, "controls": controls, "worse_beyond_interval": worse}))
     print(json.dumps(summary))
 
 

@@ -54,16 +54,21 @@ def adaptive_line(cfg: RunConfig, store: RunStore) -> str | None:
     if not cfg.sampling.adaptive:
         return None
     stopped: dict[int, int] = {}
+    drawn = still_open = 0
     for e in store.manifest("candidates"):
-        for m, count in ((e.get("adaptive") or {}).get("stopped_at") or {}).items():
+        if "adaptive" not in e:
+            continue
+        drawn += e.get("rows", 0)
+        still_open += e["adaptive"].get("open", 0)
+        for m, count in (e["adaptive"].get("stopped_at") or {}).items():
             stopped[int(m)] = stopped.get(int(m), 0) + count
-    prompts = sum(stopped.values())
+    prompts = sum(stopped.values()) + still_open
     if not prompts:
         return None
-    drawn = sum(m * c for m, c in stopped.items())
     return (f"- adaptive sampling (rounds of {cfg.sampling.round_size}): {drawn} candidates, "
             f"{drawn / (prompts * cfg.sampling.n):.2f} of N = {cfg.sampling.n} for every prompt; prompts stopped at "
-            + ", ".join(f"{m}: {c}" for m, c in sorted(stopped.items())))
+            + ", ".join(f"{m}: {c}" for m, c in sorted(stopped.items()))
+            + (f"; {still_open} still open at the judge budget" if still_open else ""))
 
 
 def win_rate_line(metrics: dict[str, Any]) -> str | None:
