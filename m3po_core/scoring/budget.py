@@ -148,8 +148,9 @@ def rate_within_budget(judge, items: Sequence[Any], budget: JudgeBudget | None) 
     out: list[Any] = [None] * len(items)
     done = 0
     while done < len(items):
-        take = min(budget.allowed(usage_delta(dict(getattr(judge, "usage", {})), start), done), CHUNK,
-                   len(items) - done)
+        used = usage_delta(dict(getattr(judge, "usage", {})), start)
+        used.setdefault("requests", done)  # a judge that counts nothing: one request per rating
+        take = min(budget.allowed(used, done), CHUNK, len(items) - done)
         if take <= 0:
             break
         out[done:done + take] = judge.score(items[done:done + take])
