@@ -4,6 +4,7 @@
     python bench/adaptive_sampling.py --envs default,threads1 --parallel 2
     python bench/adaptive_sampling.py --pools RUN_DIR          # the stopping rule on a finished fixed-N run's pools
     python bench/adaptive_sampling.py --skip-runs --control --seeds 2   # compare runs made, with the control
+    python bench/adaptive_sampling.py --train-seeds 3 --envs default,threads1 --parallel 2   # + training noise
 
 For each seed (sampling.seed, selection.seed, training.seed) and numerical environment it runs
 `m3po run` twice on the demo's prompts: fixed N = 32 with per-candidate seeds
@@ -14,7 +15,12 @@ judge the same records hold its tokens), the share of fixed-N pairs that adaptiv
 identically, and the trained models' benchmark differences (adaptive - fixed) with paired 95 %
 bootstrap intervals over the questions (m3po_core/evaluation/paired.py). `--control` adds, per seed,
 fixed N with only the training seed changed (the same candidates and pairs): how far training noise
-alone moves the same differences.
+alone moves the same differences. `--train-seeds K` trains each run's pairs K times (the run's own
+model, and K - 1 `m3po experiment` cells of recipe m3po with selection/training seeds seed + 10,
+seed + 20, ..., sharing the run's candidates and scores) and compares the two recipes over all of
+them: a two-stage paired bootstrap over the pair sets (seeds), the training runs within each, and
+the questions (`paired.group_intervals`), the interval that holds the spread over training runs.
+With K > 1 `worse_beyond_interval` reads these intervals; the per-seed ones are printed beside.
 
 `--pools RUN_DIR` reads a finished fixed-N run and replays the stopping rule on its pools cut to
 their first 8, 16, 24 candidates (exact with per-candidate seeds; with batch seeds the cut pools
@@ -44,12 +50,17 @@ MODES = {"fixed": ["sampling.seeding=candidate"], "adaptive": ["sampling.adaptiv
 HEADLINE = (("pope", "accuracy"), ("pope", "f1"), ("mme", "score"))
 
 
+def train_seeds(seed: int, k: int) -> list[int]:
+    """The extra selection/training seeds of a run's replicate cells (its own model is seed itself)."""
+    return [seed + 10 * i for i in range(1, k)]
+
+
 def control_id(seed: int) -> str:
     """The training-noise control: fixed N on the same candidates and pairs, another training seed."""
     return f"fixed-seed{seed}-train{seed + 1}"
 
 
-def run(root: Path, env_name: str, mode: str, seed: int) -> dict:
+def run(root: Path, env_name: str, mode: str, seed: int, k_train: int = 1) -> dict:
     run_id = f"{mode}-seed{seed}" if mode in MODES else control_id(seed)
     sets = MODES.get(mode, MODES["fixed"]) + [f"{k}.seed={seed}" for k in ("sampling", "selection")] \
         + [f"training.seed={seed if mode in MODES else seed + 1}"]
@@ -59,6 +70,13 @@ def run(root: Path, env_name: str, mode: str, seed: int) -> dict:
         rc = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "run", "--root", str(root), "--run-id", run_id,
                              *[x for s in sets for x in ("--set", s)]], cwd=REPO, env=env, stdout=out,
                             stderr=subprocess.STDOUT).returncode
+    if rc == 0 and mode in MODES and k_train > 1:  # the replicates: selection + training + evaluation only
+        extra = ",".join(map(str, train_seeds(seed, k_train)))
+        with open(root / f"{run_id}-cells.out", "w") as out:
+            rc = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "experiment", "--root", str(root),
+                                 "--run-id", run_id, "--recipes", "m3po", "--seeds", extra,
+                                 *[x for s in sets for x in ("--set", s)]], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT).returncode
     row = {"env": env_name, "mode": mode, "seed": seed, "rc": rc, "seconds": round(time.time() - t0, 1)}
     if rc == 0:
         row.update(drawn(root, run_id))
@@ -103,6 +121,32 @@ def compare(root: Path, seed: int, other: str = "adaptive") -> dict:
     for bench in paired.BENCHMARKS:
         fixed, adaptive = (predictions(cfgs[m], runs[m], bench) for m in ("fixed", "adaptive"))
         for key, iv in paired.intervals(bench, fixed, adaptive, seed=seed).items():
+            out[f"{bench}_{key}"] = {k: round(iv[k], 4) for k in ("delta", "low", "high")}
+    return out
+
+
+def answers(root: Path, mode: str, seed: int, k_train: int) -> dict[str, list[list[dict]]]:
+    """Every benchmark's answers of a run's trained models: its own, then its replicate cells'."""
+    from m3po_core.config import config_from_dict
+    from m3po_core.evaluation import paired
+    from m3po_core.stages.evaluate import predictions
+    from m3po_core.store import CellStore, RunStore
+
+    store = RunStore(str(root), f"{mode}-seed{seed}")
+    cfg = config_from_dict(store.read_json("config.json"))
+    stores = [store] + [CellStore(store, f"m3po-seed{t}") for t in train_seeds(seed, k_train)]
+    return {bench: [predictions(cfg, s, bench) for s in stores] for bench in paired.BENCHMARKS}
+
+
+def grouped(root: Path, seeds: list[int], k_train: int) -> dict:
+    """Adaptive - fixed over every trained model: pair sets (seeds) x training runs x questions."""
+    from m3po_core.evaluation import paired
+
+    arms = {m: [answers(root, m, s, k_train) for s in seeds] for m in MODES}
+    out = {"seeds": seeds, "train_runs_per_seed": k_train}
+    for bench in paired.BENCHMARKS:
+        found = paired.group_intervals(bench, [a[bench] for a in arms["fixed"]], [a[bench] for a in arms["adaptive"]])
+        for key, iv in found.items():
             out[f"{bench}_{key}"] = {k: round(iv[k], 4) for k in ("delta", "low", "high")}
     return out
 
@@ -165,6 +209,8 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=1, help="environments run side by side")
     p.add_argument("--skip-runs", action="store_true", help="compare runs already made")
     p.add_argument("--pools", type=Path, default=None, help="replay the rule on this finished fixed-N run")
+    p.add_argument("--train-seeds", type=int, default=1,
+                   help="training runs per pair set (the run's model + K - 1 experiment cells); K > 1: grouped intervals")
     p.add_argument("--control", action="store_true",
                    help="also fixed N with training.seed + 1 (same pairs): what training noise alone moves")
     args = p.parse_args()
@@ -181,7 +227,7 @@ def main() -> None:
     if not args.skip_runs:
         def one_env(env_name: str) -> list[dict]:
             modes = [*MODES, *(["control"] if args.control else [])]
-            return [run(root / env_name, env_name, mode, seed) for seed in seeds for mode in modes]
+            return [run(root / env_name, env_name, mode, seed, args.train_seeds) for seed in seeds for mode in modes]
 
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             for got in pool.map(one_env, envs):
@@ -203,6 +249,12 @@ def main() -> None:
                     controls.append({"env": env_name, **compare(root / env_name, seed, other="control")})
                     print(json.dumps({"control": controls[-1]}), flush=True)
     ok = [r for r in rows if r["rc"] == 0 and r["mode"] in MODES]
+    groups = []
+    if args.train_seeds > 1:
+        for env_name in envs:
+            done = [s for s in seeds if all(r["rc"] == 0 for r in ok if r["env"] == env_name and r["seed"] == s)]
+            groups.append({"env": env_name, **grouped(root / env_name, done, args.train_seeds)})
+            print(json.dumps({"grouped": groups[-1]}), flush=True)
 
     def total(mode: str, key: str) -> float:
         return sum(r[key] * r["prompts"] for r in ok if r["mode"] == mode)
@@ -213,9 +265,11 @@ def main() -> None:
                                       / max(total("fixed", "judge_requests_per_prompt"), 1e-9), 4),
         "same_pair_share": round(sum(c["same_pairs"] for c in comparisons)
                                  / max(sum(c["pairs_fixed"] for c in comparisons), 1), 4)}
-    worse = [f"{c['env']} seed {c['seed']}: {k}" for c in comparisons for b, key in HEADLINE
+    judged = groups or comparisons  # with replicates, the intervals that hold the training noise
+    worse = [f"{c['env']} seed {c.get('seed', 'all')}: {k}" for c in judged for b, key in HEADLINE
              if (k := f"{b}_{key}") in c and c[k]["high"] < 0]
-    print(json.dumps({"rows": rows, "comparisons": comparisons, "controls": controls, "worse_beyond_interval": worse}))
+    print(json.dumps({"rows": rows, "comparisons": comparisons, "controls": controls, "grouped": groups,
+                      "worse_beyond_interval": worse}))
     print(json.dumps(summary))
 
 

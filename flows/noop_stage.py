@@ -19,10 +19,12 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from m3po.flows import busy_api
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.stages.runner import ShardResult, run_shard, shard_lease
 from m3po_core.store import RunStore
 
+busy_api.install()  # as flows/shards.py: a shard's flow-run process retries a busy server soon
 STAGE = "noop"
 SCHEMA = pa.schema([("shard", pa.int64())])
 
@@ -61,12 +63,12 @@ def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: 
     """What `m3po.tasks.stage_tasks.run_shard_job` does for real shards (without importing the stages)."""
     import dataclasses
 
-    from prefect.concurrency.sync import concurrency
+    from m3po.tasks.gpu_slot import gpu_slot
 
     cfg = config_from_dict(config)
     store = RunStore(root, run_id)
     with shard_lease(store, STAGE, shard, cfg.execution.lease_seconds), \
-            concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
+            gpu_slot(cfg.execution.gpu_concurrency_limit):
         return dataclasses.asdict(noop_shard(cfg, store, shard, model_ref))
 
 

@@ -71,6 +71,8 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
+    from m3po.flows.busy_api import RETRY_SOON_SYNC
+
     mode = cfg.execution.shards
     if not PREFECT_API_URL.value():
         raise M3POError(f"execution.shards={mode!r} hands shards to workers through a Prefect server: "
@@ -90,7 +92,7 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
             if mode == "deployment" else [] for first, group in jobs.items()}
     outcomes: dict[int, Outcome] = {}
     global last_poll
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True, httpx_settings=RETRY_SOON_SYNC) as client:
         runs = submit(client, cfg, stage, list(params.values()), list(tags.values()), fan_tag)
         poll = last_poll = ShardPoll(client, "flow" if mode == "deployment" else "task", runs, page, jobs)
         poll.submitted_in = time.time() - started

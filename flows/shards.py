@@ -1,7 +1,8 @@
 """Per-shard flows: what a GPU worker runs when shards fan out as deployments.
 
 Each holds one slot of the global concurrency limit `execution.gpu_concurrency_limit` (create it
-with as many slots as GPUs: `prefect gcl create m3po-gpu --limit 8`; absent, it does not block).
+with as many slots as GPUs: `prefect gcl create m3po-gpu --limit 8`; absent, no slot is asked for,
+tasks/gpu_slot.py).
 A flow run is a process of its own, so it loads its model: with `shards` (the fan-out passes
 `execution.shards_per_run` of them) it computes them one after the other on the model it loaded;
 to keep models loaded across runs, use `execution.shards: task_worker` and `m3po worker` instead
@@ -13,8 +14,13 @@ from typing import Any, Optional
 
 from prefect import flow
 
+from m3po.flows import busy_api
 from m3po_core.stages import sample, score
 from m3po.tasks.stage_tasks import run_shard_group
+
+# this module is what a shard's flow-run process loads before its engine talks to the API: from here
+# on its Prefect clients retry a busy (SQLite) server's 503s soon (flows/busy_api.py)
+busy_api.install()
 
 
 @flow(name="m3po-sample-shard", flow_run_name="sample-{run_id}-{shard}")

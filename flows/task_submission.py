@@ -7,6 +7,8 @@ settings model included): measured here, 83 % of a shard's submission (about 0.1
 0.2 s). The runs of one fan-out are created in one context (the same flow run, no tags, the same
 settings), so `delay_all` serializes it once and hands every run that copy (`_ONE_CONTEXT`).
 Limit: the cache is keyed by the identity of the context objects and lives for one `delay_all`.
+
+The submission's client retries a busy server's 503 soon (flows/busy_api.py).
 """
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ async def delay_all(job, params: list[dict[str, Any]], tags: list[list[str]],
     from prefect.client.orchestration import get_client
     from prefect.utilities.engine import emit_task_run_state_change_event
 
+    from m3po.flows.busy_api import RETRY_SOON
+
     ids = {}
     token = _ONE_CONTEXT.set({} if context_once else None)
     try:
-        async with get_client() as client:
+        async with get_client(httpx_settings=RETRY_SOON) as client:
             for p, t in zip(params, tags):
                 run = await busy_retried(lambda: _create_task_run(job, client, p, t), f"shard {p['shard']}'s task run")
                 emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)

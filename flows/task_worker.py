@@ -26,5 +26,8 @@ def serve_shard_jobs(*jobs, limit: int, limit_name: str = ExecutionConfig.gpu_co
     """`prefect.task_worker.serve(*jobs, limit=limit)`, once the jobs' lease service exists."""
     from prefect.task_worker import serve
 
+    from m3po.flows import busy_api
+
+    busy_api.install()  # before any client exists: the engines' slot requests retry a busy server soon
     warm_lease_service(limit_name)
     serve(*jobs, limit=limit)

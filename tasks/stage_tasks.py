@@ -11,12 +11,12 @@ from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.stages import base_models, evaluate as evaluate_step, prompts, sample, score, select, train as train_step
 from m3po_core.stages.runner import ShardResult, shard_lease
 from m3po_core.store import RunStore
+from m3po.tasks.gpu_slot import gpu_slot
 
 
 def _info(msg: str) -> None:
@@ -77,12 +77,13 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
 
 def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str, run_id: str,
                   shard: int, ref: str) -> dict[str, Any]:
-    """Hold one slot of the global concurrency limit (one per GPU) while the shard computes; the
-    shard's lease is renewed from the start, so the wait for a slot does not read as a dead worker."""
+    """Hold one slot of the global concurrency limit (one per GPU; where the server has it) while the
+    shard computes; the shard's lease is renewed from the start, so the wait for a slot does not read
+    as a dead worker."""
     cfg = config_from_dict(config)
     store = RunStore(root, run_id)
     with shard_lease(store, stage, shard, cfg.execution.lease_seconds), \
-            concurrency(cfg.execution.gpu_concurrency_limit, occupy=1):
+            gpu_slot(cfg.execution.gpu_concurrency_limit):
         return dataclasses.asdict(stage_fn(cfg, store, shard, ref))
 
 

@@ -64,3 +64,39 @@ def test_answers_to_other_questions_are_refused():
     base = _pope(n=10)
     with pytest.raises(ValueError, match="q9"):
         paired.pope_intervals(base, base[:9], n_boot=10)
+
+
+def test_a_group_of_one_run_each_is_the_plain_paired_interval():
+    base, trained = _pope(right=0.6, seed=1), _pope(right=0.7, seed=2)
+    mbase, mtrained = _mme(right=0.6, seed=3), _mme(right=0.7, seed=4)
+    for bench, a, b in (("pope", base, trained), ("mme", mbase, mtrained)):
+        plain, grouped = paired.intervals(bench, a, b, seed=7), paired.group_intervals(bench, [[a]], [[b]], seed=7)
+        assert plain.keys() == grouped.keys()
+        for metric in plain:
+            assert {k: grouped[metric][k] for k in ("delta", "low", "high")} == \
+                   {k: plain[metric][k] for k in ("delta", "low", "high")}
+            assert grouped[metric]["runs"] == [1, 1]
+
+
+def test_training_noise_widens_the_grouped_interval_and_a_real_difference_stays_clear_of_it():
+    # the same recipe twice: each run's accuracy is its own (0.6, 0.7, 0.8 by training seed), so one run
+    # of each compared alone looks like a difference; over 3 pair sets x 3 seeds it is not one
+    rates = (0.6, 0.7, 0.8)
+    a = [[_pope(right=r, seed=10 * g + i) for i, r in enumerate(rates)] for g in range(3)]
+    b = [[_pope(right=r, seed=100 + 10 * g + i) for i, r in enumerate(rates)] for g in range(3)]
+    alone = paired.pope_intervals(a[0][0], b[0][2], n_boot=500)["accuracy"]
+    assert paired.better(alone)
+    grouped = paired.group_intervals("pope", a, b, n_boot=500)["accuracy"]
+    assert grouped["low"] < 0 < grouped["high"] and not paired.better(grouped)
+    assert grouped["delta"] == pytest.approx(sum(pope.score(r)["accuracy"] for g in b for r in g) / 9
+                                             - sum(pope.score(r)["accuracy"] for g in a for r in g) / 9)
+    best = [[_pope(right=0.95, seed=200 + 10 * g + i) for i in range(3)] for g in range(3)]
+    assert paired.better(paired.group_intervals("pope", a, best, n_boot=500)["accuracy"])
+
+
+def test_groups_that_do_not_match_are_refused():
+    runs = [[_pope(n=20, seed=s)] for s in range(2)]
+    with pytest.raises(ValueError, match="2 groups against 1"):
+        paired.group_intervals("pope", runs, runs[:1], n_boot=10)
+    with pytest.raises(ValueError, match="same number of runs"):
+        paired.group_intervals("pope", runs, [runs[0] * 2, runs[1]], n_boot=10)

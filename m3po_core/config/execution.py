@@ -42,8 +42,8 @@ class ExecutionConfig:
                 "fails the stage."})
     gpu_concurrency_limit: str = field(default="m3po-gpu", metadata={
         "help": "Global concurrency limit each shard flow run holds (deployment / task_worker: one slot per shard; "
-                "create it with as many slots as GPUs, `prefect gcl create m3po-gpu --limit 8`; absent, it does "
-                "not block)."})
+                "create it with as many slots as GPUs, `prefect gcl create m3po-gpu --limit 8`; absent, no slot is "
+                "asked for: a process looks it up once a minute, tasks/gpu_slot.py)."})
     ray_address: Optional[str] = field(default=None, metadata={
         "help": "None: a local Ray instance; \"auto\" or \"ray://head:10001\": a cluster."})
     ray_gpus_per_shard: float = field(default=1.0, metadata={

@@ -4,8 +4,12 @@ Each bootstrap draw resamples the benchmark's units with replacement, the same d
 models, and recomputes the metric for each: the interval is the central `level` share of the
 differences (trained - base). A unit is a question for POPE and an image's question pair for MME
 (acc+ needs both answers), resampled within its subtask so every subtask keeps its size. The
-verdict "better" belongs only to an interval that excludes zero. Limit: it measures the spread over
-questions for fixed models; the spread over training seeds or machines is not in it.
+verdict "better" belongs only to an interval that excludes zero.
+
+`intervals` measures the spread over questions for two fixed models. Two recipes each trained
+several times (pair sets x training seeds) are compared by `group_intervals`, whose draws also
+resample the training runs, so the spread over training seeds is in the interval too. Neither holds
+the spread over machines.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from m3po_core.evaluation.yesno import NO, YES, parse_yes_no, true_answer
 
 N_BOOT = 2000
 LEVEL = 0.95
+Answers = Sequence[Mapping]
 
 
 def _interval(base: np.ndarray, trained: np.ndarray, point: float, level: float) -> dict[str, float]:
@@ -26,35 +31,44 @@ def _interval(base: np.ndarray, trained: np.ndarray, point: float, level: float)
     return {"delta": float(point), "low": float(lo), "high": float(hi), "level": level, "n_boot": len(diff)}
 
 
-def _aligned(base: Sequence[Mapping], trained: Sequence[Mapping]) -> list[tuple[Mapping, Mapping]]:
-    by_id = {(r["question_id"], r.get("category"), r.get("instruction")): r for r in trained}
+def _key(r: Mapping) -> tuple:
+    return r["question_id"], r.get("category"), r.get("instruction")
+
+
+def _aligned(base: Answers, trained: Answers) -> list[tuple[Mapping, Mapping]]:
+    by_id = {_key(r): r for r in trained}
     pairs = []
     for r in base:
-        key = (r["question_id"], r.get("category"), r.get("instruction"))
-        if key not in by_id:
+        if _key(r) not in by_id:
             raise ValueError(f"question {r['question_id']!r} ({r.get('category')}) was answered by one model only")
-        pairs.append((r, by_id[key]))
+        pairs.append((r, by_id[_key(r)]))
     if len(pairs) != len(trained):
         raise ValueError(f"{len(trained)} trained answers against {len(base)} base answers: not the same questions")
     return pairs
 
 
-def pope_intervals(base: Sequence[Mapping], trained: Sequence[Mapping], n_boot: int = N_BOOT, seed: int = 0,
-                   level: float = LEVEL) -> dict[str, dict[str, float]]:
-    """Intervals of the accuracy and F1 differences (POPE's rules: m3po_core/evaluation/pope.py)."""
-    pairs = _aligned(base, trained)
-    gold_yes = np.array([true_answer(b) == YES for b, _ in pairs])
-    draws = np.random.default_rng(seed).integers(0, len(pairs), size=(n_boot, len(pairs)))
-    every = np.arange(len(pairs))
+def _aligned_runs(runs: Sequence[Answers]) -> list[list[Mapping]]:
+    """Every run's answers in the first run's question order (refused where the questions differ)."""
+    first = runs[0]
+    return [list(first)] + [[t for _, t in _aligned(first, other)] for other in runs[1:]]
+
+
+def pope_runs(runs: Sequence[Answers], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Accuracy and F1 of every run (POPE's rules: m3po_core/evaluation/pope.py), on all the questions
+    (points, shape (runs,)) and on each bootstrap draw of them, the same draws for every run
+    (shape (runs, n_boot))."""
+    runs = _aligned_runs(runs)
+    gold_yes = np.array([true_answer(r) == YES for r in runs[0]])
+    draws = np.random.default_rng(seed).integers(0, len(gold_yes), size=(n_boot, len(gold_yes)))
+    every = np.arange(len(gold_yes))
     point, boot = [], []
-    for side in (0, 1):
-        said = [parse_yes_no(p[side]["prediction"]) for p in pairs]
+    for answers in runs:
+        said = [parse_yes_no(r["prediction"]) for r in answers]
         yes = np.array([s == YES for s in said])
         correct = np.where(gold_yes, yes, np.array([s == NO for s in said]))
         point.append(_accuracy_f1(correct, yes, gold_yes, every))
         boot.append(_accuracy_f1(correct, yes, gold_yes, draws))
-    return {"accuracy": _interval(boot[0][0], boot[1][0], point[1][0] - point[0][0], level),
-            "f1": _interval(boot[0][1], boot[1][1], point[1][1] - point[0][1], level)}
+    return {m: (np.array([p[i] for p in point]), np.stack([b[i] for b in boot])) for i, m in enumerate(("accuracy", "f1"))}
 
 
 def _accuracy_f1(correct: np.ndarray, yes: np.ndarray, gold_yes: np.ndarray, idx: np.ndarray):
@@ -69,38 +83,83 @@ def _accuracy_f1(correct: np.ndarray, yes: np.ndarray, gold_yes: np.ndarray, idx
     return correct[idx].mean(-1), f1
 
 
-def mme_intervals(base: Sequence[Mapping], trained: Sequence[Mapping], n_boot: int = N_BOOT, seed: int = 0,
-                  level: float = LEVEL) -> dict[str, dict[str, float]]:
-    """Interval of the MME score difference (perception + cognition, each subtask acc + acc+),
-    resampling images within each subtask."""
-    # subtask -> image -> (base's right answers, trained's right answers) out of its two questions
-    right: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for b, t in _aligned(base, trained):
-        cell = right[str(b["category"])][str(b["question_id"])]
-        cell[0] += parse_yes_no(b["prediction"]) == true_answer(b)
-        cell[1] += parse_yes_no(t["prediction"]) == true_answer(t)
+def mme_runs(runs: Sequence[Answers], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MME score (perception + cognition, each subtask acc + acc+) of every run, on all the images and
+    on each draw of images resampled within each subtask (the same draws for every run)."""
+    runs = _aligned_runs(runs)
+    # subtask -> image -> every run's right answers out of its two questions
+    right: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0] * len(runs)))
+    for i, r in enumerate(runs[0]):
+        cell = right[str(r["category"])][str(r["question_id"])]
+        for side, answers in enumerate(runs):
+            cell[side] += parse_yes_no(answers[i]["prediction"]) == true_answer(answers[i])
     rng = np.random.default_rng(seed)
-    totals = np.zeros((2, n_boot))
-    point = np.zeros(2)
+    totals = np.zeros((len(runs), n_boot))
+    point = np.zeros(len(runs))
     for category, images in sorted(right.items()):
         if category not in PERCEPTION and category not in COGNITION:
             continue  # in no total, as mme.score
-        counts = np.array(list(images.values()))                # (images, 2 models)
+        counts = np.array(list(images.values()))                # (images, runs)
         idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-        for side in (0, 1):
+        for side in range(len(runs)):
             c = counts[:, side]
             score = lambda picked: 100 * picked.sum(-1) / (2 * picked.shape[-1]) + 100 * (picked == 2).mean(-1)
             totals[side] += score(c[idx])
             point[side] += score(c)
-    return {"score": _interval(totals[0], totals[1], point[1] - point[0], level)}
+    return {"score": (point, totals)}
 
 
-BENCHMARKS = {"pope": pope_intervals, "mme": mme_intervals}
+BENCHMARKS = {"pope": pope_runs, "mme": mme_runs}
 
 
-def intervals(bench: str, base: Sequence[Mapping], trained: Sequence[Mapping], seed: int = 0) -> dict[str, dict]:
+def pope_intervals(base: Answers, trained: Answers, n_boot: int = N_BOOT, seed: int = 0,
+                   level: float = LEVEL) -> dict[str, dict[str, float]]:
+    """Intervals of the accuracy and F1 differences, trained - base."""
+    return {m: _interval(b[0], b[1], p[1] - p[0], level) for m, (p, b) in pope_runs([base, trained], n_boot, seed).items()}
+
+
+def mme_intervals(base: Answers, trained: Answers, n_boot: int = N_BOOT, seed: int = 0,
+                  level: float = LEVEL) -> dict[str, dict[str, float]]:
+    """Interval of the MME score difference, resampling images within each subtask."""
+    return {m: _interval(b[0], b[1], p[1] - p[0], level) for m, (p, b) in mme_runs([base, trained], n_boot, seed).items()}
+
+
+def intervals(bench: str, base: Answers, trained: Answers, seed: int = 0) -> dict[str, dict]:
     """The intervals of `bench` ("pope": accuracy and F1; "mme": score), trained - base."""
-    return BENCHMARKS[bench](base, trained, seed=seed)
+    return {"pope": pope_intervals, "mme": mme_intervals}[bench](base, trained, seed=seed)
+
+
+def group_intervals(bench: str, base: Sequence[Sequence[Answers]], other: Sequence[Sequence[Answers]],
+                    n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
+    """Intervals of (mean over `other`'s runs) - (mean over `base`'s runs), `base[g][r]` being the
+    answers of training run r of group g (a group: one pair set, e.g. one sampling seed, which both
+    recipes share by index). Each draw resamples the groups (the same for both recipes), each
+    group's runs (within each recipe) and the questions (the same for every run): a two-stage
+    bootstrap, so a recipe whose runs scatter widely over training seeds gets a wide interval.
+    With one group of one run each it is `intervals`."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"{len(base)} groups against {len(other)}: both recipes need the same groups")
+    shapes = {len(g) for g in base}, {len(g) for g in other}
+    if any(len(s) != 1 or 0 in s for s in shapes):
+        raise ValueError(f"every group needs the same number of runs (at least one) per recipe, got "
+                         f"{[len(g) for g in base]} and {[len(g) for g in other]}")
+    flat = [answers for group in (*base, *other) for answers in group]
+    k_base, k_other, n_groups = len(base[0]), len(other[0]), len(base)
+    idx_base = np.arange(n_groups * k_base).reshape(n_groups, k_base)
+    idx_other = n_groups * k_base + np.arange(n_groups * k_other).reshape(n_groups, k_other)
+    rng = np.random.default_rng([seed, 1])  # the question draws keep `seed`'s own stream
+    groups = rng.integers(0, n_groups, size=(n_boot, n_groups, 1))
+    picked_base = idx_base[groups, rng.integers(0, k_base, size=(n_boot, n_groups, k_base))]
+    picked_other = idx_other[groups, rng.integers(0, k_other, size=(n_boot, n_groups, k_other))]
+    column = np.arange(n_boot)[:, None, None]
+
+    out = {}
+    for metric, (point, boot) in BENCHMARKS[bench](flat, n_boot, seed).items():
+        delta = point[idx_other].mean() - point[idx_base].mean()
+        out[metric] = _interval(boot[picked_base, column].mean(axis=(1, 2)), boot[picked_other, column].mean(axis=(1, 2)),
+                                delta, level)
+        out[metric]["runs"] = [n_groups * k_base, n_groups * k_other]
+    return out
 
 
 def better(interval: Mapping[str, float] | None) -> bool:
