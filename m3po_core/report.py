@@ -384,7 +384,8 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
         "",
         f"- prompts: {info.get('n_prompts', '?')} in {n_shards} shards; " + (
             f"IPA samples per prompt and round: {c.n_normal} + {c.n_contrastive} contrastive" if ipa_run else
-            f"candidates per prompt: {cfg.sampling.n}") + f" (T={cfg.sampling.temperature}, top-p={cfg.sampling.top_p})",
+            f"candidates per prompt: {'up to ' if cfg.sampling.adaptive else ''}{cfg.sampling.n}")
+        + f" (T={cfg.sampling.temperature}, top-p={cfg.sampling.top_p})",
         *([filter_line(f)] if (f := info.get("filter")) else []),
         f"- base policy: `{cfg.model.name}`" + (
             f", warm-start held-out accuracy {info['base_quality']['accuracy']:.2f} "

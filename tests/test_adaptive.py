@@ -162,6 +162,7 @@ def test_the_pipeline_samples_adaptively_and_reports_what_it_drew(root, capsys):
     report = Path(store.path("report.md")).read_text()
     drawn = sum(store.shard_entry("candidates", s)["rows"] for s in range(3))
     assert f"adaptive sampling (rounds of 4): {drawn} candidates" in report
+    assert f"candidates per prompt: up to {cfg.sampling.n} " in report  # not N for every prompt
     assert f"judge spend: {drawn} of 100000 requests" in report  # one reference rating per candidate
     assert out["pairs"]["pairs"] > 0 and drawn < 24 * 12
 
