@@ -142,8 +142,14 @@ def grouped(root: Path, seeds: list[int], k_train: int) -> dict:
     """Adaptive - fixed over every trained model: pair sets (seeds) x training runs x questions."""
     from m3po_core.evaluation import paired
 
+    from m3po_core.evaluation import mme, pope
+
     arms = {m: [answers(root, m, s, k_train) for s in seeds] for m in MODES}
     out = {"seeds": seeds, "train_runs_per_seed": k_train}
+    score = {"pope": pope.score, "mme": mme.score}
+    for m, per_seed in arms.items():  # every trained model's figures, seed by seed, training run by run
+        out[m] = {f"{b}_{key}": [[round(score[b](run)[key], 4) for run in a[b]] for a in per_seed]
+                  for b, key in HEADLINE}
     for bench in paired.BENCHMARKS:
         found = paired.group_intervals(bench, [a[bench] for a in arms["fixed"]], [a[bench] for a in arms["adaptive"]])
         for key, iv in found.items():
