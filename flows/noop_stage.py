@@ -7,7 +7,8 @@ The shard's reference (the `model_ref` a real sampling shard gets) says how it e
 "fail:3,7" (those shards raise; "fail-once:3" on its first attempt only), "crash:5" (that shard's process exits at once, as a killed
 worker would; only where a shard has a process of its own: execution.shards=deployment) and
 "crash-once:5" (SIGKILL of the shard's process, a task worker's too, on its first attempt only).
-A remote shard holds a slot of `execution.gpu_concurrency_limit` while it runs, as real ones do.
+A deployment shard holds a slot of `execution.gpu_concurrency_limit` while it runs, as real ones do
+(a task worker's shards do not: its `--limit` is its GPUs).
 Limit: nothing is computed, so the figures are the orchestration's cost alone, not a stage's.
 """
 from __future__ import annotations
@@ -59,7 +60,8 @@ def noop_task(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> Sh
     return noop_shard(cfg, store, shard, model_ref)
 
 
-def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
+def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str,
+         gpu_slot_held: bool = True) -> dict[str, Any]:
     """What `m3po.tasks.stage_tasks.run_shard_job` does for real shards (without importing the stages)."""
     import dataclasses
 
@@ -68,14 +70,14 @@ def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: 
     cfg = config_from_dict(config)
     store = RunStore(root, run_id)
     with shard_lease(store, STAGE, shard, cfg.execution.lease_seconds), \
-            gpu_slot(cfg.execution.gpu_concurrency_limit):
+            gpu_slot(cfg.execution.gpu_concurrency_limit if gpu_slot_held else None):
         return dataclasses.asdict(noop_shard(cfg, store, shard, model_ref))
 
 
 @task(name="noop-shard-job", task_run_name="noop-{run_id}-{shard}", cache_policy=NO_CACHE)
 def noop_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
     """execution.shards=task_worker: a background task run, served by `serve_task_worker`."""
-    return _job(config, root, run_id, shard, model_ref)
+    return _job(config, root, run_id, shard, model_ref, gpu_slot_held=False)
 
 
 @flow(name="m3po-noop-shard", flow_run_name="noop-{run_id}-{shard}")

@@ -1,33 +1,25 @@
 """A task worker that serves shard jobs (`m3po worker`, and the noop stage's for tests and benches).
 
-Prefect 3.7's client services (the events worker, the concurrency-slot lease service) are created
-under one class-wide lock, and one created off the global event loop waits for that loop while
-holding the lock. A task worker runs on the global loop and emits an event for every run it
-submits; a task run's engine creating a lease service at that moment deadlocks the worker for good
-(seen here: the worker's first shard hung in `aacquire_concurrency_slots_with_lease`). So the
-lease service of the limit the shard jobs take (`execution.gpu_concurrency_limit`) is created
-before serving, and the fan-out gives task runs no tags (a tag is a concurrency limit name to the
-task engine: a new set of tags, a new service).
-Limit: a job whose configuration names another limit creates its service on its first shard.
+A task worker serves the GPUs it was started on (`--limit` shards at once), so its shards take no
+slot of the pool-wide limit `execution.gpu_concurrency_limit` (deployment shard runs do): measured
+on 3,000 noop shards, each slot's acquisition, lease renewal and release were writes that contended
+with the submission on the default SQLite server, and shards ran at ~2 s each instead of ~0.2 s.
+That also keeps a Prefect 3.7 hazard away: its client services (the events worker, the concurrency-
+slot lease service) are created under one class-wide lock, and one created off the global event
+loop waits for that loop while holding the lock; a task worker runs on the global loop, so a task
+run creating a lease service while the worker emits an event deadlocked it for good (seen here:
+the first shard hung in `aacquire_concurrency_slots_with_lease`). For the same reason the fan-out
+gives task runs no tags (a tag is a concurrency limit name to the task engine).
+Limit: shards of the two modes on the same GPUs at once are not bounded together.
 """
 from __future__ import annotations
 
-from m3po_core.config import ExecutionConfig
 
-
-def warm_lease_service(*limit_names: str) -> None:
-    """Create the lease service for `limit_names` now (from this, the main, thread)."""
-    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
-
-    ConcurrencySlotAcquisitionWithLeaseService.instance(frozenset(limit_names))
-
-
-def serve_shard_jobs(*jobs, limit: int, limit_name: str = ExecutionConfig.gpu_concurrency_limit) -> None:
-    """`prefect.task_worker.serve(*jobs, limit=limit)`, once the jobs' lease service exists."""
+def serve_shard_jobs(*jobs, limit: int) -> None:
+    """`prefect.task_worker.serve(*jobs, limit=limit)`, its Prefect clients retrying a busy server soon."""
     from prefect.task_worker import serve
 
     from m3po.flows import busy_api
 
-    busy_api.install()  # before any client exists: the engines' slot requests retry a busy server soon
-    warm_lease_service(limit_name)
+    busy_api.install()  # before any client exists (flows/busy_api.py)
     serve(*jobs, limit=limit)

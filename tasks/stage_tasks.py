@@ -76,14 +76,14 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
 # scheduling storage, so no live object (file system, model) and no credential goes with them.
 
 def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str, run_id: str,
-                  shard: int, ref: str) -> dict[str, Any]:
+                  shard: int, ref: str, gpu_slot_held: bool = True) -> dict[str, Any]:
     """Hold one slot of the global concurrency limit (one per GPU; where the server has it) while the
     shard computes; the shard's lease is renewed from the start, so the wait for a slot does not read
-    as a dead worker."""
+    as a dead worker. `gpu_slot_held=False` (task workers): the worker's own `--limit` is its GPUs."""
     cfg = config_from_dict(config)
     store = RunStore(root, run_id)
     with shard_lease(store, stage, shard, cfg.execution.lease_seconds), \
-            gpu_slot(cfg.execution.gpu_concurrency_limit):
+            gpu_slot(cfg.execution.gpu_concurrency_limit if gpu_slot_held else None):
         return dataclasses.asdict(stage_fn(cfg, store, shard, ref))
 
 
@@ -110,12 +110,13 @@ def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: di
 
 @task(name="sample-shard-job", task_run_name="sample-{run_id}-{shard}", cache_policy=NO_CACHE)
 def sample_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
-    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref)
+    # a task worker serves one GPU (`m3po worker --limit` shards at once): no pool-wide slot besides
+    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref, gpu_slot_held=False)
 
 
 @task(name="score-shard-job", task_run_name="score-{run_id}-{shard}", cache_policy=NO_CACHE)
 def score_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
-    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref)
+    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref, gpu_slot_held=False)
 
 
 @task(name="evaluate-base", cache_policy=NO_CACHE)

@@ -45,3 +45,43 @@ def test_an_absent_limit_is_skipped_and_one_created_later_applies_after_the_look
 def test_no_limit_named_means_no_slot(name):
     with gs.gpu_slot(name) as held:
         assert held is False
+
+
+def test_a_deployment_shard_waits_for_its_slot_and_a_task_worker_shard_takes_none(tmp_path, monkeypatch):
+    """The pool's one slot held elsewhere: a task-worker shard (its worker's --limit is its GPUs)
+    completes at once; a deployment shard run waits until the slot is released, then completes."""
+    import threading
+    from pathlib import Path
+
+    from m3po.flows import noop_stage
+    from m3po_core.config import load_config
+    from m3po_core.store import RunStore
+
+    monkeypatch.setattr(gs, "LOOKUP_SECONDS", 0.0)
+    name = f"gpu-{uuid.uuid4().hex[:8]}"
+    _create(name, limit=1)
+    config = load_config(Path(__file__).parent / "tiny.yaml", [f"execution.gpu_concurrency_limit={name}"]).to_dict()
+    store = RunStore(str(tmp_path), "slots")
+    done = lambda shard: (store.shard_entry(noop_stage.STAGE, shard) or {}).get("state") == "complete"
+    release = threading.Event()
+
+    def occupy():
+        with gs.gpu_slot(name):
+            release.wait(60)
+
+    holder = threading.Thread(target=occupy)
+    holder.start()
+    try:
+        while _active_slots(name) != 1:
+            release.wait(0.05)
+        noop_stage.noop_shard_job.fn(config, str(tmp_path), "slots", 0, "ok")
+        assert done(0) and _active_slots(name) == 1
+        flow_run = threading.Thread(target=noop_stage.noop_shard_flow, args=(config, str(tmp_path), "slots", 1, "ok"))
+        flow_run.start()
+        flow_run.join(3.0)
+        assert flow_run.is_alive() and not done(1)  # waiting for the slot
+    finally:
+        release.set()
+        holder.join()
+    flow_run.join(120)
+    assert not flow_run.is_alive() and done(1) and _active_slots(name) == 0

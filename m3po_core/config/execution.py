@@ -41,7 +41,8 @@ class ExecutionConfig:
         "help": "deployment / task_worker: how often a shard whose lease lapsed is submitted again before it "
                 "fails the stage."})
     gpu_concurrency_limit: str = field(default="m3po-gpu", metadata={
-        "help": "Global concurrency limit each shard flow run holds (deployment / task_worker: one slot per shard; "
+        "help": "Global concurrency limit each shard flow run holds (deployment: one slot per shard; a task worker's "
+                "shards take none, its `--limit` being its GPUs; "
                 "create it with as many slots as GPUs, `prefect gcl create m3po-gpu --limit 8`; absent, no slot is "
                 "asked for: a process looks it up once a minute, tasks/gpu_slot.py)."})
     ray_address: Optional[str] = field(default=None, metadata={
