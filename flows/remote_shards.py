@@ -294,7 +294,7 @@ def complete_in_store(store: RunStore, stage: str, poll: ShardPoll, started: flo
     for job in jobs:
         got = {s: entries.get(s) or {} for s in poll.jobs[job]}
         if all(e.get("state") == COMPLETE and e.get("finished_at", 0.0) >= started - slack for e in got.values()):
-            out[job] = {s: ShardResult(stage, s, e["rows"], False, e.get("seconds", 0.0)) for s, e in got.items()}
+            out[job] = {s: _completed(stage, s, e, started) for s, e in got.items()}
     return out
 
 
@@ -395,12 +395,16 @@ def _outcome(stage: str, shard: int, entry: dict[str, Any] | None, run, started:
     if not reached and run.start_time is not None:
         reached = touched(entry, lease_record, run.start_time.timestamp() - slack)
     if entry.get("state") == COMPLETE and reached and (grouped or run.state_type == StateType.COMPLETED):
-        cached = entry.get("finished_at", 0.0) < started  # skipped by its cache key
-        return ShardResult(stage, shard, entry["rows"], cached, entry.get("seconds", 0.0))
+        return _completed(stage, shard, entry, started)
     message = f": {run.state.message}" if run.state is not None and run.state.message else ""
     if not reached:
         return f"run {run.id} ended {run.state_type.value} before it reached this shard{message}; a re-run computes it"
     return entry.get("error") or f"run {run.id} ended {run.state_type.value}{message}"
+
+
+def _completed(stage: str, shard: int, entry: dict[str, Any], started: float) -> ShardResult:
+    """A shard's result from its complete manifest record (cached: finished before the fan-out)."""
+    return ShardResult(stage, shard, entry["rows"], entry.get("finished_at", 0.0) < started, entry.get("seconds", 0.0))
 
 
 def _warn_waiting(cfg: RunConfig, stage: str, waiting: int, n_runs: int, started: float) -> None:
