@@ -435,5 +435,12 @@ def _dispatch(args) -> int:
     return 0
 
 
+def entrypoint() -> None:
+    """The `m3po` console script: `main`, then an exit past the C++ teardown (flows/process_exit.py)."""
+    from m3po.flows.process_exit import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entrypoint()
