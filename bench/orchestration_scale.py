@@ -6,6 +6,8 @@ stage whose shard does almost nothing (flows/noop_stage.py), and `m3po status` o
     options: --modes in_process,task_worker,deployment  --status-shards N (0: skip)  --s3-rtt-ms 20
              --shards-per-run 1,16 (deployment: execution.shards_per_run values; "deployment/16" in the table)
              --process-slots 4 (the process worker's --limit)  --task-slots 8 (the task worker's)  --poll-seconds 2
+             --database-url postgresql+asyncpg://prefect@127.0.0.1:5432/prefect (the server's database: an empty
+             PostgreSQL one, what a pool at this size runs on; default: SQLite, Prefect's default)
 
 All real, on loopback: a fresh `prefect server start` (its own database, its access log on), a
 process worker and the noop shard deployment (deployment fan-out), a task worker serving the noop
@@ -253,6 +255,9 @@ def main() -> None:
     ap.add_argument("--shards-per-run", default="1,16",
                     help="deployment: execution.shards_per_run values to measure (default 1,16)")
     ap.add_argument("--s3-rtt-ms", type=float, default=20.0, help="the status's third row: each S3 request held this long")
+    ap.add_argument("--database-url", default=os.environ.get("M3PO_BENCH_DATABASE_URL"),
+                    help="the server's database, an empty PostgreSQL one, e.g. postgresql+asyncpg://prefect@127.0.0.1:5432/"
+                         "prefect (default: SQLite under the bench's folder; also M3PO_BENCH_DATABASE_URL)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
@@ -270,13 +275,14 @@ def main() -> None:
 
     from m3po.flows import noop_stage
 
+    database = _database_name(args.database_url)
     t_start = time.time()
     procs = []
     results, status = [], []
     try:
-        server, url = pl.start_server(home, work / "server.log")
+        server, url = pl.start_server(home, work / "server.log", args.database_url)
         procs.append(server)
-        print(f"prefect server {url}; logs under {work}", flush=True)
+        print(f"prefect server {url} on {database}; logs under {work}", flush=True)
         env = pl.worker_env(url, home)
         if "deployment" in modes:
             pl.deploy_noop(url)
@@ -321,7 +327,18 @@ def main() -> None:
           "runs report their states as events over one websocket per process)")
     print(json.dumps({"fan_out": results, "status": status,
                       "settings": {"process_slots": args.process_slots, "task_slots": args.task_slots,
-                                   "poll_seconds": args.poll_seconds, "cpus": os.cpu_count()}}))
+                                   "poll_seconds": args.poll_seconds, "cpus": os.cpu_count(),
+                                   "database": database}}))
+
+
+def _database_name(url: str | None) -> str:
+    """The database as printed: its dialect, host and name, never its credentials."""
+    if not url:
+        return "sqlite"
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return f"{u.get_backend_name()}://{u.host or ''}{':%s' % u.port if u.port else ''}/{u.database or ''}"
 
 
 if __name__ == "__main__":

@@ -60,24 +60,22 @@ def noop_task(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> Sh
     return noop_shard(cfg, store, shard, model_ref)
 
 
-def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str,
-         gpu_slot_held: bool = True) -> dict[str, Any]:
+def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str, slot=None) -> dict[str, Any]:
     """What `m3po.tasks.stage_tasks.run_shard_job` does for real shards (without importing the stages)."""
     import dataclasses
 
-    from m3po.tasks.gpu_slot import gpu_slot
-
     cfg = config_from_dict(config)
     store = RunStore(root, run_id)
-    with shard_lease(store, STAGE, shard, cfg.execution.lease_seconds), \
-            gpu_slot(cfg.execution.gpu_concurrency_limit if gpu_slot_held else None):
+    with shard_lease(store, STAGE, shard, cfg.execution.lease_seconds):
+        if slot is not None:
+            slot.take()
         return dataclasses.asdict(noop_shard(cfg, store, shard, model_ref))
 
 
 @task(name="noop-shard-job", task_run_name="noop-{run_id}-{shard}", cache_policy=NO_CACHE)
 def noop_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
     """execution.shards=task_worker: a background task run, served by `serve_task_worker`."""
-    return _job(config, root, run_id, shard, model_ref, gpu_slot_held=False)
+    return _job(config, root, run_id, shard, model_ref)
 
 
 @flow(name="m3po-noop-shard", flow_run_name="noop-{run_id}-{shard}")
@@ -85,12 +83,15 @@ def noop_shard_flow(config: dict[str, Any], root: str, run_id: str, shard: int, 
                     shards: Optional[list[int]] = None) -> dict[str, Any]:
     """execution.shards=deployment: the entry point of the noop shard deployment (`shards`: a group
     of them, as the real shard flows take)."""
+    from m3po.tasks.gpu_slot import RunSlot
+
     failed = []
-    for s in shards or [shard]:
-        try:
-            _job(config, root, run_id, s, model_ref)
-        except Exception:  # noqa: BLE001 (recorded in its manifest record)
-            failed.append(s)
+    with RunSlot(config_from_dict(config).execution.gpu_concurrency_limit) as slot:  # one slot for the run
+        for s in shards or [shard]:
+            try:
+                _job(config, root, run_id, s, model_ref, slot)
+            except Exception:  # noqa: BLE001 (recorded in its manifest record)
+                failed.append(s)
     if failed:
         raise RuntimeError(f"noop shards {failed} failed")
     return {"shards": shards or [shard]}

@@ -1,8 +1,8 @@
 """Per-shard flows: what a GPU worker runs when shards fan out as deployments.
 
-Each holds one slot of the global concurrency limit `execution.gpu_concurrency_limit` (create it
-with as many slots as GPUs: `prefect gcl create m3po-gpu --limit 8`; absent, no slot is asked for,
-tasks/gpu_slot.py).
+Each run holds one slot of the global concurrency limit `execution.gpu_concurrency_limit` from its
+first shard to its last (create it with as many slots as GPUs: `prefect gcl create m3po-gpu --limit 8`;
+absent, no slot is asked for, tasks/gpu_slot.py).
 A flow run is a process of its own, so it loads its model: with `shards` (the fan-out passes
 `execution.shards_per_run` of them) it computes them one after the other on the model it loaded;
 to keep models loaded across runs, use `execution.shards: task_worker` and `m3po worker` instead

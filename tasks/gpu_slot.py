@@ -8,9 +8,10 @@ be retried after seconds of back-off: measured on 300 noop task-worker shards, 3
 a shard's run and 0.73 s of submission per shard (bench/orchestration_scale.py). So the limit is
 looked up by name first (one read) and, where absent, the shard runs without one. A process keeps
 the answer for LOOKUP_SECONDS, so a limit created during a run applies from then on.
-Limit: with the limit present every shard still writes its acquisition and release; many shards
-at once on SQLite contend for its single writer (a GPU pool's server wants PostgreSQL,
-docs/gpu-work-pool.md).
+A flow run of several shards (`execution.shards_per_run`) holds one slot for all of them
+(`RunSlot`): one acquisition, its renewals and one release per run, not per shard.
+Limit: with the limit present every run still writes its acquisition and release; many at once on
+SQLite contend for its single writer (a GPU pool's server wants PostgreSQL, docs/gpu-work-pool.md).
 """
 from __future__ import annotations
 
@@ -56,3 +57,26 @@ def gpu_slot(name: str | None) -> Iterator[bool]:
 
     with concurrency(name, occupy=1):
         yield True
+
+
+class RunSlot:
+    """The slot of one flow run's shards, which run one after the other on its GPU: `take()` at each
+    shard's start (inside that shard's lease, so a wait for the slot still renews a lease) acquires
+    it the first time; it is released when the `with` block ends, after the run's last shard.
+    `RunSlot(None)` holds nothing."""
+
+    def __init__(self, name: str | None):
+        self.name = name
+        self.held: bool | None = None  # None: not asked yet
+        self._stack = contextlib.ExitStack()
+
+    def take(self) -> bool:
+        if self.held is None:
+            self.held = self._stack.enter_context(gpu_slot(self.name))
+        return self.held
+
+    def __enter__(self) -> "RunSlot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()

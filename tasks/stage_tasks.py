@@ -16,7 +16,7 @@ from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.stages import base_models, evaluate as evaluate_step, prompts, sample, score, select, train as train_step
 from m3po_core.stages.runner import ShardResult, shard_lease
 from m3po_core.store import RunStore
-from m3po.tasks.gpu_slot import gpu_slot
+from m3po.tasks.gpu_slot import RunSlot
 
 
 def _info(msg: str) -> None:
@@ -76,32 +76,36 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str) -> dict[str, Any]:
 # scheduling storage, so no live object (file system, model) and no credential goes with them.
 
 def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str, run_id: str,
-                  shard: int, ref: str, gpu_slot_held: bool = True) -> dict[str, Any]:
-    """Hold one slot of the global concurrency limit (one per GPU; where the server has it) while the
-    shard computes; the shard's lease is renewed from the start, so the wait for a slot does not read
-    as a dead worker. `gpu_slot_held=False` (task workers): the worker's own `--limit` is its GPUs."""
+                  shard: int, ref: str, slot: RunSlot | None = None) -> dict[str, Any]:
+    """Compute one shard under its lease. `slot`: the run's GPU slot (tasks/gpu_slot.py), taken
+    inside the lease, so the wait for a slot does not read as a dead worker; None (task workers):
+    none, the worker's own `--limit` is its GPUs."""
     cfg = config_from_dict(config)
     store = RunStore(root, run_id)
-    with shard_lease(store, stage, shard, cfg.execution.lease_seconds), \
-            gpu_slot(cfg.execution.gpu_concurrency_limit if gpu_slot_held else None):
+    with shard_lease(store, stage, shard, cfg.execution.lease_seconds):
+        if slot is not None:
+            slot.take()
         return dataclasses.asdict(stage_fn(cfg, store, shard, ref))
 
 
 def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str,
                     run_id: str, shards: list[int], ref: str) -> dict[str, Any]:
-    """Several shards in one run (`execution.shards_per_run`), one after the other in this process,
-    so its models load once (`m3po_core.components` keeps them). A shard that fails is recorded in
-    its manifest record and the others still run; then the run fails naming the failed shards."""
+    """A deployment's flow run: its shards (`execution.shards_per_run`) one after the other in this
+    process, so its models load once (`m3po_core.components` keeps them), on one slot of the global
+    concurrency limit (one per GPU, where the server has it) held from the first shard to the last.
+    A shard that fails is recorded in its manifest record and the others still run; then the run
+    fails naming the failed shards."""
     from m3po_core.errors import M3POError
 
-    if len(shards) == 1:  # a run of one shard fails with the shard's own error
-        return {"shards": {shards[0]: run_shard_job(stage_fn, stage, config, root, run_id, shards[0], ref)}}
-    done, failed = {}, {}
-    for shard in shards:
-        try:
-            done[shard] = run_shard_job(stage_fn, stage, config, root, run_id, shard, ref)
-        except Exception as e:  # noqa: BLE001 (its record has the error; the fan-out reads it there)
-            failed[shard] = f"{type(e).__name__}: {e}"
+    with RunSlot(config_from_dict(config).execution.gpu_concurrency_limit) as slot:
+        if len(shards) == 1:  # a run of one shard fails with the shard's own error
+            return {"shards": {shards[0]: run_shard_job(stage_fn, stage, config, root, run_id, shards[0], ref, slot)}}
+        done, failed = {}, {}
+        for shard in shards:
+            try:
+                done[shard] = run_shard_job(stage_fn, stage, config, root, run_id, shard, ref, slot)
+            except Exception as e:  # noqa: BLE001 (its record has the error; the fan-out reads it there)
+                failed[shard] = f"{type(e).__name__}: {e}"
     if failed:
         raise M3POError(f"{stage}: {len(failed)} of {len(shards)} shards of this run failed: "
                         + "; ".join(f"shard {s}: {m}" for s, m in failed.items()))
@@ -111,12 +115,12 @@ def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: di
 @task(name="sample-shard-job", task_run_name="sample-{run_id}-{shard}", cache_policy=NO_CACHE)
 def sample_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
     # a task worker serves one GPU (`m3po worker --limit` shards at once): no pool-wide slot besides
-    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref, gpu_slot_held=False)
+    return run_shard_job(sample.sample_shard, "candidates", config, root, run_id, shard, model_ref)
 
 
 @task(name="score-shard-job", task_run_name="score-{run_id}-{shard}", cache_policy=NO_CACHE)
 def score_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, clip_ref: str) -> dict[str, Any]:
-    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref, gpu_slot_held=False)
+    return run_shard_job(score.score_shard, "scores", config, root, run_id, shard, clip_ref)
 
 
 @task(name="evaluate-base", cache_policy=NO_CACHE)

@@ -46,13 +46,16 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise RuntimeError(f"no Prefect server at {url} after {timeout:.0f}s")
 
 
-def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """A fresh server (its own database under `home`) on a free port, its access log in `log`."""
+def start_server(home: Path, log: Path, database_url: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A fresh server on a free port, its access log in `log`; its database: SQLite under `home`,
+    or `database_url` (e.g. postgresql+asyncpg://user@127.0.0.1:5432/prefect, an empty database)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_LOGGING_LEVEL": "INFO",  # uvicorn's access log: one line per request
            "PREFECT_UI_ENABLED": "false"}
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     wait_healthy(url, proc)

@@ -85,3 +85,36 @@ def test_a_deployment_shard_waits_for_its_slot_and_a_task_worker_shard_takes_non
         holder.join()
     flow_run.join(120)
     assert not flow_run.is_alive() and done(1) and _active_slots(name) == 0
+
+
+def test_a_run_of_several_shards_holds_one_slot_from_its_first_shard_to_its_last(tmp_path, monkeypatch):
+    """`execution.shards_per_run`: the run's shards compute one after the other on its GPU, so the
+    slot is acquired once and released once per run, not per shard; each shard computes holding it."""
+    from pathlib import Path
+
+    from prefect_loopback import RequestCounter
+
+    from m3po.tasks.stage_tasks import run_shard_group
+    from m3po_core.config import load_config
+    from m3po_core.stages.runner import ShardResult
+
+    monkeypatch.setattr(gs, "LOOKUP_SECONDS", 0.0)
+    name = f"gpu-{uuid.uuid4().hex[:8]}"
+    _create(name, limit=1)
+    config = load_config(Path(__file__).parent / "tiny.yaml", [f"execution.gpu_concurrency_limit={name}"]).to_dict()
+    seen = []
+
+    def stage_fn(cfg, store, shard, ref):
+        seen.append((shard, _active_slots(name)))
+        if shard == 1:
+            raise ValueError("shard 1 fails; the run goes on")
+        return ShardResult(stage="noop", shard=shard, rows=0, cached=False, seconds=0.0)
+
+    with RequestCounter().counting() as counter:
+        with pytest.raises(Exception, match="1 of 3 shards"):
+            run_shard_group(stage_fn, "noop", config, str(tmp_path), "slots", [0, 1, 2], "ref")
+    assert seen == [(0, 1), (1, 1), (2, 1)]
+    routes = counter.by_route()
+    assert routes["POST /v2/concurrency_limits/increment-with-lease"] == 1
+    assert routes["POST /v2/concurrency_limits/decrement-with-lease"] == 1
+    assert _active_slots(name) == 0
