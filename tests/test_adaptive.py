@@ -91,7 +91,10 @@ def test_adaptive_rounds_draw_the_fixed_n_candidates_and_stop_early(root):
 
     want, got = shard_tables(fixed), shard_tables(adaptive)
     assert set(got) <= set(want) and result.rows == len(got)
-    assert all(got[k] == want[k] for k in got)  # same tokens, seeds and MAS at the same indices
+    # same tokens and seeds at the same indices; the same MAS up to float32 rounding: a round scores
+    # 4 candidates per CLIP batch where fixed N scores 12, and some CPUs' kernels round by batch shape
+    assert all(got[k][:2] == want[k][:2] for k in got)
+    assert all(got[k][2] == pytest.approx(want[k][2], abs=1e-6) for k in got)
     per_prompt: dict[str, int] = {}
     for p, _ in got:
         per_prompt[p] = per_prompt.get(p, 0) + 1
