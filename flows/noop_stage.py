@@ -7,8 +7,9 @@ The shard's reference (the `model_ref` a real sampling shard gets) says how it e
 "fail:3,7" (those shards raise; "fail-once:3" on its first attempt only), "crash:5" (that shard's process exits at once, as a killed
 worker would; only where a shard has a process of its own: execution.shards=deployment) and
 "crash-once:5" (SIGKILL of the shard's process, a task worker's too, on its first attempt only).
-A deployment shard holds a slot of `execution.gpu_concurrency_limit` while it runs, as real ones do
-(a task worker's shards do not: its `--limit` is its GPUs).
+Its shard jobs are the real ones' (tasks/shard_jobs.py): a deployment run holds a slot of
+`execution.gpu_concurrency_limit` from its first shard to its last (a task worker's shards hold
+none: its `--limit` is its GPUs).
 Limit: nothing is computed, so the figures are the orchestration's cost alone, not a stage's.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from m3po.flows import busy_api
-from m3po_core.config import RunConfig, config_from_dict
-from m3po_core.stages.runner import ShardResult, run_shard, shard_lease
+from m3po_core.config import RunConfig
+from m3po_core.stages.runner import ShardResult, run_shard
 from m3po_core.store import RunStore
+from m3po.tasks.shard_jobs import run_shard_group, run_shard_job
 
 busy_api.install()  # as flows/shards.py: a shard's flow-run process retries a busy server soon
 STAGE = "noop"
@@ -60,22 +62,10 @@ def noop_task(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> Sh
     return noop_shard(cfg, store, shard, model_ref)
 
 
-def _job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str, slot=None) -> dict[str, Any]:
-    """What `m3po.tasks.stage_tasks.run_shard_job` does for real shards (without importing the stages)."""
-    import dataclasses
-
-    cfg = config_from_dict(config)
-    store = RunStore(root, run_id)
-    with shard_lease(store, STAGE, shard, cfg.execution.lease_seconds):
-        if slot is not None:
-            slot.take()
-        return dataclasses.asdict(noop_shard(cfg, store, shard, model_ref))
-
-
 @task(name="noop-shard-job", task_run_name="noop-{run_id}-{shard}", cache_policy=NO_CACHE)
 def noop_shard_job(config: dict[str, Any], root: str, run_id: str, shard: int, model_ref: str) -> dict[str, Any]:
     """execution.shards=task_worker: a background task run, served by `serve_task_worker`."""
-    return _job(config, root, run_id, shard, model_ref)
+    return run_shard_job(noop_shard, STAGE, config, root, run_id, shard, model_ref)
 
 
 @flow(name="m3po-noop-shard", flow_run_name="noop-{run_id}-{shard}")
@@ -83,18 +73,7 @@ def noop_shard_flow(config: dict[str, Any], root: str, run_id: str, shard: int, 
                     shards: Optional[list[int]] = None) -> dict[str, Any]:
     """execution.shards=deployment: the entry point of the noop shard deployment (`shards`: a group
     of them, as the real shard flows take)."""
-    from m3po.tasks.gpu_slot import RunSlot
-
-    failed = []
-    with RunSlot(config_from_dict(config).execution.gpu_concurrency_limit) as slot:  # one slot for the run
-        for s in shards or [shard]:
-            try:
-                _job(config, root, run_id, s, model_ref, slot)
-            except Exception:  # noqa: BLE001 (recorded in its manifest record)
-                failed.append(s)
-    if failed:
-        raise RuntimeError(f"noop shards {failed} failed")
-    return {"shards": shards or [shard]}
+    return run_shard_group(noop_shard, STAGE, config, root, run_id, shards or [shard], model_ref)
 
 
 def register(deployment: str = "m3po-noop-shard/noop") -> list[str]:

@@ -16,7 +16,7 @@ from prefect import flow
 
 from m3po.flows import busy_api
 from m3po_core.stages import sample, score
-from m3po.tasks.stage_tasks import run_shard_group
+from m3po.tasks.shard_jobs import run_shard_group
 
 # this module is what a shard's flow-run process loads before its engine talks to the API: from here
 # on its Prefect clients retry a busy (SQLite) server's 503s soon (flows/busy_api.py)

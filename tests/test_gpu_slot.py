@@ -94,7 +94,7 @@ def test_a_run_of_several_shards_holds_one_slot_from_its_first_shard_to_its_last
 
     from prefect_loopback import RequestCounter
 
-    from m3po.tasks.stage_tasks import run_shard_group
+    from m3po.tasks.shard_jobs import run_shard_group
     from m3po_core.config import load_config
     from m3po_core.stages.runner import ShardResult
 
