@@ -2,6 +2,7 @@
 
 Layout:
     prompts/shard-00000.parquet ...      candidates/shard-*.parquet    scores/shard-*.parquet
+    rounds/{candidates,scores}-rNN/      adaptive sampling's rounds (round_stage), each a sharded stage
     {stage}/_manifest/shard-00000.json   one record per shard: state, key, rows, sha256, error,
                                          unrated, attempts (rows a judge could not rate: re-runs
                                          retry them until RATING_ATTEMPTS attempts)
@@ -220,6 +221,28 @@ class RunStore:
         found = self._cat_many(files)
         return [json.loads(found[f]) for f in files if f in found]
 
+    def round_stages(self, kind: str) -> list[str]:
+        """The adaptive rounds' stages of this kind ("candidates" or "scores") the run has, in round
+        order: rounds/scores-r00, rounds/scores-r01, ... (m3po_core/stages/adaptive_rounds.py)."""
+        found = _retry(lambda: self.fs.glob(self.path(f"rounds/{kind}-r*")), f"rounds/{kind}-r*")
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found}
+        return sorted(f"rounds/{n}" for n in names if re.fullmatch(rf"{kind}-r\d+", n))
+
+    def manifest_versions(self, stage: str) -> dict[int, str]:
+        """shard -> a version of its record, from one listing and no reads: the object's ETag on
+        object stores, its inode and modification time on a local disk. A record rewritten gets a new
+        version, so a reader that keeps the records it has read re-reads only what changed."""
+        pattern = self.path(f"{stage}/_manifest/shard-*.json")
+        listed = _retry(lambda: self.fs.glob(pattern, detail=True), pattern)
+        out = {}
+        for path, info in listed.items():
+            m = re.search(r"shard-(\d+)\.json$", path)
+            if m:
+                # a local record is renamed into place whole: a new inode each time it is written
+                stamp = info.get("ETag") or info.get("LastModified") or f"{info.get('ino')}:{info.get('mtime')}"
+                out[int(m.group(1))] = f"{info.get('size')}:{stamp}"
+        return out
+
     @staticmethod
     def lease_rel(stage: str, shard: int) -> str:
         return f"{stage}/_leases/shard-{shard:05d}.json"
@@ -382,6 +405,11 @@ class CellStore(RunStore):
         if rel.startswith(self.SHARED):
             return self.run.path(rel)
         return super().path(rel)
+
+
+def round_stage(kind: str, r: int) -> str:
+    """`rounds/candidates-r00`, `rounds/scores-r03`, ...: adaptive round r's stage in the store."""
+    return f"rounds/{kind}-r{r:02d}"
 
 
 def open_url(url: str, mode: str = "rb"):

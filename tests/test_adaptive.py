@@ -9,9 +9,8 @@ import pytest
 from m3po_core.adaptive import n_rounds, round_span, settled
 from m3po_core.config import load_config
 from m3po_core.stages import base_models, prompts as prompts_step, sample
-from m3po_core.stages.adaptive_rounds import round_stage
 from m3po_core.stages.select import shard_candidates_with_scores
-from m3po_core.store import RunStore
+from m3po_core.store import RunStore, round_stage
 
 TINY = Path(__file__).parent / "tiny.yaml"
 
@@ -110,7 +109,7 @@ def test_adaptive_rounds_draw_the_fixed_n_candidates_and_stop_early(root):
     assert firsts == 4 * len(per_prompt) and seconds == 4 * sum(v > 4 for v in per_prompt.values())
 
 
-def test_an_interrupted_shard_resumes_at_its_round_and_a_larger_n_samples_only_what_is_new(root, monkeypatch):
+def test_an_interrupted_shard_resumes_at_its_round_and_a_larger_n_samples_only_what_is_new(root, monkeypatch, capsys):
     from m3po_core.stages import adaptive_rounds
 
     store = RunStore(str(root), "resume")
@@ -132,6 +131,17 @@ def test_an_interrupted_shard_resumes_at_its_round_and_a_larger_n_samples_only_w
     assert store.shard_entry(round_stage("candidates", 0), 0)["state"] == "complete"
     assert store.shard_entry(round_stage("candidates", 1), 0)["state"] == "failed"
     assert store.shard_entry("candidates", 0) is None
+    # `m3po status` shows where the shard stopped: round 0 done, round 1 failed, nothing published
+    from m3po.flows.status import status
+
+    capsys.readouterr()
+    assert status(str(root), "resume") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("candidates ") and "missing=3" in line for line in printed)
+    assert any(line.startswith("rounds/candidates-r00") and "1 shards reached this round  complete=1" in line
+               for line in printed)
+    r01 = next(i for i, line in enumerate(printed) if line.startswith("rounds/candidates-r01"))
+    assert "failed=1" in printed[r01] and "KeyboardInterrupt" in printed[r01 + 1]
     calls.clear()
     scored0 = store.shard_entry(round_stage("scores", 0), 0)
     run_shard0(cfg, store)
@@ -168,6 +178,18 @@ def test_the_pipeline_samples_adaptively_and_reports_what_it_drew(root, capsys):
     assert f"candidates per prompt: up to {cfg.sampling.n} " in report  # not N for every prompt
     assert f"judge spend: {drawn} of 100000 requests" in report  # one reference rating per candidate
     assert out["pairs"]["pairs"] > 0 and drawn < 24 * 12
+    # the viewer lists every round with the shards that reached it, all complete here
+    from viewer_server import get, serving
+
+    reached = {stage: len(store.manifest(stage)) for stage in store.round_stages("candidates")}
+    assert reached["rounds/candidates-r00"] == 3 and len(reached) >= 2
+    with serving(str(root), "flow") as url:
+        code, page = get(url + "/")
+    assert code == 200
+    for stage, n in reached.items():
+        for kind in ("candidates", "scores"):
+            section = page.split(f'id="stage-{stage.replace("candidates", kind).replace("/", "-")}"')[1].split("</section>")[0]
+            assert f"{n} shards reached this round" in section and f"complete: {n}" in section
 
 
 def test_the_judge_budget_ends_the_rounds_and_a_larger_budget_goes_on(root):

@@ -30,15 +30,10 @@ from m3po_core.stages import base_models
 from m3po_core.stages.prompts import load_shard_images, read_prompts_shard, validate_prompts
 from m3po_core.stages.runner import ShardResult, device_slot, fingerprint, run_shard, stage_key
 from m3po_core.stages.score import score_table
-from m3po_core.store import RunStore
+from m3po_core.store import RunStore, round_stage
 
 log = logging.getLogger("m3po.stages")
 ORDER = [("prompt_id", "ascending"), ("cand_idx", "ascending")]
-
-
-def round_stage(kind: str, r: int) -> str:
-    """`rounds/candidates-r00`, `rounds/scores-r03`, ...: round r's stage in the store."""
-    return f"rounds/{kind}-r{r:02d}"
 
 
 def sample_and_score_shard(cfg: RunConfig, store: RunStore, shard: int, model_ref: str) -> ShardResult:

@@ -70,11 +70,34 @@ def sharded_stages(store: RunStore) -> list[tuple[str, int]]:
     return [("candidates", n), ("scores", n)]
 
 
-def stage_summary(store: RunStore, stage: str, n: int) -> dict[str, Any]:
+def round_stages(store: RunStore) -> list[str]:
+    """An adaptive run's round stages, by round: rounds/candidates-r00, rounds/scores-r00, ..."""
+    cands, scores = store.round_stages("candidates"), store.round_stages("scores")
+    return sorted(cands + scores, key=lambda s: (s.rsplit("-r", 1)[-1], s.startswith("rounds/scores")))
+
+
+def round_entries(store: RunStore, stage: str, done: set[int]) -> dict[int, dict[str, Any]]:
+    """The records of the shards that reached this round. A shard whose candidates are published
+    has finished all its rounds, so its round records stand complete unread (an adaptive run's
+    status costs one listing per round, plus a read per shard still in its rounds)."""
+    listed = store.manifest_versions(stage)
+    entries = {s: {"shard": s, "state": COMPLETE} for s in listed if s in done}
+    entries.update(store.shard_entries(stage, [s for s in listed if s not in done]))
+    return entries
+
+
+def published(entries: dict[int, dict[str, Any]]) -> set[int]:
+    return {s for s, e in entries.items() if e.get("state") == COMPLETE}
+
+
+def stage_summary(store: RunStore, stage: str, n: int, entries: dict[int, dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
     """A stage's shards by state: counts, each failed shard with its error, each complete shard with
-    unrated candidates, and the running and missing shards."""
-    entries = {e["shard"]: e for e in store.manifest(stage)}
-    states = {i: entries.get(i, {}).get("state", "missing") for i in range(n)}
+    unrated candidates, and the running and missing shards. With `entries` (an adaptive round's,
+    `round_entries`), the shards are those and `n` their number: none is missing."""
+    shards = range(n) if entries is None else sorted(entries)
+    entries = {e["shard"]: e for e in store.manifest(stage)} if entries is None else entries
+    states = {i: entries.get(i, {}).get("state", "missing") for i in shards}
     counts: dict[str, int] = {}
     for s in states.values():
         counts[s] = counts.get(s, 0) + 1
