@@ -202,6 +202,8 @@ class ShardPoll:
         self.count_calls = 0  # of those, the "still waiting" counts
         self.lease_calls = 0  # and the state reads of the lease checks (one per lease_seconds / 2)
         self.submitted_in = 0.0  # seconds the submission took (set by remote_shards)
+        self.store_versions: dict[int, str] = {}  # shard -> its record's version when complete_in_store last read it
+        self.store_entries: dict[int, dict[str, Any]] = {}  # and the record it read
 
     def _filter(self, ids: list[UUID], types: list[StateType] | None) -> dict[str, Any]:
         from prefect.client.schemas import filters as f
@@ -287,9 +289,15 @@ def complete_in_store(store: RunStore, stage: str, poll: ShardPoll, started: flo
     """Outstanding runs (by first shard) all of whose shards the store holds complete, written since
     the fan-out started: their shards' results. The store is the shards' truth; Prefect's server can
     record a task run's final state late or never (3.7's task-run recorder failed on its natural-key
-    alias here, and 20 of 3,000 noop runs never ended on the server). One read of their records."""
+    alias here, and 20 of 3,000 noop runs never ended on the server). One listing of the stage's
+    records, then a read of those of outstanding shards whose listed version is new since the last check."""
     jobs = list(poll.outstanding.values())
-    entries = store.shard_entries(stage, sorted(s for job in jobs for s in poll.jobs[job]))
+    versions = store.manifest_versions(stage)
+    changed = sorted(s for job in jobs for s in poll.jobs[job]
+                     if s in versions and poll.store_versions.get(s) != versions[s])
+    poll.store_entries.update(store.shard_entries(stage, changed))
+    poll.store_versions.update({s: versions[s] for s in changed})
+    entries = poll.store_entries
     out = {}
     for job in jobs:
         got = {s: entries.get(s) or {} for s in poll.jobs[job]}

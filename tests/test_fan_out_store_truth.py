@@ -49,3 +49,40 @@ def test_shards_complete_in_the_store_end_a_fan_out_whose_runs_never_end(tmp_pat
     with get_client(sync_client=True) as client:
         states = {client.read_task_run(run_id).state_type for run_id in poll.runs.values()}
     assert states <= {StateType.SCHEDULED, StateType.PENDING}  # the server never saw them end
+
+
+def test_the_store_check_reads_again_only_the_records_that_changed(tmp_path):
+    """At thousands of outstanding shards the check runs every half lease while nothing ends: one
+    listing, and a read of only the records written since the last check."""
+    import uuid
+
+    store = RunStore(str(tmp_path), "truth")
+    runs = {s: uuid.uuid4() for s in range(0, 40, 2)}
+    poll = remote_shards.ShardPoll(None, "task", runs, jobs={s: [s, s + 1] for s in runs})
+    reads: list[list[int]] = []
+    real = store.shard_entries
+    store.shard_entries = lambda stage, shards: reads.append(sorted(shards)) or real(stage, shards)
+    started = time.time()
+    for shard in range(10):
+        store.mark_shard("noop", shard, "running", "k")
+    assert remote_shards.complete_in_store(store, "noop", poll, started, 1.0) == {}
+    assert reads == [list(range(10))]  # the shards with a record; the other 30 have none to read
+    assert remote_shards.complete_in_store(store, "noop", poll, started, 1.0) == {}
+    assert reads[-1] == []  # nothing changed: nothing read
+    store.publish_shard("noop", 4, noop_table(), noop_schema(), "k")
+    store.publish_shard("noop", 5, noop_table(), noop_schema(), "k")
+    store.publish_shard("noop", 7, noop_table(), noop_schema(), "k")  # its run's shard 6 still running
+    done = remote_shards.complete_in_store(store, "noop", poll, started, 1.0)
+    assert reads[-1] == [4, 5, 7] and list(done) == [4] and sorted(done[4]) == [4, 5]
+
+
+def noop_table():
+    import pyarrow as pa
+
+    return pa.table({"x": [1]}, schema=noop_schema())
+
+
+def noop_schema():
+    import pyarrow as pa
+
+    return pa.schema([("x", pa.int64())])
