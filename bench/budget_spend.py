@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,25 +65,6 @@ def measure(root: str, n: int, label: str) -> dict:
     return row
 
 
-def moto(port: int):
-    import boto3
-
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
-    for attempt in range(120):
-        try:
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="m3po-bench")
-            return proc
-        except Exception:  # noqa: BLE001 (not up yet)
-            if attempt == 119:
-                proc.kill()
-                raise
-            time.sleep(0.5)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="300,3000")
@@ -98,9 +77,10 @@ def main() -> None:
     if "local" in stores:
         rows += [measure(str(work / f"local-{n}"), n, "local") for n in sizes]
     if "s3" in stores:
+        from flaky_s3 import start_moto
         from prefect_loopback import free_port, stop
 
-        server = moto(free_port())
+        server, _ = start_moto("m3po-bench", free_port())
         try:
             rows += [measure(f"s3://m3po-bench/spend-{n}", n, "s3 loopback") for n in sizes]
         finally:

@@ -198,30 +198,16 @@ def status_figures(root: str, run_id: str, n: int, where: str) -> dict:
 def status_bench(work: Path, n: int, rtt_ms: float) -> list[dict]:
     """Local; s3:// on moto's server (its own process) on loopback; and the same through a proxy
     holding each request rtt_ms (an object store's round trip, which loopback lacks)."""
-    import boto3
     import s3fs
-    from flaky_s3 import FlakyS3Proxy
+    from flaky_s3 import FlakyS3Proxy, start_moto
     from prefect_loopback import free_port, stop
 
     rows = []
     _synthetic_run(str(work / "runs"), f"status-{n}", n)
     rows.append(status_figures(str(work / "runs"), f"status-{n}", n, "local"))
-    port = free_port()
-    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto, endpoint = start_moto("m3po-bench", free_port())
     proxy = None
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
-        for attempt in range(120):
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="m3po-bench")
-                break
-            except Exception:  # noqa: BLE001 (not up yet)
-                if attempt == 119:
-                    raise
-                time.sleep(0.5)
         s3fs.S3FileSystem.clear_instance_cache()
         t = time.time()
         _synthetic_run("s3://m3po-bench/runs", f"status-{n}", n)

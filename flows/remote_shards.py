@@ -294,7 +294,7 @@ def complete_in_store(store: RunStore, stage: str, poll: ShardPoll, started: flo
     jobs = list(poll.outstanding.values())
     versions = store.manifest_versions(stage)
     changed = sorted(s for job in jobs for s in poll.jobs[job]
-                     if s in versions and poll.store_versions.get(s) != versions[s])
+                     if s in versions and (versions[s] is None or poll.store_versions.get(s) != versions[s]))
     poll.store_entries.update(store.shard_entries(stage, changed))
     poll.store_versions.update({s: versions[s] for s in changed})
     entries = poll.store_entries

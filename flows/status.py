@@ -3,9 +3,9 @@
 Per stage, one line of counts by state (`candidates  3000 shards  complete=2990 failed=7 missing=3`),
 then the failed shards grouped by their error (`shard 12: ...` or `shards 40-44 (5): ...`), the
 complete shards with candidates the judge left unrated, grouped the same way, and the running and
-missing shards as ranges; then an adaptive run's rounds (the shards that reached each; only those still in their rounds
-are read), then the run's later steps. A stage's manifest is read with one listing
-and concurrent reads of its records (RunStore.manifest), so an s3:// run of 3,000 shards per stage
+missing shards as ranges; then an adaptive run's rounds (the shards that reached each; only the
+records of shards still in their rounds are read), then the run's later steps. A stage's manifest
+is read with one listing and concurrent reads of its records (RunStore.manifest), so an s3:// run of 3,000 shards per stage
 is a few listings and a few hundred concurrent GETs, not 6,000 round trips one after the other.
 Limit: MAX_GROUPS error groups and MAX_RANGES ranges per stage unless `--all`.
 """
@@ -92,16 +92,10 @@ def status(root: str, run_id: str, show_all: bool = False) -> int:
     if not store.exists("prompts/_stage.json"):
         print(f"m3po: no run {run_id!r} under {root}", file=sys.stderr)
         return 2
-    from m3po_core.viewer.run_data import published, round_entries, round_stages, sharded_stages
+    from m3po_core.viewer.run_data import stage_records
 
-    done: set[int] = set()
-    for stage, n in sharded_stages(store):
-        entries = {e["shard"]: e for e in store.manifest(stage)}
-        done = published(entries) if stage == "candidates" else done
-        print("\n".join(stage_lines(stage, n, entries, show_all)))
-    for stage in round_stages(store):  # adaptive sampling: where the shards still in their rounds are
-        entries = round_entries(store, stage, done)
-        print("\n".join(stage_lines(stage, len(entries), entries, show_all, round_of=True)))
+    for stage, n, entries, round_of in stage_records(store):
+        print("\n".join(stage_lines(stage, n, entries, show_all, round_of)))
     if store.exists("config.json"):
         from m3po_core.config import config_from_dict
         from m3po_core.scoring.budget import spend_line

@@ -38,6 +38,7 @@ from fsspec.core import url_to_fs
 from m3po_core.errors import ArgumentError, InputError
 
 log = logging.getLogger("m3po.store")
+VERSION_FIELDS = ("ETag", "etag", "generation", "version_id", "LastModified", "last_modified", "updated")
 T = TypeVar("T")
 
 COMPLETE, FAILED, RUNNING = "complete", "failed", "running"
@@ -228,10 +229,11 @@ class RunStore:
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found}
         return sorted(f"rounds/{n}" for n in names if re.fullmatch(rf"{kind}-r\d+", n))
 
-    def manifest_versions(self, stage: str) -> dict[int, str]:
-        """shard -> a version of its record, from one listing and no reads: the object's ETag on
-        object stores, its inode and modification time on a local disk. A record rewritten gets a new
-        version, so a reader that keeps the records it has read re-reads only what changed."""
+    def manifest_versions(self, stage: str) -> dict[int, str | None]:
+        """shard -> a version of its record, from one listing and no reads: the object's ETag (or
+        generation) on object stores, its inode and modification time on a local disk; None where
+        the file system's listing has none (the record must then be read). A record rewritten gets
+        a new version, so a reader that keeps the records it has read re-reads only what changed."""
         pattern = self.path(f"{stage}/_manifest/shard-*.json")
         listed = _retry(lambda: self.fs.glob(pattern, detail=True), pattern)
         out = {}
@@ -239,8 +241,9 @@ class RunStore:
             m = re.search(r"shard-(\d+)\.json$", path)
             if m:
                 # a local record is renamed into place whole: a new inode each time it is written
-                stamp = info.get("ETag") or info.get("LastModified") or f"{info.get('ino')}:{info.get('mtime')}"
-                out[int(m.group(1))] = f"{info.get('size')}:{stamp}"
+                local = f"{info['ino']}:{info['mtime']}" if "ino" in info and "mtime" in info else None
+                stamp = next((info[k] for k in VERSION_FIELDS if info.get(k)), None) or local
+                out[int(m.group(1))] = None if stamp is None else f"{info.get('size')}:{stamp}"
         return out
 
     @staticmethod

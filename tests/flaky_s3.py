@@ -99,3 +99,30 @@ class FlakyS3Proxy:
     def close(self) -> None:
         self.server.shutdown()
         self.client.close()
+
+
+def start_moto(bucket: str, port: int) -> tuple["subprocess.Popen", str]:
+    """moto's S3 server in a process of its own on loopback, with `bucket`; the AWS_* variables
+    point botocore (and so s3fs) at it. (process, endpoint URL); stop it with prefect_loopback.stop."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    for attempt in range(120):
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+            return proc, endpoint
+        except Exception:  # noqa: BLE001 (not up yet)
+            if attempt == 119:
+                proc.kill()
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")

@@ -30,7 +30,7 @@ def test_the_run_spend_reads_again_only_the_records_that_changed(where, tmp_path
     store = RunStore(root, "run")
     for shard in range(40):
         spent(store, "scores", shard, 2)
-    spent(store, "scores", 40, 9, state="running")  # not finished: not counted, read again next time
+    spent(store, "scores", 40, 9, state="running")  # not finished: not counted
     reads = counting(store)
 
     first = run_spend(store)
@@ -39,7 +39,7 @@ def test_the_run_spend_reads_again_only_the_records_that_changed(where, tmp_path
 
     reads.clear()
     assert run_spend(store)["requests"] == 80
-    assert reads == [("scores", [40])]  # the running record only: the 40 complete ones are known
+    assert reads == [("scores", [])]  # no record changed: none read
 
     reads.clear()
     spent(store, "scores", 7, 5)         # a retried shard's record, rewritten with its new usage
@@ -55,3 +55,17 @@ def test_the_run_spend_reads_again_only_the_records_that_changed(where, tmp_path
     whole = sum(e["judge_usage"]["requests"] for e in store.manifest("scores") if e["state"] == "complete")
     whole += sum(e["judge_usage"]["requests"] for e in store.manifest(round_stage("scores", 1)) if e["shard"] not in scored)
     assert after["requests"] == whole
+
+
+def test_a_file_system_whose_listing_has_no_version_is_read_every_time():
+    """fsspec's memory:// lists no ETag, inode or modification time: nothing can be known unchanged,
+    so every record is read again and a rewritten one is never served stale."""
+    store = RunStore("memory://m3po-spend-test", "run")
+    assert set(store.manifest_versions("scores").values()) <= {None}
+    spent(store, "scores", 0, 2)
+    reads = counting(store)
+    assert store.manifest_versions("scores") == {0: None}
+    assert run_spend(store)["requests"] == 2
+    spent(store, "scores", 0, 7)
+    assert run_spend(store)["requests"] == 7
+    assert reads == [("scores", [0]), ("scores", [0])]

@@ -27,9 +27,9 @@ PROBE = 8   # a cost budget's first call, before any cost per candidate is measu
 SPENT = ("requests", "prompt_tokens", "completion_tokens", "cost")
 
 
-# stage manifest/shard -> (its record's version in the listing, the record): a process re-reads only the records that
-# changed since it last looked, so a shard's start costs one listing per stage, not a read of every
-# record (at 3,000 shards, 3,000 reads per shard). Complete records only: ~1 KB each.
+# stage manifest/shard -> (its record's version in the listing, the record): a process re-reads only
+# the records that changed since it last looked, so a shard's start costs one listing per stage, not
+# a read of every record (at 3,000 shards, 3,000 reads per shard). ~1 KB per record the process saw.
 _SEEN: dict[str, tuple[str, dict[str, Any]]] = {}
 
 
@@ -37,20 +37,11 @@ def complete_records(store: RunStore, stage: str) -> dict[int, dict[str, Any]]:
     """shard -> the stage's complete records, read only where the listing shows a new version."""
     versions = store.manifest_versions(stage)
     where = store.url(f"{stage}/_manifest")
-    out, stale = {}, []
-    for shard, version in versions.items():
-        seen = _SEEN.get(f"{where}/{shard}")
-        if seen and seen[0] == version:
-            out[shard] = seen[1]
-        else:
-            stale.append(shard)
+    stale = [s for s, v in versions.items() if v is None or _SEEN.get(f"{where}/{s}", (None,))[0] != v]
     for shard, record in store.shard_entries(stage, stale).items():
-        if record.get("state") == COMPLETE:
-            _SEEN[f"{where}/{shard}"] = (versions[shard], record)
-            out[shard] = record
-        else:
-            _SEEN.pop(f"{where}/{shard}", None)
-    return {s: r for s, r in sorted(out.items()) if r.get("state") == COMPLETE}
+        _SEEN[f"{where}/{shard}"] = (versions[shard], record)
+    records = {s: _SEEN[f"{where}/{s}"][1] for s in sorted(versions) if f"{where}/{s}" in _SEEN}
+    return {s: r for s, r in records.items() if r.get("state") == COMPLETE}
 
 
 def run_spend(store: RunStore) -> dict[str, float]:

@@ -81,12 +81,7 @@ def create_app(root: str, run_id: str):
     @app.get("/", response_class=HTMLResponse)
     def run_page():
         config = run_data.redacted(store.read_json("config.json"))
-        stages = [run_data.stage_summary(store, s, n) for s, n in run_data.sharded_stages(store)]
-        if rounds := run_data.round_stages(store):  # adaptive sampling: the shards that reached each round
-            done = run_data.published({e["shard"]: e for e in store.manifest("candidates")})
-            for stage in rounds:
-                entries = run_data.round_entries(store, stage, done)
-                stages.append(run_data.stage_summary(store, stage, len(entries), entries) | {"round": True})
+        stages = [run_data.stage_summary(*records) for records in run_data.stage_records(store)]
         report = markdown.render(store.read_bytes("report.md").decode()) if store.exists("report.md") else None
         plots = sorted(p.rsplit("/", 1)[-1] for p in store.fs.glob(store.path("plots/*.png")))
         tables = (markdown.render(store.read_bytes("experiment/tables.md").decode())

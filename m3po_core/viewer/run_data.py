@@ -86,22 +86,31 @@ def round_entries(store: RunStore, stage: str, done: set[int]) -> dict[int, dict
     return entries
 
 
-def published(entries: dict[int, dict[str, Any]]) -> set[int]:
-    return {s for s, e in entries.items() if e.get("state") == COMPLETE}
+def stage_records(store: RunStore) -> list[tuple[str, int, dict[int, dict[str, Any]], bool]]:
+    """(stage, shards, records by shard, is an adaptive round) of every sharded stage, then of an
+    adaptive run's rounds (their shards: those that reached the round): what `m3po status` and
+    the viewer's run page show. Each manifest is read once."""
+    out, published = [], set()
+    for stage, n in sharded_stages(store):
+        entries = {e["shard"]: e for e in store.manifest(stage)}
+        if stage == "candidates":
+            published = {s for s, e in entries.items() if e.get("state") == COMPLETE}
+        out.append((stage, n, entries, False))
+    for stage in round_stages(store):
+        entries = round_entries(store, stage, published)
+        out.append((stage, len(entries), entries, True))
+    return out
 
 
-def stage_summary(store: RunStore, stage: str, n: int, entries: dict[int, dict[str, Any]] | None = None
-                  ) -> dict[str, Any]:
-    """A stage's shards by state: counts, each failed shard with its error, each complete shard with
-    unrated candidates, and the running and missing shards. With `entries` (an adaptive round's,
-    `round_entries`), the shards are those and `n` their number: none is missing."""
-    shards = range(n) if entries is None else sorted(entries)
-    entries = {e["shard"]: e for e in store.manifest(stage)} if entries is None else entries
-    states = {i: entries.get(i, {}).get("state", "missing") for i in shards}
+def stage_summary(stage: str, n: int, entries: dict[int, dict[str, Any]], round_of: bool = False) -> dict[str, Any]:
+    """A stage's shards by state, from its records by shard: counts, each failed shard with its
+    error, each complete shard with unrated candidates, and the running and missing shards.
+    `round_of`: an adaptive round's (`round_entries`), whose shards are those of `entries`."""
+    states = {i: entries.get(i, {}).get("state", "missing") for i in (sorted(entries) if round_of else range(n))}
     counts: dict[str, int] = {}
     for s in states.values():
         counts[s] = counts.get(s, 0) + 1
-    return {"stage": stage, "n": n, "counts": counts,
+    return {"stage": stage, "n": n, "counts": counts, "round": round_of,
             "failed": [(i, str(entries[i].get("error"))) for i, s in states.items() if s == "failed"],
             "unrated": [(i, entries[i]["unrated"]) for i, s in states.items() if s == COMPLETE and entries[i].get("unrated")],
             "running": [i for i, s in states.items() if s == "running"],
