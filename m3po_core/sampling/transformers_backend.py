@@ -1,50 +1,39 @@
-"""HF transformers sampling backend: batched `generate` with per-token raw log-probabilities.
+"""HF transformers sampling backend: N candidates per prompt from one prefill, with raw log-probabilities.
 
-`output_logits=True` returns the model's logits before any processor or warper (temperature,
-top-p), so log_softmax of them at the sampled token is the raw log-probability: no second pass.
-It keeps one logits row per step and sequence, fine for small vocabularies and batches; the vLLM
-backend is the one for LLaVA-1.5 at scale.
+`sample` prefills each prompt once and decodes its n candidates against the prompt's shared keys
+and values (m3po_core/sampling/prefix_decode.py), keeping per step the sampled token and its raw
+log-probability (log_softmax of the logits before any processor: no second pass, no logits kept).
+A call's prompts are cut into chunks that the device's free memory holds (`prompts_per_call`;
+on a CPU, one chunk). The vLLM backend is the one for LLaVA-1.5 at scale.
 
-With per-prompt seeds, every sequence draws its tokens from a generator of its own (Gumbel-max over
-the tempered, top-p-filtered logits: the same distribution as `do_sample`), so candidate j of a
-prompt depends on its seed alone, not on the batch or on how many candidates were asked for; up to
-float rounding of the logits across batch shapes, which can flip a near-tie.
+Seeds: an int is one stream for the call, drawn as `generate(do_sample=True)` draws (chunk c of a
+call split for memory uses seed + c). Per-prompt seeds give every candidate a generator of its own
+(Gumbel-max over the tempered, top-p-filtered logits: the same distribution as `do_sample`), so
+candidate j of a prompt depends on its seed alone, not on the batch or on how many candidates were
+asked for; up to float rounding of the logits across batch shapes, which can flip a near-tie.
+`greedy` and `next_token_logprobs` use `generate` itself.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from m3po_core.models import encode_prompts
 from m3po_core.sampling import Candidate, SamplingParams, candidate_seed, request_seeds
+from m3po_core.sampling.prefix_decode import BatchStream, CandidateStreams, decode, free_bytes, prompts_per_call
 
-
-class PerSequenceSampling(LogitsProcessor):
-    """Turns greedy decoding into sampling with one random stream per sequence: temperature, top-p,
-    then Gumbel noise from row b's own generator (argmax of logits + Gumbel = a draw from softmax)."""
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.temperature = temperature
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
-        if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
-        vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).clamp_(1e-12, 1.0 - 1e-7)
-        return scores + (-torch.log(-torch.log(u))).to(scores.device)
+log = logging.getLogger("m3po.sampling")
 
 
 class TransformersSampler:
     name = "transformers"
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, step_kind: str = "auto"):
         self.model = model
+        self.step_kind = step_kind  # prefix_decode.decode's: auto, shared (Llama only) or copied
         self.processor = processor
         self.eos_id = processor.tokenizer.eos_token_id
         self.pad_id = processor.tokenizer.pad_token_id
@@ -66,35 +55,39 @@ class TransformersSampler:
     @torch.no_grad()
     def sample(self, images: Sequence[Image.Image], instructions: Sequence[str], params: SamplingParams,
                seed: int | Sequence[int]) -> list[list[Candidate]]:
+        per_prompt = None if isinstance(seed, int) else request_seeds(seed, len(instructions), params.n)
         inputs = self._inputs(images, instructions)
-        common = dict(max_new_tokens=params.max_new_tokens, output_logits=True, return_dict_in_generate=True,
-                      eos_token_id=self.eos_id, pad_token_id=self.pad_id, suppress_tokens=self.suppress)
-        if isinstance(seed, int):  # one stream for the batch (torch's global generator)
-            torch.manual_seed(seed)
-            out = self.model.generate(**inputs, do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                                      top_k=0, num_return_sequences=params.n, **common)
-        else:  # one stream per sequence: rows are prompt-major, as num_return_sequences would lay them out
-            rows = [s + j for s in request_seeds(seed, len(instructions), params.n) for j in range(params.n)]
-            inputs = {k: v.repeat_interleave(params.n, dim=0) for k, v in inputs.items()}
-            out = self.model.generate(**inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      logits_processor=LogitsProcessorList(
-                                          [PerSequenceSampling(rows, params.temperature, params.top_p)]), **common)
-        prompt_len = inputs["input_ids"].shape[1]
-        tokens = out.sequences[:, prompt_len:]                                  # (B*n, T)
-        logits = torch.stack(out.logits, dim=1).float()                        # (B*n, T, V), raw
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        size = prompts_per_call(self.model, inputs["input_ids"].shape[1], params.n, params.max_new_tokens,
+                                len(instructions), free_bytes(self.device))
+        if size < len(instructions):
+            log.info("sampling %d prompts in calls of %d (the device's free memory)", len(instructions), size)
+        results: list[list[Candidate]] = []
+        for c, lo in enumerate(range(0, len(instructions), size)):
+            part = inputs if size >= len(instructions) else self._inputs(images[lo: lo + size], instructions[lo: lo + size])
+            if per_prompt is None:
+                choose = BatchStream(seed + c, params.temperature, params.top_p, self.suppress, self.device)
+            else:
+                rows = [s + j for s in per_prompt[lo: lo + size] for j in range(params.n)]
+                choose = CandidateStreams(rows, params.temperature, params.top_p, self.suppress, self.device)
+            out = decode(self.model, part, params.n, params.max_new_tokens, choose, self.eos_id, self.pad_id,
+                         self.step_kind)
+            results += self._candidates(out.tokens[:, : out.steps].cpu(), out.logp[:, : out.steps].cpu(),
+                                        params.n, seed if per_prompt is not None else seed + c, lo)
+        return results
+
+    def _candidates(self, tokens: torch.Tensor, token_logp: torch.Tensor, n: int, seed, offset: int
+                    ) -> list[list[Candidate]]:
         # Keep tokens up to and including the first EOS; later positions are padding.
         is_eos = tokens == self.eos_id
-        after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-        keep = ~after_eos
+        keep = ~((is_eos.cumsum(dim=1) - is_eos.long()) > 0)
         lengths = keep.sum(dim=1)
         logp_sum = (token_logp * keep).sum(dim=1)
         stopped = is_eos.any(dim=1)
         results: list[list[Candidate]] = []
-        for i in range(len(instructions)):
+        for i in range(tokens.shape[0] // n):
             row: list[Candidate] = []
-            for j in range(params.n):
-                k = i * params.n + j
+            for j in range(n):
+                k = i * n + j
                 n_tok = int(lengths[k])
                 ids = tokens[k, :n_tok].tolist()
                 text_ids = ids[:-1] if stopped[k] else ids
@@ -102,7 +95,7 @@ class TransformersSampler:
                     text=self.processor.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
                     token_ids=ids, logp_sum=float(logp_sum[k]), logp_mean=float(logp_sum[k]) / max(n_tok, 1),
                     n_tokens=n_tok, finish_reason="stop" if stopped[k] else "length",
-                    seed=candidate_seed(seed, i, j),
+                    seed=candidate_seed(seed, offset + i, j),
                 ))
             results.append(row)
         return results
