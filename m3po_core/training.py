@@ -14,7 +14,8 @@ min(training.max_length, the model's context) and refuses or drops those over it
 a cut, which would split the image tokens, never happens to a pair that was let through.
 
 GPU memory: the global batch is training.batch_size, split into per-device micro-batches and
-gradient accumulation (`dpo_config`); gradient checkpointing is a setting; after training the
+gradient accumulation (`dpo_config`); the split and gradient checkpointing are settings, or `auto`:
+decided from the card's free memory once the model is loaded (m3po_core/train_memory.py); after training the
 trainer is dropped and the CUDA cache emptied before any vLLM engine is built in the process
 (`components.release_training_memory`; docs/llava15.md has the derived peak for 7B and 13B).
 
@@ -36,12 +37,13 @@ from PIL import Image
 
 from m3po_core import progress as terminal
 from m3po_core.components import release_engines, resolve_model
-from m3po_core.config import RunConfig, TrainingConfig
+from m3po_core.config import RunConfig, TrainingConfig, batch_split
 from m3po_core.data.images import load_image
 from m3po_core.errors import InputError
 from m3po_core.models import encode_prompts
 from m3po_core.pair_lengths import check_policy, decide_overlong, effective_max_length, model_context, pair_lengths
 from m3po_core.store import RunStore
+from m3po_core.train_memory import resolve
 
 log = logging.getLogger("m3po.training")
 
@@ -248,9 +250,18 @@ def train_adapter(cfg: RunConfig, store: RunStore, model_ref: str, output_dir: s
         dropped = table.num_rows - len(keep)
         if dropped:
             table = table.take(keep)
+        longest = max((measured[i] for i in keep), default=0)
+    else:
+        longest = int(max(lengths["chosen"].max(), lengths["rejected"].max())) + 1024  # prompt not measured
+    training, memory = resolve(cfg.training, model, longest)  # the auto settings, from the device's free memory
     dataset = pairs_dataset_from_table(table)
-    history = train_lora_dpo(model, processor, dataset, cfg.training, output_dir, log_fn=log_fn)
-    return {"history": history, "max_length": limit, "dropped_overlong_pairs": dropped}
+    history = train_lora_dpo(model, processor, dataset, training, output_dir, log_fn=log_fn)
+    per_device, accumulation = batch_split(training)
+    return {"history": history, "max_length": limit, "dropped_overlong_pairs": dropped,
+            "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+            "gradient_checkpointing": training.gradient_checkpointing,
+            "memory": {"free_gib": memory.free_gib, "pair_gib": memory.pair_gib, "longest_pair_tokens": longest,
+                       "reason": memory.reason}}
 
 
 def _row_batches(table, columns: list[str], size: int = 32):

@@ -62,6 +62,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if "vllm" in (cfg.sampling.backend, cfg.evaluation.backend) and t.lora_r > 512:
         raise ConfigError(f"configuration key 'training.lora_r': vLLM serves LoRA ranks up to 512, got {t.lora_r}")
     batch_split(t)
+    if t.pair_memory_gib is not None and t.pair_memory_gib <= 0:
+        raise ConfigError(f"configuration key 'training.pair_memory_gib': GiB > 0 (or null), got {t.pair_memory_gib}")
     if t.deepspeed_zero not in (None, 2, 3):
         raise ConfigError(f"configuration key 'training.deepspeed_zero': 2 or 3 (or null), got {t.deepspeed_zero}")
     if t.max_length is not None and t.max_length < 1:
@@ -93,8 +95,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def batch_split(t: TrainingConfig) -> tuple[int, int]:
     """(per-device batch, gradient accumulation steps) with per-device x num_processes x steps ==
-    batch_size, the global batch. training.per_device_batch_size None: batch_size / num_processes, one step."""
-    if t.per_device_batch_size is None:
+    batch_size, the global batch. training.per_device_batch_size None: batch_size / num_processes, one step
+    (auto, before the device decides it: the same; m3po_core/train_memory.resolve gives the real split)."""
+    if t.per_device_batch_size is None or t.per_device_batch_size == "auto":  # auto: decided on the device
         if t.batch_size % t.num_processes:
             raise ConfigError(f"configuration key 'training.batch_size': the global batch {t.batch_size} does not "
                               f"split over training.num_processes={t.num_processes} processes")

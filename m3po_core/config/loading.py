@@ -31,7 +31,13 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], key)
+        errors = []
+        for option in inner:  # the first type the value fits, in the order the field declares them
+            try:
+                return _check_value(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"configuration key '{key}': {value!r} fits none of: " + "; ".join(errors))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from m3po_core.config.execution import ExecutionConfig
 from m3po_core.data.quality import QualityFilterConfig
@@ -287,15 +287,21 @@ class TrainingConfig:
     batch_size: int = field(default=8, metadata={"help": "The global batch in pairs per optimizer step (paper 4.1: "
                                                          "8) = per_device_batch_size x num_processes x the gradient "
                                                          "accumulation steps derived from them."})
-    per_device_batch_size: Optional[int] = field(default=None, metadata={
+    per_device_batch_size: Union[int, Literal["auto"], None] = field(default=None, metadata={
         "help": "Pairs per device per forward/backward (each pair is two sequences, chosen and rejected). None: "
                 "batch_size / num_processes, no gradient accumulation. Smaller: gradients are accumulated over "
                 "batch_size / (per_device_batch_size x num_processes) micro-batches, which must be a whole number, "
-                "so the global batch stays batch_size."})
-    gradient_checkpointing: bool = field(default=False, metadata={
+                "so the global batch stays batch_size. auto: the largest that the card's free memory holds "
+                "(m3po_core/train_memory.py; on a CPU, None's)."})
+    gradient_checkpointing: Union[bool, Literal["auto"]] = field(default=False, metadata={
         "help": "Recompute each layer's activations in the backward pass instead of holding them (non-reentrant, "
                 "as PEFT needs): about a third more compute for a fraction of the activation memory; what is "
-                "learnt does not change. On in the LLaVA-1.5 configs."})
+                "learnt does not change. auto: off where at least 2 pairs a device fit without it, else on "
+                "(m3po_core/train_memory.py; the LLaVA-1.5 configs)."})
+    pair_memory_gib: Optional[float] = field(default=None, metadata={
+        "help": "For the auto settings: GPU memory of one pair in training, in GiB, as bench/gpu_check.py measures "
+                "it on your card. None: estimated from the model's shape and the longest pair (measured on an "
+                "H200 at 7B shapes)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up share of all steps (paper 4.1: 5 %)."})
     epochs: float = field(default=1.0, metadata={"help": "Epochs over the pairs (paper 4.1: 1)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (vLLM serves ranks up to 512)."})

@@ -87,10 +87,12 @@ def _cosine_mappings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _training_key(t: dict[str, Any]) -> dict[str, Any]:
-    """The training section minus gradient checkpointing (it changes memory and time, not what is
-    learnt), and the per-device batch when unset (batch_size / num_processes, one accumulation
-    step: training as before the setting existed, so adapters trained then stay valid)."""
-    drop = ["gradient_checkpointing"] + (["per_device_batch_size"] if t.get("per_device_batch_size") is None else [])
+    """The training section minus gradient checkpointing and the per-pair memory figure (they change
+    memory and time, not what is learnt), and the per-device batch when unset or auto (unset:
+    batch_size / num_processes, one accumulation step: training as before the setting existed, so
+    adapters trained then stay valid; auto: decided by the device)."""
+    drop = ["gradient_checkpointing", "pair_memory_gib"] + (
+        ["per_device_batch_size"] if t.get("per_device_batch_size") in (None, "auto") else [])
     return _without(t, *drop)
 
 

@@ -41,10 +41,14 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
 
             trained = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn)
         store.put_dir(tmp, "adapter")
-    per_device, accumulation = batch_split(cfg.training)
+    per_device, accumulation = trained.get("per_device_batch_size"), trained.get("gradient_accumulation_steps")
+    if per_device is None:  # a distributed run's ranks report nothing back: the configured split
+        per_device, accumulation = batch_split(cfg.training)
     result = {"key": key, "pairs": store.read_json("pairs_stats.json")["pairs"], "seconds": time.time() - t0,
               "history": trained["history"], "num_processes": cfg.training.num_processes,
               "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
-              "max_length": trained["max_length"], "dropped_overlong_pairs": trained["dropped_overlong_pairs"]}
+              "max_length": trained["max_length"], "dropped_overlong_pairs": trained["dropped_overlong_pairs"],
+              "gradient_checkpointing": trained.get("gradient_checkpointing", cfg.training.gradient_checkpointing),
+              "memory": trained.get("memory")}
     store.write_json("train_log.json", result)
     return result
