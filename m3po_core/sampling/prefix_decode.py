@@ -30,6 +30,7 @@ the call ends (as in `generate`).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -199,6 +200,14 @@ class Decoded:
     tokens: torch.Tensor     # (R, T): sampled ids; after a row's EOS, padding
     logp: torch.Tensor       # (R, T): raw log P of each sampled token
     steps: int
+    prefill_s: float         # wall time of the prefill (synchronised on CUDA)
+    decode_s: float          # and of the steps after it
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def decode(model, inputs: dict[str, torch.Tensor], n: int, max_new_tokens: int,
@@ -206,7 +215,10 @@ def decode(model, inputs: dict[str, torch.Tensor], n: int, max_new_tokens: int,
            step_kind: str = "auto") -> Decoded:
     """Sample n continuations of each prompt in `inputs` (rows prompt-major: row i * n + j is
     candidate j of prompt i); stops when every row has emitted EOS or after max_new_tokens."""
+    device = inputs["input_ids"].device
+    t0 = _clock(device)
     logits, cache, lengths = prefill(model, inputs)
+    t1 = _clock(device)
     kind = LlamaPrefixStep if step_kind == "shared" or (step_kind == "auto" and LlamaPrefixStep.supports(model)) \
         else CopiedCacheStep
     step = kind(model, cache, inputs["attention_mask"], lengths, n, max_new_tokens)
@@ -225,7 +237,7 @@ def decode(model, inputs: dict[str, torch.Tensor], n: int, max_new_tokens: int,
         if t + 1 == max_new_tokens or not bool(running.any()):
             break
         logits = step(chosen, t)
-    return Decoded(tokens, logp, t + 1)
+    return Decoded(tokens, logp, t + 1, t1 - t0, _clock(device) - t1)
 
 
 # ------------------------------------------------------------------------------------------------

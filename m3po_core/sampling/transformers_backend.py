@@ -34,6 +34,7 @@ class TransformersSampler:
     def __init__(self, model, processor, step_kind: str = "auto"):
         self.model = model
         self.step_kind = step_kind  # prefix_decode.decode's: auto, shared (Llama only) or copied
+        self.last_timings: list[dict] = []  # per call of the last `sample`: prompts, steps, prefill and decode seconds
         self.processor = processor
         self.eos_id = processor.tokenizer.eos_token_id
         self.pad_id = processor.tokenizer.pad_token_id
@@ -62,6 +63,7 @@ class TransformersSampler:
         if size < len(instructions):
             log.info("sampling %d prompts in calls of %d (the device's free memory)", len(instructions), size)
         results: list[list[Candidate]] = []
+        self.last_timings = []
         for c, lo in enumerate(range(0, len(instructions), size)):
             part = inputs if size >= len(instructions) else self._inputs(images[lo: lo + size], instructions[lo: lo + size])
             if per_prompt is None:
@@ -71,6 +73,8 @@ class TransformersSampler:
                 choose = CandidateStreams(rows, params.temperature, params.top_p, self.suppress, self.device)
             out = decode(self.model, part, params.n, params.max_new_tokens, choose, self.eos_id, self.pad_id,
                          self.step_kind)
+            self.last_timings.append({"prompts": part["input_ids"].shape[0], "prompt_len": part["input_ids"].shape[1],
+                                      "steps": out.steps, "prefill_s": out.prefill_s, "decode_s": out.decode_s})
             results += self._candidates(out.tokens[:, : out.steps].cpu(), out.logp[:, : out.steps].cpu(),
                                         params.n, seed if per_prompt is not None else seed + c, lo)
         return results
