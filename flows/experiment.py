@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from m3po_core import experiment as ex
+from m3po_core.selection_diagnostics import diagnostics_table
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.store import CellStore, RunStore
 from m3po.flows import stage_flows
@@ -62,11 +63,14 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
     rows = ex.result_rows(None, base["metrics"], None)
     progress = create_progress_artifact(0.0, key=f"{run_id}-cells-progress".lower().replace("_", "-"),
                                         description="experiment cells finished")
+    diagnostics = {}  # seed -> M3PO's selection diagnostics (m3po_core/selection_diagnostics.py)
     for i, cell in enumerate(cells, start=1):
         out = clock(f"cell {i}/{len(cells)} {cell.cell_id}", run_cell, ex.cell_config(cfg, cell).to_dict(), root,
                     run_id, cell.cell_id, gen["n_shards"], gen["model_ref"],
                     method="ipa" if cell.recipe == "ipa" else "m3po", wait_for=[scored])
         rows += ex.result_rows(cell, out["metrics"], out["pairs"])
+        if cell.recipe == "m3po" and cell.alpha is None and cell.delta is None:
+            diagnostics[cell.seed] = (out["pairs"] or {}).get("diagnostics")
         update_progress_artifact(progress, 100.0 * i / len(cells))
         logger.info(f"cell {i}/{len(cells)} {cell.cell_id}: " + ", ".join(
             f"{r['metric']} {r['value']:.3f}" for r in rows if r["cell_id"] == cell.cell_id))
@@ -76,6 +80,7 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
     if paired:
         store.write_table("experiment/comparisons.parquet", pa.Table.from_pylist(paired))
     markdown = "\n".join([f"# M3PO experiment `{run_id}`", "", ex.tables(rows, recipes, alphas, deltas, len(seeds)),
+                          *diagnostics_table(diagnostics),
                           "### Does M3PO beat the others?", "",
                           "Paired bootstrap over the benchmark's questions, M3PO's answers against the other's "
                           "on the same questions, per seed; a verdict only where every seed's interval excludes "

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from m3po_core.config import RunConfig
+from m3po_core.selection_diagnostics import describe as describe_pools
 from m3po_core.scoring.budget import spend_line
 from m3po_core.stages.evaluate import trained_under_its_name
 from m3po_core.store import RunStore
@@ -337,7 +338,8 @@ def _m3po_lines(cfg: RunConfig, info: dict[str, Any], pair_stats: dict[str, Any]
         f"- pairs made: {pair_stats['pairs']} of {pair_stats['groups']} prompts; skipped: "
         f"{pair_stats['skipped_no_mas_gap']} with no MAS gap, {pair_stats['skipped_too_few']} with < 2 candidates",
         f"- mean MAS gap {pair_stats['mean_mas_gap']:.3f}; mean log P gap {pair_stats['mean_logp_gap']:.3f}",
-        *_mas_line(cfg, shares)]
+        *_mas_line(cfg, shares),
+        *(f"- {line}" for line in describe_pools(pair_stats.get("diagnostics") or {}))]
 
 
 def _ipa_lines(pair_stats: dict[str, Any]) -> list[str]:

@@ -89,6 +89,10 @@ def test_pairs_agree_with_equations_recomputed_from_the_run(finished_run):
         assert p["m3p_score"] == pytest.approx(s[l["cand_idx"]])
         assert p["chosen"] == w["text"] and p["rejected"] == l["text"]
         assert p["chosen_token_ids"] == w["token_ids"]
+    diagnostics = store.read_json("pairs_stats.json")["diagnostics"]           # what the selection did
+    assert diagnostics["pools"] == len(pairs)
+    assert diagnostics["median_distinct_answers"] >= 1 and 0 <= diagnostics["share_rejected_differs_from_alpha0"] <= 1
+    assert "differs from alpha = 0's in" in (store.read_bytes("report.md").decode())
 
 
 def test_cli_rerun_recomputes_nothing(finished_run, root):

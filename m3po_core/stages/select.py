@@ -1,6 +1,6 @@
 """DAG step 5, select: the preference pairs, argmax MAS against argmax M3P-Score (m3po_core/selection.py).
 
-    pairs.parquet, pairs_stats.json
+    pairs.parquet, pairs_stats.json (with the pools' diagnostics: m3po_core/selection_diagnostics.py)
 
 A prompt's pair depends on its own candidates only, so shards are selected one at a time. Limit:
 every shard's pairs are held until the stage writes pairs.parquet (one pair per prompt).
@@ -15,6 +15,7 @@ import pyarrow as pa
 from m3po_core import schema
 from m3po_core.config import RunConfig
 from m3po_core.selection import SelectionStats, effective_alpha, select_pairs
+from m3po_core.selection_diagnostics import PoolDiagnostics
 from m3po_core.stages.runner import done_record, stage_key
 from m3po_core.store import COMPLETE, RunStore
 
@@ -60,10 +61,13 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
     if (record := done_record(store, "pairs_stats.json", key)) is not None and store.exists("pairs.parquet"):
         return record
     parts, stats = [], SelectionStats(0, 0, 0, 0, 0)
+    diagnostics = PoolDiagnostics(sel.alpha, sel.delta, sel.seed)
     for shard in range(n_shards):
         table = shard_candidates_with_scores(store, shard)
-        chosen, shard_stats = select_pairs(table.append_column("logp", table.column(sel.logp)), alpha=sel.alpha,
-                                           delta=sel.delta, strategy=sel.strategy, seed=sel.seed)
+        scored = table.append_column("logp", table.column(sel.logp))
+        chosen, shard_stats = select_pairs(scored, alpha=sel.alpha, delta=sel.delta, strategy=sel.strategy,
+                                           seed=sel.seed)
+        diagnostics.add(scored)
         stats += shard_stats
         if chosen.num_rows:
             parts.append(_pairs_with_texts(store, shard, chosen, table))
@@ -72,7 +76,8 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
     result = {"key": key, **stats.as_dict(), "sha256": info["sha256"], "strategy": sel.strategy,
               "alpha": effective_alpha(sel.strategy, sel.alpha), "delta": sel.delta, "logp": sel.logp,
               "mean_mas_gap": _mean(pairs, "mas_chosen", "mas_rejected"),
-              "mean_logp_gap": _mean(pairs, "logp_chosen", "logp_rejected")}
+              "mean_logp_gap": _mean(pairs, "logp_chosen", "logp_rejected"),
+              "diagnostics": diagnostics.summary()}
     store.write_json("pairs_stats.json", result)
     return result
 
