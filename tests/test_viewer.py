@@ -64,6 +64,20 @@ def test_the_pairs_page_lists_the_runs_pairs_with_their_images(viewer, browser):
 
 
 @needs_browser
+def test_every_image_on_the_run_page_loads_and_the_report_plots_show_once(viewer, browser):
+    """The report card links its plots as plots/x.png: they resolve on the run page, and are not shown twice."""
+    url, root, run_id = viewer
+    page = browser.new_page()
+    page.goto(f"{url}/")
+    page.wait_for_load_state("networkidle")
+    total, loaded = images_loaded(page)
+    plots = sorted(p.name for p in (Path(root) / run_id / "plots").glob("*.png"))
+    assert plots and total == loaded == len(plots)
+    sources = page.evaluate("() => Array.from(document.images).map(i => new URL(i.src).pathname)")
+    assert sorted(s.rsplit("/", 1)[-1] for s in sources) == plots
+
+
+@needs_browser
 def test_filtering_and_paging_change_what_is_shown(viewer, browser):
     url, root, run_id = viewer
     index = pq.read_table(Path(root) / run_id / "pairs.parquet").to_pylist()

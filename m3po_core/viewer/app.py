@@ -82,8 +82,11 @@ def create_app(root: str, run_id: str):
     def run_page():
         config = run_data.redacted(store.read_json("config.json"))
         stages = [run_data.stage_summary(*records) for records in run_data.stage_records(store)]
-        report = markdown.render(store.read_bytes("report.md").decode()) if store.exists("report.md") else None
-        plots = sorted(p.rsplit("/", 1)[-1] for p in store.fs.glob(store.path("plots/*.png")))
+        text = store.read_bytes("report.md").decode() if store.exists("report.md") else ""
+        report = markdown.render(text) if text else None
+        # the report card shows its own plots (plots/x.png, served below); the rest are listed after it
+        plots = sorted(p for p in (q.rsplit("/", 1)[-1] for q in store.fs.glob(store.path("plots/*.png")))
+                       if f"plots/{p}" not in text)
         tables = (markdown.render(store.read_bytes("experiment/tables.md").decode())
                   if store.exists("experiment/tables.md") else None)
         done = {name: store.exists(name) for name in ("pairs.parquet", "adapter/_COMPLETE", "metrics.json", "report.md")}
@@ -211,11 +214,20 @@ def create_app(root: str, run_id: str):
         return run_data.benchmark_images(store, bench)
 
     @app.get("/plot/{name}")
+    @app.get("/plots/{name}")             # the report card's own links (report.md: plots/x.png)
     def plot(name: str):
-        names = {p.rsplit("/", 1)[-1] for p in store.fs.glob(store.path("plots/*.png"))}
+        return run_png("plots", name)
+
+    @app.get("/experiment/{name}")        # the experiment tables' sweep plots (experiment/x_sweep.png)
+    def experiment_plot(name: str):
+        return run_png("experiment", name)
+
+    def run_png(folder: str, name: str):
+        """A PNG the run wrote in `folder`, by its listed name only (no path reaches outside the run)."""
+        names = {p.rsplit("/", 1)[-1] for p in store.fs.glob(store.path(f"{folder}/*.png"))}
         if name not in names:
             raise HTTPException(404, f"no plot {name!r} in this run")
-        return Response(store.read_bytes(f"plots/{name}"), media_type="image/png")
+        return Response(store.read_bytes(f"{folder}/{name}"), media_type="image/png")
 
     return app
 
