@@ -71,6 +71,8 @@ def quick_start(root: Path, env_name: str, world: str, seed: int) -> dict:
         row["rules"] = {rule: {f"{side}_{bench}_{key}": round(metrics[side][bench]["rules"][rule][key], 4)
                                for side in ("base", "trained") for bench, key in HEADLINE}
                         for rule in metrics["base"]["pope"].get("rules", {})}
+        # what the selection did on the pools (m3po_core/selection_diagnostics.py)
+        row["selection"] = json.loads((env_root / run_id / "pairs_stats.json").read_text()).get("diagnostics")
     print(json.dumps(row), flush=True)
     return row
 
