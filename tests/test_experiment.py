@@ -116,6 +116,7 @@ def test_experiment_reuses_the_samples_and_writes_the_tables(tmp_path):
     for heading in ("Table 1", "Table 3", "Table 5"):
         assert heading in md
     assert "| M3PO | " in md and "±" in md and "95 % intervals over questions, seed by seed" in md
+    assert "### What the selection did" in md and "\n| 0 | " in md and "\n| 1 | " in md   # each seed's pools
     comparisons = pq.read_table(base / "experiment/comparisons.parquet").to_pylist()
     assert {(r["comparator"], r["metric"]) for r in comparisons} >= {("dpo", "POPE acc"), ("m3po_alpha0", "MME score"),
                                                                    ("base", "POPE F1")}
