@@ -113,6 +113,9 @@ class Check:
         left = self.args.budget - (time.time() - START)
         row = {"step": name, "status": "skipped", "wall_s": 0.0, "error": None, "result": None}
         self.record["steps"].append(row)
+        if name in self.args.skip:
+            row["error"] = "--skip"
+            return None
         if estimate_s > left:
             row["error"] = f"estimated {estimate_s:.0f} s, {left:.0f} s of the budget left"
             log(f"== {name}: skipped ({row['error']})")
@@ -390,7 +393,7 @@ class Check:
             self.step("dag", self.dag, 90)
         self.save()
         self.table()
-        return 0 if all(s["status"] == "ok" for s in self.record["steps"]) else 1
+        return 0 if all(s["status"] == "ok" or s["error"] == "--skip" for s in self.record["steps"]) else 1
 
     def table(self) -> None:
         print("\nstep                          status   wall s  peak GiB  figures")
@@ -417,6 +420,9 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds; a step that would not fit is skipped")
     p.add_argument("--bandwidth", type=float, default=4.8, help="the card's memory bandwidth in TB/s (H200: 4.8)")
     p.add_argument("--no-dag", dest="dag", action="store_false", help="skip `m3po run` end to end")
+    p.add_argument("--skip", default="", type=lambda v: set(filter(None, v.split(","))),
+                   help="steps to leave out, e.g. build,train_config for a rerun on the same --work (the built "
+                        "model is reused)")
     args = p.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --tiny to rehearse on the CPU)", file=sys.stderr)
