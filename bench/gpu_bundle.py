@@ -100,6 +100,8 @@ def main() -> int:
     needed = closure("m3po", have | {canonicalize_name(s) for s in args.skip.split()}, args.python)
     out = Path(args.out)
     if out.exists():
+        if not (out / "run.sh").is_file():  # never remove a folder this script did not make
+            raise SystemExit(f"gpu_bundle: --out {out} exists and is not a bundle (no run.sh): choose another")
         shutil.rmtree(out)
     wheels = out / "wheels"
     wheels.mkdir(parents=True)
@@ -138,8 +140,10 @@ def main() -> int:
         "cd src && exec \"${PYTHON:-python3}\" bench/gpu_check.py --work ../work \"$@\"\n")
     (out / "run.sh").chmod(0o755)
     archive = out.with_suffix(".tar.xz")
-    with tarfile.open(archive, "w:xz") as tar:
+    partial = archive.with_name(archive.name + ".partial")   # renamed when whole: no half-written archive
+    with tarfile.open(partial, "w:xz") as tar:
         tar.add(out, arcname=out.name)
+    partial.replace(archive)
     mib = archive.stat().st_size / 2**20
     print(f"gpu_bundle: {archive} {mib:.1f} MiB ({len(listed)} wheels of {wheel_mib:.1f} MiB; largest: {largest})")
     if mib > args.max_mib:

@@ -95,6 +95,16 @@ def build_llava(shape: dict, device: str):
     return model.eval(), processor
 
 
+def world_prompts(count: int):
+    """(images, instructions) of `count` synthetic-world prompts, one per scene."""
+    from m3po_core.data import synthetic as world
+
+    scenes = world.make_scenes(0, "train", count)
+    rows = world.make_prompts(scenes, 0, per_scene=1)[:count]
+    images = {s.scene_id: world.render(s, 64) for s in scenes}
+    return [images[r["scene_id"]] for r in rows], [r["instruction"] for r in rows]
+
+
 class Check:
     def __init__(self, args):
         self.args, self.tiny = args, args.tiny
@@ -149,12 +159,7 @@ class Check:
         return load_vlm(str(self.model_dir), self.device, self.shape["dtype"])
 
     def prompts(self, count: int):
-        from m3po_core.data import synthetic as world
-
-        scenes = world.make_scenes(0, "train", count)
-        rows = world.make_prompts(scenes, 0, per_scene=1)[:count]
-        images = {s.scene_id: world.render(s, 64) for s in scenes}
-        return [images[r["scene_id"]] for r in rows], [r["instruction"] for r in rows]
+        return world_prompts(count)
 
     # -- steps ------------------------------------------------------------------------------------
     def env(self) -> dict:

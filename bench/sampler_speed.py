@@ -66,8 +66,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, processor = gpu_check.build_llava(shape, "cpu")
     sampler = TransformersSampler(model, processor)
-    check = gpu_check.Check.__new__(gpu_check.Check)
-    images, instructions = gpu_check.Check.prompts(check, args.prompts)
+    images, instructions = gpu_check.world_prompts(args.prompts)
     params = SamplingParams(n=args.n, temperature=0.9, top_p=0.95, max_new_tokens=args.tokens)
     sampler.sample(images[:1], instructions[:1], SamplingParams(n=2, max_new_tokens=2), 0)   # warm-up
     rows = {}

@@ -29,12 +29,12 @@ from m3po_core.selection import select_pairs
 MARGIN = 0.2
 
 
-def _per_prompt_distinct(prompt_ids: np.ndarray, values: list) -> dict[str, int]:
-    seen: dict[str, set] = {}
-    for p, v in zip(prompt_ids, values):
-        if v is not None and v == v:  # NaN (unrated) is not a value
-            seen.setdefault(p, set()).add(v)
-    return {p: len(s) for p, s in seen.items()}
+def _per_group_distinct(group: np.ndarray, n_groups: int, values: list | None) -> np.ndarray:
+    """Distinct values per group (None and NaN, unrated, are not values); zeros without the column."""
+    if values is None:
+        return np.zeros(n_groups, dtype=np.int64)
+    pairs = {(g, v) for g, v in zip(group.tolist(), values) if v is not None and v == v}
+    return np.bincount(np.fromiter((g for g, _ in pairs), dtype=np.int64, count=len(pairs)), minlength=n_groups)
 
 
 @dataclass
@@ -57,22 +57,25 @@ class PoolDiagnostics:
             picked[name] = {p: (r, m, lp) for p, r, m, lp, _, _ in zip(*cols)}
             winner = winner or {p: (m, lp) for p, _, _, _, m, lp in zip(*cols)}  # eq. 1: the same for all three
         prompt_ids = np.asarray(table.column("prompt_id").to_pylist(), dtype=object)
+        uniq, group = np.unique(prompt_ids, return_inverse=True)
         mas = table.column("mas").to_numpy(zero_copy_only=False).astype(np.float64)
         logp = table.column(logp_column).to_numpy(zero_copy_only=False).astype(np.float64)
-        texts = table.column("text").to_pylist() if "text" in table.column_names else [None] * len(prompt_ids)
-        judge = table.column("judge").to_pylist() if "judge" in table.column_names else [None] * len(prompt_ids)
-        answers = _per_prompt_distinct(prompt_ids, texts)
-        ratings = _per_prompt_distinct(prompt_ids, judge)
-        mas_values = _per_prompt_distinct(prompt_ids, [None if m != m else round(m, 6) for m in mas])
-        for p in picked["m3po"]:
-            rows = np.flatnonzero((prompt_ids == p) & ~np.isnan(mas))
-            mas_w, logp_w = winner[p]
-            wrong = (mas_w - mas[rows] > self.margin) & (logp_w - logp[rows] <= self.delta)
-            r = self.rows
-            r["answers"].append(answers.get(p, 0))
-            r["ratings"].append(ratings.get(p, 0))
-            r["mas_values"].append(mas_values.get(p, 0))
-            r["confidently_wrong"].append(bool(wrong.any()))
+        # a confidently wrong candidate, per row against its prompt's winner (NaN where no pair: never true)
+        mas_w = np.array([winner.get(p, (np.nan, np.nan))[0] for p in uniq])[group]
+        logp_w = np.array([winner.get(p, (np.nan, np.nan))[1] for p in uniq])[group]
+        wrong = (mas_w - mas > self.margin) & (logp_w - logp <= self.delta)
+        has_wrong = np.bincount(group[wrong], minlength=len(uniq)) > 0
+        distinct = {name: _per_group_distinct(group, len(uniq), values) for name, values in (
+            ("answers", table.column("text").to_pylist() if "text" in table.column_names else None),
+            ("ratings", table.column("judge").to_pylist() if "judge" in table.column_names else None),
+            ("mas_values", [None if m != m else round(m, 6) for m in mas]))}
+        r = self.rows
+        for g, p in enumerate(uniq):
+            if p not in picked["m3po"]:
+                continue  # no pair: not a pool the pairs come from
+            for name in ("answers", "ratings", "mas_values"):
+                r[name].append(int(distinct[name][g]))
+            r["confidently_wrong"].append(bool(has_wrong[g]))
             for name in ("alpha0", "random"):
                 if p in picked[name]:
                     r[f"differs_{name}"].append(picked[name][p][0] != picked["m3po"][p][0])
