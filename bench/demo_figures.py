@@ -1,4 +1,4 @@
-"""Every demo figure the README quotes, from one command: the quick start (`m3po run`) in each world,
+"""Every demo figure the README and docs/demo.md quote, from one command: the quick start (`m3po run`) in each world,
 numerical environment and seed, the experiment tables of both worlds, and IPA's rounds.
 
     python bench/demo_figures.py                                  # everything (about 2 h on 2 cores)

@@ -1,5 +1,5 @@
 """Screenshots of every page of `m3po view`, taken from a finished run (the demo's by default) in
-headless Chromium (Debian's package) through Playwright: the README's pictures.
+headless Chromium (Debian's package) through Playwright: docs/usage.md's pictures.
 
     python bench/viewer_screenshots.py                          # ./m3po-runs/demo -> docs/screenshots/
     python bench/viewer_screenshots.py --root R --run-id ID --out DIR
