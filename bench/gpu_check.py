@@ -67,31 +67,18 @@ START = time.time()
 
 def build_llava(shape: dict, device: str):
     """A LLaVA-1.5-shaped model with random weights and a word-level tokenizer of vocab_size entries."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import LlavaForConditionalGeneration
 
     from m3po_core.data import synthetic as world
-    from m3po_core.models import IMAGE_TOKEN, build_tokenizer
+    from m3po_core.models import build_tokenizer, llava_parts, set_special_tokens
 
     words = list(world.vocabulary())
     fill = shape["text"]["vocab_size"] - len(build_tokenizer(words))   # the world's words, specials, chat words
     tokenizer = build_tokenizer(words + [f"w{i}" for i in range(fill)])
-    text = LlamaConfig(**{**shape["text"], "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**shape["vision"]), text_config=text,
-                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
-    dtype = getattr(torch, shape["dtype"])
+    config, processor = llava_parts(tokenizer, shape["text"], shape["vision"])
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    size = shape["vision"]["image_size"]
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer, patch_size=shape["vision"]["patch_size"], vision_feature_select_strategy="default",
-        num_additional_image_tokens=1)
+        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, shape["dtype"]))
+    set_special_tokens(model, tokenizer)
     return model.eval(), processor
 
 

@@ -75,40 +75,52 @@ def build_tokenizer(vocabulary: Sequence[str]):
     return fast
 
 
-def build_tiny_llava(vocabulary: Sequence[str], spec: TinyLlavaSpec = TinyLlavaSpec(), seed: int = 0):
-    """A randomly initialised LLaVA with the classes of llava-1.5, sized for a CPU."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+def llava_parts(tokenizer, text: dict, vision: dict):
+    """The LlavaConfig and LlavaProcessor of llava-1.5's layout (a CLIP tower whose CLS token the
+    "default" strategy drops, a Llama language model) for `tokenizer` and the two towers' settings
+    (LlamaConfig's and CLIPVisionConfig's keyword arguments): the tiny model and bench/gpu_check.py's
+    7B-shaped one are built the same way."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
-    tokenizer = build_tokenizer(vocabulary)
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_width, intermediate_size=2 * spec.vision_width,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.heads,
-        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_width,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.text_width, intermediate_size=2 * spec.text_width,
-        num_hidden_layers=spec.text_layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    text_config = LlamaConfig(**{**text, "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              tie_word_embeddings=False)
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_config=CLIPVisionConfig(**vision), text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
-        do_center_crop=True,
-    )
+    size = vision["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                         do_center_crop=True)
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
         vision_feature_select_strategy="default", num_additional_image_tokens=1,  # the CLS token
     )
+    return config, processor
+
+
+def set_special_tokens(model, tokenizer) -> None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+
+
+def build_tiny_llava(vocabulary: Sequence[str], spec: TinyLlavaSpec = TinyLlavaSpec(), seed: int = 0):
+    """A randomly initialised LLaVA with the classes of llava-1.5, sized for a CPU."""
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(vocabulary)
+    config, processor = llava_parts(
+        tokenizer,
+        text=dict(hidden_size=spec.text_width, intermediate_size=2 * spec.text_width,
+                  num_hidden_layers=spec.text_layers, num_attention_heads=spec.heads,
+                  num_key_value_heads=spec.heads, max_position_embeddings=512),
+        vision=dict(hidden_size=spec.vision_width, intermediate_size=2 * spec.vision_width,
+                    num_hidden_layers=spec.vision_layers, num_attention_heads=spec.heads,
+                    image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_width))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    set_special_tokens(model, tokenizer)
     return model, processor
 
 
