@@ -138,7 +138,10 @@ class Check:
 
     def save(self) -> None:
         self.record["check"]["elapsed_s"] = round(time.time() - START, 1)
-        Path(self.args.out).write_text(json.dumps(self.record, indent=1))
+        out = Path(self.args.out)
+        partial = out.with_name(out.name + ".partial")  # after each step, whole: a killed check keeps its last steps
+        partial.write_text(json.dumps(self.record, indent=1))
+        partial.replace(out)
 
     def load(self):
         from m3po_core.models import load_vlm
@@ -365,6 +368,11 @@ class Check:
                 "metrics_keys": sorted(metrics)[:10], "tail": tail[-5:]}
 
     # -- the whole check --------------------------------------------------------------------------
+    def step_names(self) -> list[str]:
+        p, n, _ = self.shape["sample"][-1]
+        return ["env", "build", *(f"sample_{q}x{m}" for q, m, _ in self.shape["sample"]),
+                f"sample_{p}x{n}_candidate_seeds", "train_config", "train_auto", "handover", "adapter_check", "dag"]
+
     def run(self) -> int:
         self.work.mkdir(parents=True, exist_ok=True)
         self.model = None
@@ -419,7 +427,12 @@ def main() -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --tiny to rehearse on the CPU)", file=sys.stderr)
         return 2
-    return Check(args).run()
+    check = Check(args)
+    if unknown := sorted(args.skip - set(check.step_names())):
+        print(f"gpu_check: --skip {','.join(unknown)}: no such step; the steps are {', '.join(check.step_names())}",
+              file=sys.stderr)
+        return 2
+    return check.run()
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class TransformersSampler:
         results: list[list[Candidate]] = []
         self.last_timings = []
         for c, lo in enumerate(range(0, len(instructions), size)):
-            part = inputs if size >= len(instructions) else self._inputs(images[lo: lo + size], instructions[lo: lo + size])
+            part = {k: v[lo: lo + size] for k, v in inputs.items()}  # rows of the batch (pixel_values: one per image)
             if per_prompt is None:
                 choose = BatchStream(seed + c, params.temperature, params.top_p, self.suppress, self.device)
             else:
