@@ -3,7 +3,8 @@ process or over `training.num_processes` processes (m3po_core/distributed.py).
 
     adapter/ (the LoRA adapter), train_log.json (its key, seconds, TRL's log history, the batch
     split (per_device_batch_size x num_processes x gradient_accumulation_steps), the length limit
-    trained under and the pairs left out as longer than it: dropped_overlong_pairs)
+    trained under, the pairs left out as longer than it (dropped_overlong_pairs), whether gradient
+    checkpointing was on, and what `auto` decided from: memory)
 
 Limit: any vLLM engine of this process is shut down first; it comes back when evaluation needs it.
 """
@@ -15,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from m3po_core.components import release_engines
-from m3po_core.config import RunConfig, batch_split
+from m3po_core.config import RunConfig
 from m3po_core.stages.runner import device_slot, done_record, stage_key
 from m3po_core.store import RunStore
 
@@ -41,14 +42,12 @@ def train(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[str
 
             trained = train_adapter(cfg, store, model_ref, tmp, log_fn=log_fn)
         store.put_dir(tmp, "adapter")
-    per_device, accumulation = trained.get("per_device_batch_size"), trained.get("gradient_accumulation_steps")
-    if per_device is None:  # a distributed run's ranks report nothing back: the configured split
-        per_device, accumulation = batch_split(cfg.training)
     result = {"key": key, "pairs": store.read_json("pairs_stats.json")["pairs"], "seconds": time.time() - t0,
               "history": trained["history"], "num_processes": cfg.training.num_processes,
-              "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+              # the split trained with (`auto` resolved on the device; rank 0's under several processes)
+              "per_device_batch_size": trained["per_device_batch_size"],
+              "gradient_accumulation_steps": trained["gradient_accumulation_steps"],
               "max_length": trained["max_length"], "dropped_overlong_pairs": trained["dropped_overlong_pairs"],
-              "gradient_checkpointing": trained.get("gradient_checkpointing", cfg.training.gradient_checkpointing),
-              "memory": trained.get("memory")}
+              "gradient_checkpointing": trained["gradient_checkpointing"], "memory": trained["memory"]}
     store.write_json("train_log.json", result)
     return result
