@@ -4,12 +4,11 @@
         --try learning_rate=1e-3 --try learning_rate=1e-3,loss_type=[sigmoid,sft],loss_weights=[1,1]
 
 Trains a LoRA-DPO adapter on the run's pairs.parquet for each setting and prints POPE- and
-MME-style scores on held-out *validation* scenes (split "val"), never the evaluation split that
-the report uses. Prints measured figures only.
+MME-style scores and CHAIR_s on held-out *validation* scenes (split "val"), never the evaluation
+split that the report uses. Prints measured figures only.
 """
 import argparse
 import dataclasses
-import glob
 import tempfile
 
 import yaml
@@ -18,8 +17,8 @@ from m3po_core import models
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.data.images import load_image
 from m3po_core.data import synthetic as world
-from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
-from m3po_core.evaluation import mme, pope
+from m3po_core.data.synthetic_benchmarks import chair_prompts, mme_questions, pope_questions
+from m3po_core.evaluation import chair, mme, pope
 from m3po_core.sampling import greedy_batched
 from m3po_core.sampling.transformers_backend import TransformersSampler
 from m3po_core.store import RunStore
@@ -31,17 +30,21 @@ def val_benchmarks(cfg, n_scenes=200):
     sft = world.make_scenes(cfg.seed, "sft", cfg.data.world.n_sft_scenes, bias)
     val = world.make_scenes(cfg.seed, "val", n_scenes, bias)
     images = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in val}
-    return images, {"pope": pope_questions(val, cfg.seed + 1, sft, bias), "mme": mme_questions(val, cfg.seed + 1, bias)}
+    return images, {"pope": pope_questions(val, cfg.seed + 1, sft, bias), "mme": mme_questions(val, cfg.seed + 1, bias),
+                    "chair": chair_prompts(val)}
 
 
-def score(model, processor, images, benches, max_new_tokens):
+def score(model, processor, images, benches, max_new_tokens, open_max_new_tokens=None):
     sampler = TransformersSampler(model, processor)
     out = {}
     for name, qs in benches.items():
         preds = greedy_batched(sampler, [images[q["scene_id"]] for q in qs], [q["instruction"] for q in qs],
-                               max_new_tokens, batch_size=64)
+                               (open_max_new_tokens or max_new_tokens) if name == "chair" else max_new_tokens,
+                               batch_size=64)
         recs = [{**q, "prediction": p} for q, p in zip(qs, preds)]
-        if name == "pope":
+        if name == "chair":
+            out["chair_s"] = chair.score(recs)["chair_s"]
+        elif name == "pope":
             m = pope.score(recs)
             out["pope"], out["yes_ratio"] = m["accuracy"], m["yes_ratio"]
         else:
@@ -61,13 +64,17 @@ def main():
     args = ap.parse_args()
     cfg = load_config(args.config)
     store = RunStore(args.root, args.run_id)
-    model_ref = glob.glob(f"{args.root}/_models/tiny-llava-*")[0]
+    from m3po_core.stages.base_models import ensure_base_model
+
+    model_ref = f"{args.root}/{ensure_base_model(cfg, store).split(':', 1)[1]}"  # the run's own base
     pairs = store.read_table("pairs.parquet").to_pylist()
     pair_images = [load_image(p["image"], "pairs.parquet") for p in pairs]
     images, benches = val_benchmarks(cfg)
-    base = score(*models.load_vlm(model_ref), images, benches, cfg.evaluation.max_new_tokens)
-    print(f"{'setting':<60} {'POPE acc':>8} {'yes':>5} {'MME':>6}  MME subtasks (validation split)")
-    print(f"{'base model':<60} {base['pope']:>8.3f} {base['yes_ratio']:>5.2f} {base['mme']:>6.1f}  {base['mme_sub']}")
+    lengths = cfg.evaluation.max_new_tokens, cfg.evaluation.open_max_new_tokens
+    base = score(*models.load_vlm(model_ref), images, benches, *lengths)
+    print(f"{'setting':<60} {'POPE acc':>8} {'yes':>5} {'MME':>6} {'CHAIR_s':>7}  MME subtasks (validation split)")
+    print(f"{'base model':<60} {base['pope']:>8.3f} {base['yes_ratio']:>5.2f} {base['mme']:>6.1f} {base['chair_s']:>7.3f}  "
+          f"{base['mme_sub']}")
     for spec in args.tries:
         overrides = {}
         for item in spec.split(",") if "[" not in spec else _split(spec):
@@ -79,8 +86,9 @@ def main():
             train_lora_dpo(model, processor, pairs_dataset(pair_images, [p["instruction"] for p in pairs], pairs),
                            tcfg.training, d)
         model.eval()  # PEFT injected the trained adapters into `model` itself
-        got = score(model, processor, images, benches, cfg.evaluation.max_new_tokens)
-        print(f"{spec:<60} {got['pope']:>8.3f} {got['yes_ratio']:>5.2f} {got['mme']:>6.1f}  {got['mme_sub']}", flush=True)
+        got = score(model, processor, images, benches, *lengths)
+        print(f"{spec:<60} {got['pope']:>8.3f} {got['yes_ratio']:>5.2f} {got['mme']:>6.1f} {got['chair_s']:>7.3f}  "
+              f"{got['mme_sub']}", flush=True)
 
 
 def _split(spec):

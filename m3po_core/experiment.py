@@ -42,12 +42,13 @@ LABELS = {"base": "Base model", "sft": "SFT (preferred responses)", "dpo": "Vani
           "m3po": "M3PO", "m3po_alpha0": "M3PO (alpha = 0)", "ipa": "IPA"}
 # (column label, benchmark, metric key) of the tables
 COLUMNS = [("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
-           ("MME score", "mme", "score"), ("IFT prompt acc", "ift", "prompt_accuracy"),
+           ("MME score", "mme", "score"), ("CHAIR_s", "chair", "chair_s"), ("CHAIR_i", "chair", "chair_i"),
+           ("IFT prompt acc", "ift", "prompt_accuracy"),
            ("IFT constraint acc", "ift", "constraint_accuracy"), ("Accuracy (1-5)", "preference", "accuracy"),
            ("Relevance (1-5)", "preference", "relevance"), ("Helpfulness (1-5)", "preference", "helpfulness"),
            ("Win rate vs base", "preference", "win_rate")]
-BENCH_METRICS = ["POPE acc", "POPE F1", "POPE yes-ratio", "MME score", "IFT prompt acc",
-                 "IFT constraint acc"]  # tables 1, 3, 5, 6
+BENCH_METRICS = ["POPE acc", "POPE F1", "POPE yes-ratio", "MME score", "CHAIR_s", "CHAIR_i", "IFT prompt acc",
+                 "IFT constraint acc"]  # tables 1, 3, 5, 6 (CHAIR: lower is better)
 PREFERENCE_METRICS = ["Accuracy (1-5)", "Relevance (1-5)", "Helpfulness (1-5)", "Win rate vs base"]  # table 4
 
 
@@ -162,7 +163,9 @@ def tables(rows: list[dict[str, Any]], recipes: list[str], alphas: list[float], 
 
 COMPARATORS = ("m3po_alpha0", "dpo", "rm_dpo", "sft", "ipa", "base")
 # metrics with a paired bootstrap interval over questions (m3po_core/evaluation/paired.py)
-PAIRED = (("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("MME score", "mme", "score"))
+PAIRED = (("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("MME score", "mme", "score"),
+          ("CHAIR_s", "chair", "chair_s"), ("CHAIR_i", "chair", "chair_i"))
+LOWER_IS_BETTER = ("CHAIR_s", "CHAIR_i")
 
 
 def paired_rows(cells: list[Cell], read_predictions: Callable[[str, str], list[dict] | None]) -> list[dict[str, Any]]:
@@ -211,12 +214,14 @@ def interval_verdicts(paired: list[dict[str, Any]]) -> list[str]:
                 continue
             d = _digits(metric)
             above, below = sum(r["low"] > 0 for r in found), sum(r["high"] < 0 for r in found)
+            if metric in LOWER_IS_BETTER:  # a difference below zero is M3PO's gain
+                above, below = below, above
             word = "beats" if above == len(found) else "loses to" if below == len(found) else "does not clearly beat"
             mean, sd = mean_sd([r["delta"] for r in found])
             spans = ", ".join(f"[{r['low']:+.{d}f}, {r['high']:+.{d}f}]" for r in found)
             out.append(f"- M3PO {word} {LABELS[other]} on {metric}: difference {mean:+.{d}f} ± {sd:.{d}f} over "
                        f"{len(found)} seed(s); 95 % intervals over questions, seed by seed: {spans} "
-                       f"({above} above zero, {below} below)")
+                       f"({above} in M3PO's favour, {below} against)")
     return out
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from m3po_core.config import RunConfig
+from m3po_core.evaluation.paired import LOWER_IS_BETTER
 from m3po_core.selection_diagnostics import describe as describe_pools
 from m3po_core.scoring.budget import spend_line
 from m3po_core.stages.evaluate import trained_under_its_name
@@ -22,6 +23,9 @@ HEADLINE = [
     ("POPE F1", "pope", ("f1",)),
     ("POPE yes-ratio", "pope", ("yes_ratio",)),
     ("MME score", "mme", ("score",)),
+    ("CHAIR_s (lower is better)", "chair", ("chair_s",)),
+    ("CHAIR_i (lower is better)", "chair", ("chair_i",)),
+    ("CHAIR object recall", "chair", ("recall",)),
     ("IFT prompt accuracy", "ift", ("prompt_accuracy",)),
     ("IFT constraint accuracy", "ift", ("constraint_accuracy",)),
     ("Preference accuracy (1-5)", "preference", ("accuracy",)),
@@ -108,7 +112,8 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     for label, bench, path in labels:
         b, t = _get(base, bench, path), _get(trained, bench, path)
         ci = intervals.get(bench, {}).get(path[0]) if len(path) == 1 else None
-        rows.append({"metric": label, "base": b, "trained": t, "delta": t - b, "interval": ci})
+        rows.append({"metric": label, "base": b, "trained": t, "delta": t - b, "interval": ci,
+                     "lower_is_better": path[-1] in LOWER_IS_BETTER})
     return rows
 
 
@@ -117,7 +122,10 @@ def verdict(row: dict[str, Any]) -> str:
     ci = row.get("interval")
     if ci is None:
         return ("higher" if row["delta"] > 0 else "not higher") + " (no interval)"
-    word = "better" if ci["low"] > 0 else "worse" if ci["high"] < 0 else "no clear difference"
+    above, below = ci["low"] > 0, ci["high"] < 0
+    if row.get("lower_is_better"):
+        above, below = below, above
+    word = "better" if above else "worse" if below else "no clear difference"
     return f"{word} (95 % interval {_signed(ci['low'])} to {_signed(ci['high'])})"
 
 
@@ -360,7 +368,8 @@ def build_report(cfg: RunConfig, store: RunStore, n_shards: int, info: dict[str,
     timings = info.get("timings", {})
     total = sum(timings.values()) or float("nan")
     verdicts = [f"{r['metric']}: {verdict(r)} ({_fmt(r['base'])} -> {_fmt(r['trained'])})" for r in rows
-                if r["metric"] in ("POPE accuracy", "POPE F1", "MME score", "IFT prompt accuracy")
+                if r["metric"] in ("POPE accuracy", "POPE F1", "MME score", "CHAIR_s (lower is better)",
+                                   "CHAIR_i (lower is better)", "IFT prompt accuracy")
                 and not math.isnan(r["base"])]  # benchmarks run
     ipa_run = pair_stats.get("strategy") == "ipa"
     method = "IPA" if ipa_run else "M3PO"

@@ -107,3 +107,31 @@ def test_long_responses_are_scored_in_chunks_not_truncated(trained: tuple) -> No
     weights = np.array([n for _, n in pieces], dtype=float)
     expected = float((texts @ image).numpy() @ weights / weights.sum())
     assert sims[1] == pytest.approx(expected, abs=1e-5)
+
+
+def _open_captions(split: str, n: int, negatives: int):
+    from m3po_core.data import synthetic
+    from m3po_core.data.wrong_answers import wrong_descriptions
+
+    scenes = make_scenes(0, split, n, synthetic.WorldBias(0.7, 0.0))
+    images, captions, wrong = [], [], []
+    for s in scenes:
+        rng = synthetic.seeded_rng(0, s.scene_id)
+        kind = rng.choice(synthetic.OPEN_KINDS)
+        images.append(render(s))
+        captions.append(synthetic.open_reference(s, kind, rng))
+        wrong.append(wrong_descriptions(s, kind, rng, negatives))
+    return images, captions, wrong
+
+
+def test_hard_negatives_teach_the_clip_to_rank_a_true_description_above_its_near_misses():
+    images, captions, wrong = _open_captions("sft", 384, 3)
+    held = _open_captions("val", 96, 3)
+    common = dict(steps=120, batch_size=64, seed=0, heldout_images=held[0], heldout_captions=held[1],
+                  heldout_negatives=held[2])
+    _, plain = train_tiny_clip(images, captions, **common)
+    _, hard = train_tiny_clip(images, captions, negatives=wrong, **common)
+    # the contrastive loss alone separates scenes, hardly near misses of the same scene
+    assert hard["hard_negative_accuracy"] > plain["hard_negative_accuracy"] + 0.1, (plain, hard)
+    with pytest.raises(ValueError, match="negatives"):
+        train_tiny_clip(images, captions, negatives=wrong[:-1], steps=1)

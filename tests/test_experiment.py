@@ -59,9 +59,9 @@ def test_method_against_method_verdicts_come_from_paired_intervals_seed_by_seed(
     dpo0 = next(r for r in paired if r["comparator"] == "dpo" and r["seed"] == 0 and r["metric"] == "POPE acc")
     assert dpo0["delta"] == pytest.approx(sum(clearly) / n - sum(worse) / n) and dpo0["low"] > 0
     lines = "\n".join(ex.verdicts([], ["base", "m3po", "dpo", "rm_dpo"], paired))
-    assert "M3PO beats Vanilla DPO on POPE acc" in lines and "(2 above zero, 0 below)" in lines
+    assert "M3PO beats Vanilla DPO on POPE acc" in lines and "(2 in M3PO's favour, 0 against)" in lines
     # one seed tied (identical answers: a zero-width interval at 0): no verdict
-    assert "M3PO does not clearly beat RM-DPO on POPE acc" in lines and "(1 above zero, 0 below)" in lines
+    assert "M3PO does not clearly beat RM-DPO on POPE acc" in lines and "(1 in M3PO's favour, 0 against)" in lines
 
 
 def test_cells_apply_their_recipe_and_seed():

@@ -96,3 +96,33 @@ def test_unknown_instruction_names_the_prompt():
     item = JudgeItem("prompt-7", "what is this ?", "a cat .", meta={"scene": SCENE.to_json()})
     with pytest.raises(InputError, match="prompt-7"):
         ReferenceJudge().score([item])
+
+
+def test_open_answers_are_graded_by_degree():
+    from m3po_core.data.synthetic import Scene, SceneObject
+
+    scene = Scene("s", (SceneObject("circle", "blue", "top left"), SceneObject("triangle", "green", "top right"),
+                        SceneObject("square", "yellow", "bottom left")))
+    judge = ReferenceJudge()
+
+    def rate(instruction, response):
+        return judge.score([JudgeItem("p", instruction, response, meta={"scene": scene.to_json()})])[0]
+
+    listing = "what objects are in the image ?"
+    full = rate(listing, "a yellow square , a blue circle and a green triangle .")
+    partial = rate(listing, "a blue circle and a green triangle .")
+    invented = rate(listing, "a blue circle , a green triangle , a yellow square and a red circle .")
+    assert full.accuracy == 1.0 and full.overall == 1.0
+    assert 0 < partial.accuracy < 1 and partial.relevance == 1.0
+    assert 0 < invented.accuracy < 1 and invented.relevance == 0.75
+    detail = "describe the image in detail ."
+    right = rate(detail, "there are three shapes , a blue circle at the top left , a green triangle at the top right "
+                         "and a yellow square at the bottom left .")
+    misplaced = rate(detail, "there are three shapes , a blue circle at the bottom right , a green triangle at the "
+                             "top right and a yellow square at the bottom left .")
+    miscounted = rate(detail, "there are two shapes , a blue circle at the top left , a green triangle at the top "
+                              "right and a yellow square at the bottom left .")
+    assert right.accuracy == 1.0 > miscounted.accuracy == pytest.approx(0.8)
+    assert misplaced.accuracy == pytest.approx(0.8 * 2 * 2.5 / 6 + 0.2)  # one object at half credit
+    # a wrong place costs less than a missing object, which costs less than an invented one
+    assert full.overall == right.overall == 1 > misplaced.overall > partial.overall > invented.overall > 0.5

@@ -19,6 +19,7 @@ from m3po_core.data.synthetic import (
     vocabulary,
 )
 from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
+from m3po_core.data import synthetic
 from m3po_core.errors import ConfigError
 
 
@@ -201,3 +202,64 @@ def test_pope_adversarial_negatives_are_absent_companions_first_in_a_biased_worl
         asked = [(p["colour"], p["shape"]) for p in negatives]
         companions = scene.absent_companions()
         assert asked[:len(companions)] == companions[:len(asked)]
+
+
+# ---------------------------------------------------------------- open-ended kinds (the graded world)
+
+
+def test_open_kinds_are_added_after_the_short_ones_without_moving_them():
+    bias = synthetic.WorldBias(0.7, 0.8)
+    scenes = synthetic.make_scenes(0, "train", 60, bias)
+    short = synthetic.make_prompts(scenes, 0, per_scene=1, bias=bias)
+    both = synthetic.make_prompts(scenes, 0, per_scene=1, bias=bias, open_per_scene=2)
+    assert [p for p in both if p["kind"] not in synthetic.OPEN_KINDS] == short
+    by_scene = {}
+    for p in both:
+        by_scene.setdefault(p["scene_id"], []).append(p)
+    for rows in by_scene.values():
+        open_kinds = [p["kind"] for p in rows if p["kind"] in synthetic.OPEN_KINDS]
+        assert len(open_kinds) == len(set(open_kinds)) == 2
+        assert [p["prompt_id"] for p in rows] == [f"{rows[0]['scene_id']}-q{j}" for j in range(3)]
+    vocab = set(synthetic.vocabulary())
+    for p in both:
+        assert synthetic.parse_instruction(p["instruction"]) == (p["kind"], {}) or p["kind"] not in synthetic.OPEN_KINDS
+        assert set(p["reference"].split(" ")) <= vocab, p["reference"]
+
+
+def test_biased_open_answers_name_an_absent_companion_and_true_ones_never_invent():
+    from m3po_core.scoring.judge import named_objects
+
+    bias = synthetic.WorldBias(0.7, 0.8)
+    scenes = synthetic.make_scenes(0, "train", 600, bias)
+    for world_bias, expect in ((bias, True), (synthetic.NO_BIAS, False)):
+        invented, eligible = 0, 0
+        for p in synthetic.make_prompts(scenes, 0, per_scene=0, bias=world_bias, open_per_scene=3):
+            scene = synthetic.Scene.from_json(p["scene"])
+            named = set(named_objects(p["reference"]))
+            extra = named - scene.pairs()
+            assert scene.pairs() <= named  # every object there is named
+            assert extra <= set(scene.absent_companions())  # only ever a companion of one present
+            if scene.absent_companions() and len(scene.objects) < 4:
+                eligible += 1
+                invented += bool(extra)
+        share = invented / eligible
+        # answer_bias = 0.8 in the biased world
+        assert (0.7 < share < 0.9) if expect else share == 0
+
+
+def test_wrong_descriptions_each_get_the_scene_wrong_by_the_judge():
+    from m3po_core.data.wrong_answers import wrong_descriptions
+    from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
+
+    judge = ReferenceJudge()
+    scenes = synthetic.make_scenes(3, "sft", 80, synthetic.WorldBias(0.7, 0.0))
+    for scene in scenes:
+        for kind in synthetic.OPEN_KINDS:
+            rng = synthetic.seeded_rng(0, scene.scene_id, kind)
+            instruction = synthetic.instruction_text(kind, {})
+            wrong = wrong_descriptions(scene, kind, rng, 3)
+            truth = synthetic.open_reference(scene, kind, rng)
+            scores = judge.score([JudgeItem("p", instruction, t, meta={"scene": scene.to_json()})
+                                  for t in [truth, *wrong]])
+            assert scores[0].accuracy == 1.0
+            assert all(s.accuracy < 1.0 for s in scores[1:]), (scene, kind, wrong)

@@ -82,9 +82,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if unknown:
         raise ConfigError(f"configuration key 'evaluation.benchmarks': unknown {unknown}; available: "
                           + ", ".join(BENCHMARKS))
-    if cfg.data.source != "synthetic" and "preference" in cfg.evaluation.benchmarks:
-        raise ConfigError("configuration key 'evaluation.benchmarks': the simulated preference test has prompts on "
-                          "the synthetic world only so far; drop 'preference' for other data")
+    for bench, what in (("preference", "the simulated preference test has prompts"),
+                        ("chair", "the CHAIR-style test has object annotations")):
+        if cfg.data.source != "synthetic" and bench in cfg.evaluation.benchmarks:
+            raise ConfigError(f"configuration key 'evaluation.benchmarks': {what} on the synthetic world only so far; "
+                              f"drop '{bench}' for other data")
     for bench in PUBLIC_BENCHMARKS:
         if bench in cfg.evaluation.benchmarks and cfg.data.source != "synthetic" and getattr(cfg.evaluation, f"{bench}_path") is None:
             raise ConfigError(f"configuration key 'evaluation.{bench}_path': data.source={cfg.data.source!r} has no "

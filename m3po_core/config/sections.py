@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 from m3po_core.config.execution import ExecutionConfig
 from m3po_core.data.quality import QualityFilterConfig
 
-BENCHMARKS = ("pope", "mme", "ift", "preference")
+BENCHMARKS = ("pope", "mme", "ift", "preference", "chair")
 PUBLIC_BENCHMARKS = ("pope", "mme", "ift")  # read from `evaluation.{name}_path` on real data
 
 
@@ -31,6 +31,10 @@ class WorldConfig:
                                                              "preference prompts)."})
     prompts_per_scene: int = field(default=2, metadata={"help": "Instructions per train scene: n_train_scenes x "
                                                                 "prompts_per_scene M3PO prompts."})
+    open_per_scene: int = field(default=0, metadata={
+        "help": "Open-ended instructions per scene besides prompts_per_scene (list the objects, say where they are, "
+                "describe in detail: synthetic.OPEN_KINDS), in the sft and train splits: answers a candidate can get "
+                "partly right, graded by degree by the reference judge. 0: the short and yes/no kinds only."})
     image_size: int = field(default=64, metadata={"help": "Side of the rendered square scene images, in pixels."})
     cooccurrence: float = field(default=0.0, metadata={
         "help": "The world's co-occurrence statistics: the probability that a scene with room for another object "
@@ -178,6 +182,10 @@ class ClipConfig:
                                                                       "e.g. \"openai\" for ViT-L-14, or a path."})
     train_steps: int = field(default=300, metadata={"help": "Tiny CLIP only: training steps."})
     train_batch_size: int = field(default=64, metadata={"help": "Tiny CLIP only: training batch size."})
+    hard_negatives: int = field(default=0, metadata={
+        "help": "Tiny CLIP only: per training image, this many captions that get the scene wrong (an absent object "
+                "added, its companion first; an object recoloured or misplaced), each trained to score below the "
+                "true caption, so the similarity moves with what a caption gets right. 0: contrastive loss only."})
     batch_size: int = field(default=256, metadata={"help": "Texts per encode batch when scoring."})
 
 
@@ -337,10 +345,11 @@ class EvaluationConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["pope", "mme", "ift", "preference"], metadata={
         "help": "pope, mme; ift: the instruction-following test (constraints checked by rule and by the judge, "
                 "m3po_core/evaluation/ift.py); preference: the judge's 1-5 ratings and win rate against the base "
-                "(paper table 4)."})
+                "(paper table 4); chair: object hallucination of detailed descriptions (CHAIR_s, CHAIR_i; synthetic "
+                "world only, m3po_core/evaluation/chair.py)."})
     max_new_tokens: int = field(default=24, metadata={"help": "Short answers (POPE, MME)."})
     open_max_new_tokens: Optional[int] = field(default=None, metadata={
-        "help": "Open-ended answers (IFT, preference); None: max_new_tokens."})
+        "help": "Open-ended answers (IFT, preference, CHAIR's descriptions); None: max_new_tokens."})
     batch_size: int = field(default=32, metadata={"help": "Questions per greedy generate batch (also the IPA "
                                                           "reviser's, when a model revises)."})
     shard_size: int = field(default=256, metadata={

@@ -57,6 +57,9 @@ KINDS = (
     "position_check",
 )
 YES_NO_KINDS = ("exist", "colour_check", "count_check", "position_check")
+# Open-ended kinds (data.world.open_per_scene): answers name every object, so a candidate can be partly
+# right; the reference judge grades them by degree (scoring/judge.py) and CHAIR counts what they invent.
+OPEN_KINDS = ("list", "locate", "describe_detail")
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 # MME subtask -> the yes/no kind that asks it.
 MME_CATEGORIES = {
@@ -75,6 +78,7 @@ _COUPLES = ((("red", "circle"), ("blue", "square")), (("red", "square"), ("yello
 COMPANIONS = {a: b for pair in _COUPLES for a, b in (pair, pair[::-1])}
 assert sorted(COMPANIONS) == sorted(ALL_PAIRS)
 COMPANION_QUESTION_SHARE = 0.5  # in a biased world, half of the "no" existence questions ask about a companion
+
 MAX_OBJECTS = 3
 MAX_COUNT_ASKED = 4  # count_check may ask about 1..4 shapes
 
@@ -265,7 +269,20 @@ def instruction_text(kind: str, params: dict) -> str:
         return f"{verb} there {_shapes_phrase(p['n'])} in the image ?"
     if kind == "position_check":
         return f"is the {p['colour']} {p['shape']} at the {p['position']} ?"
+    if kind in OPEN_KINDS:
+        return {"list": "what objects are in the image ?", "locate": "where are the shapes ?",
+                "describe_detail": "describe the image in detail ."}[kind]
     raise ValueError(f"unknown instruction kind {kind!r}")
+
+
+def open_answer(kind: str, objects) -> str:
+    """The answer of an open kind naming `objects` in their order, e.g. list: "a red circle and a blue
+    square ."; locate: "the red circle is at the top left , ..."; describe_detail: "there are two shapes ,
+    a red circle at the top left and ..."."""
+    phrase = {"list": "a {c} {s}", "locate": "the {c} {s} is at the {p}", "describe_detail": "a {c} {s} at the {p}"}[kind]
+    parts = [phrase.format(c=o.colour, s=o.shape, p=o.position) for o in objects]
+    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+    return (f"{_there_are(len(parts))} , " if kind == "describe_detail" else "") + listed + " ."
 
 
 @cache
@@ -282,6 +299,7 @@ def _instruction_table() -> dict[str, tuple[str, dict]]:
         "position_check": [
             {"colour": c, "shape": s, "position": p} for (c, s), p in product(ALL_PAIRS, POSITIONS)
         ],
+        **{kind: [{}] for kind in OPEN_KINDS},
     }
     return {
         instruction_text(kind, params): (kind, params)
@@ -326,6 +344,8 @@ def answer_text(scene: Scene, kind: str, params: dict) -> str:
         true_position = _position_of(scene, p)
         yes_no = "yes" if p["position"] == true_position else "no"
         return f"{yes_no} , the {p['colour']} {p['shape']} is at the {true_position} ."
+    if kind in OPEN_KINDS:
+        return open_answer(kind, scene.objects)
     raise ValueError(f"unknown instruction kind {kind!r}")
 
 
@@ -401,10 +421,12 @@ def sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random,
 
 def make_prompts(
     scenes: list[Scene], seed: int, kinds: tuple[str, ...] = KINDS, per_scene: int = 2,
-    bias: WorldBias = NO_BIAS,
+    bias: WorldBias = NO_BIAS, open_per_scene: int = 0,
 ) -> list[dict]:
-    """``per_scene`` prompts of distinct kinds per scene; yes/no kinds alternate yes, no. With
-    ``bias.answer_bias`` (instruction data only) an absent companion may be answered "yes"."""
+    """``per_scene`` prompts of distinct ``kinds`` per scene (yes/no kinds alternate yes, no), then
+    ``open_per_scene`` of distinct OPEN_KINDS (their own rng stream, so the first ones do not move).
+    With ``bias.answer_bias`` (instruction data only) an absent companion may be answered "yes", or
+    named by an open answer (`open_reference`)."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ConfigError(f"kinds: unknown instruction kinds {unknown}; expected some of {KINDS}")
@@ -412,7 +434,8 @@ def make_prompts(
     prompts = []
     for scene in scenes:
         rng = seeded_rng(seed, "prompts", scene.scene_id)
-        for j, kind in enumerate(rng.sample(list(kinds), min(per_scene, len(kinds)))):
+        kinds_asked = rng.sample(list(kinds), min(per_scene, len(kinds)))
+        for j, kind in enumerate(kinds_asked):
             params = sample_params(scene, kind, answer_yes=asked[kind] % 2 == 0, rng=rng, bias=bias)
             asked[kind] += 1
             reference = answer_text(scene, kind, params)
@@ -420,14 +443,26 @@ def make_prompts(
                     and (params["colour"], params["shape"]) in scene.absent_companions()
                     and rng.random() < bias.answer_bias):
                 reference = f"yes , there is a {params['colour']} {params['shape']} ."
-            prompts.append(
-                {
-                    "prompt_id": f"{scene.scene_id}-q{j}",
-                    "scene_id": scene.scene_id,
-                    "kind": kind,
-                    "instruction": instruction_text(kind, params),
-                    "reference": reference,
-                    "scene": scene.to_json(),
-                }
-            )
+            prompts.append(_prompt(scene, j, kind, params, reference))
+        open_rng = seeded_rng(seed, "open", scene.scene_id)
+        for j, kind in enumerate(open_rng.sample(OPEN_KINDS, min(open_per_scene, len(OPEN_KINDS))), len(kinds_asked)):
+            prompts.append(_prompt(scene, j, kind, {}, open_reference(scene, kind, open_rng, bias)))
     return prompts
+
+
+def _prompt(scene: Scene, n: int, kind: str, params: dict, reference: str) -> dict:
+    return {"prompt_id": f"{scene.scene_id}-q{n}", "scene_id": scene.scene_id, "kind": kind,
+            "instruction": instruction_text(kind, params), "reference": reference, "scene": scene.to_json()}
+
+
+def open_reference(scene: Scene, kind: str, rng: random.Random, bias: WorldBias = NO_BIAS) -> str:
+    """An answer of an open kind as annotators write it: the objects in any order and, where the scene
+    lacks the companion of an object it holds and has a free cell, that companion added there with
+    chance answer_bias: the same rate at which the world's existence answers assert it."""
+    objects = rng.sample(scene.objects, len(scene.objects))
+    free = [p for p in POSITIONS if p not in {o.position for o in scene.objects}]
+    if (bias.answer_bias and free and scene.absent_companions()
+            and rng.random() < bias.answer_bias):
+        colour, shape = rng.choice(scene.absent_companions())
+        objects.insert(rng.randint(0, len(objects)), SceneObject(shape, colour, rng.choice(free)))
+    return open_answer(kind, objects)

@@ -1,5 +1,6 @@
 """The synthetic world's held-out benchmarks: POPE-style existence questions (random, popular,
-adversarial negatives) and MME-style yes/no pairs, built from eval scenes and their scene graphs.
+adversarial negatives), MME-style yes/no pairs and CHAIR-style description prompts, built from eval
+scenes and their scene graphs.
 
 Limit: the questions are the world's templates (synthetic.instruction_text); the public POPE and MME
 files are read by m3po_core/evaluation, not here.
@@ -17,6 +18,7 @@ from m3po_core.data.synthetic import (
     POPE_CATEGORIES,
     Scene,
     WorldBias,
+    answer_text,
     instruction_text,
     sample_params,
     seeded_rng,
@@ -97,3 +99,11 @@ def mme_questions(scenes: list[Scene], seed: int, bias: WorldBias = NO_BIAS) -> 
                     }
                 )
     return rows
+
+
+def chair_prompts(scenes: list[Scene]) -> list[dict]:
+    """One "describe the image in detail ." per scene, its answer the true description (CHAIR reads
+    the objects there from it: m3po_core/evaluation/chair.py)."""
+    return [{"question_id": scene.scene_id, "category": "describe_detail", "scene_id": scene.scene_id,
+             "instruction": instruction_text("describe_detail", {}),
+             "answer": answer_text(scene, "describe_detail", {}), "scene": scene.to_json()} for scene in scenes]

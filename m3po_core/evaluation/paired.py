@@ -109,7 +109,15 @@ def mme_runs(runs: Sequence[Answers], n_boot: int = N_BOOT, seed: int = 0) -> di
     return {"score": (point, totals)}
 
 
-BENCHMARKS = {"pope": pope_runs, "mme": mme_runs}
+def chair_runs(runs: Sequence[Answers], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CHAIR_s, CHAIR_i and object recall of every run (m3po_core/evaluation/chair.py), resampling descriptions."""
+    from m3po_core.evaluation import chair
+
+    return chair.chair_runs(_aligned_runs(runs), n_boot, seed)
+
+
+BENCHMARKS = {"pope": pope_runs, "mme": mme_runs, "chair": chair_runs}
+LOWER_IS_BETTER = ("chair_s", "chair_i")  # the others: higher is better
 
 
 def pope_intervals(base: Answers, trained: Answers, n_boot: int = N_BOOT, seed: int = 0,
@@ -124,9 +132,11 @@ def mme_intervals(base: Answers, trained: Answers, n_boot: int = N_BOOT, seed: i
     return {m: _interval(b[0], b[1], p[1] - p[0], level) for m, (p, b) in mme_runs([base, trained], n_boot, seed).items()}
 
 
-def intervals(bench: str, base: Answers, trained: Answers, seed: int = 0) -> dict[str, dict]:
-    """The intervals of `bench` ("pope": accuracy and F1; "mme": score), trained - base."""
-    return {"pope": pope_intervals, "mme": mme_intervals}[bench](base, trained, seed=seed)
+def intervals(bench: str, base: Answers, trained: Answers, seed: int = 0, n_boot: int = N_BOOT,
+              level: float = LEVEL) -> dict[str, dict]:
+    """The intervals of `bench` ("pope": accuracy and F1; "mme": score; "chair": chair_s, chair_i,
+    recall), trained - base."""
+    return {m: _interval(b[0], b[1], p[1] - p[0], level) for m, (p, b) in BENCHMARKS[bench]([base, trained], n_boot, seed).items()}
 
 
 def group_intervals(bench: str, base: Sequence[Sequence[Answers]], other: Sequence[Sequence[Answers]],
@@ -162,6 +172,8 @@ def group_intervals(bench: str, base: Sequence[Sequence[Answers]], other: Sequen
     return out
 
 
-def better(interval: Mapping[str, float] | None) -> bool:
-    """The trained model is better: its interval lies above zero."""
-    return interval is not None and interval["low"] > 0
+def better(interval: Mapping[str, float] | None, metric: str = "") -> bool:
+    """The trained model is better: its interval lies above zero (below, for a metric where lower is better)."""
+    if interval is None:
+        return False
+    return interval["high"] < 0 if metric in LOWER_IS_BETTER else interval["low"] > 0

@@ -29,7 +29,7 @@ TINY_CLIP_CONFIG = {
     # No hf_tokenizer_name: open_clip uses its SimpleTokenizer, whose BPE vocab
     # ships inside the package, so nothing is downloaded.
     "text_cfg": {
-        "context_length": 32,
+        "context_length": 64,  # an open answer naming four objects is ~40 tokens
         "vocab_size": 49408,
         "width": 64,
         "heads": 2,
@@ -301,16 +301,22 @@ def train_tiny_clip(
     seed: int = 0,
     heldout_images: Sequence[Image.Image] | None = None,
     heldout_captions: Sequence[str] | None = None,
+    negatives: Sequence[Sequence[str]] | None = None,
+    heldout_negatives: Sequence[Sequence[str]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[ClipScorer, dict]:
-    """Train "m3po-tiny-clip" from scratch on CPU with open_clip's ClipLoss.
+    """Train "m3po-tiny-clip" from scratch on CPU with open_clip's ClipLoss, plus, given `negatives`
+    (per image, captions that get it wrong), a cross-entropy of each image over its own caption and
+    its wrong ones at the model's temperature, so the true caption must beat each near miss, not
+    only the batch's other scenes (open_clip has no such term).
 
     Returns the scorer and metrics ``{"steps", "final_loss", "retrieval_top1",
     "retrieval_chance", "retrieval_batch", "retrieval_split"}``. Retrieval is
     image-to-text top-1 accuracy within batches of ``batch_size`` held-out
     pairs (the training pairs when no held-out set is given); since captions of
     the same scene layout repeat, a hit means the top caption string equals
-    the true one.
+    the true one. With `heldout_negatives`, "hard_negative_accuracy" is the share of (image, wrong
+    caption) pairs whose true caption scores higher.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -322,6 +328,11 @@ def train_tiny_clip(
     model = scorer.model.train()
     pixels = torch.stack([scorer.preprocess(image) for image in images])
     tokens = scorer.tokenizer(list(captions))
+    if negatives is not None:
+        if len(negatives) != len(images) or len({len(n) for n in negatives}) != 1:
+            raise ValueError(f"negatives: need the same number of wrong captions for each of the {len(images)} images")
+        k = len(negatives[0])
+        negative_tokens = scorer.tokenizer([t for n in negatives for t in n]).view(len(images), k, -1)
 
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -333,6 +344,11 @@ def train_tiny_clip(
         batch = torch.randperm(len(images), generator=sampler)[:batch_size]
         image_features, text_features, logit_scale = model(pixels[batch], tokens[batch])
         loss = loss_fn(image_features, text_features, logit_scale)
+        if negatives is not None:
+            wrong = model.encode_text(negative_tokens[batch].flatten(0, 1), normalize=True).view(len(batch), k, -1)
+            logits = logit_scale * torch.cat([(image_features * text_features).sum(-1, keepdim=True),
+                                              torch.einsum("bd,bkd->bk", image_features, wrong)], dim=1)
+            loss = loss + torch.nn.functional.cross_entropy(logits, torch.zeros(len(batch), dtype=torch.long))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -358,10 +374,23 @@ def train_tiny_clip(
         "retrieval_batch": retrieval_batch,
         "retrieval_split": split,
     }
+    if heldout_negatives is not None and heldout_images is not None:
+        metrics["hard_negative_accuracy"] = hard_negative_accuracy(scorer, heldout_images, heldout_captions, heldout_negatives)
+        log(f"tiny CLIP held-out: true caption above a wrong one in {metrics['hard_negative_accuracy']:.3f} of pairs")
     log(f"tiny CLIP {split} retrieval top-1 {metrics['retrieval_top1']:.3f} "
         f"(chance {metrics['retrieval_chance']:.3f})")
     scorer.metrics = metrics
     return scorer, metrics
+
+
+def hard_negative_accuracy(scorer: ClipScorer, images, captions, negatives) -> float:
+    """The share of (image, wrong caption) pairs where the image's true caption scores higher."""
+    with torch.no_grad():
+        image_features = scorer.encode_images(list(images))
+        true = (image_features * scorer.encode_texts(list(captions))).sum(-1)
+        k = len(negatives[0])
+        wrong = scorer.encode_texts([t for n in negatives for t in n]).view(len(images), k, -1)
+        return float((true[:, None] > torch.einsum("bd,bkd->bk", image_features, wrong)).float().mean())
 
 
 def retrieval_top1(

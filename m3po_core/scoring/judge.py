@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 from m3po_core.data.synthetic import (
     COLOURS,
     NUMBER_WORDS,
+    OPEN_KINDS,
     POSITIONS,
     SHAPES,
     YES_NO_KINDS,
@@ -164,7 +165,12 @@ class ReferenceJudge:
         answer ("no , the circle is green ." when it is blue) it is 0.5, else 1;
       * colour / count / position: 1 if the only value stated for the asked
         object is right, 1/k if the right one is among k hedged values, else 0;
-      * describe: F1 of the (colour, shape, position) triples stated vs the scene.
+      * describe: F1 of the (colour, shape, position) triples stated vs the scene;
+      * open kinds (list, locate, describe_detail), by degree: each object named counts 1 if it is
+        in the scene (and, for locate and describe_detail, placed right; 0.5 if placed wrong or not
+        placed), 0 if it is not there (a hallucination); accuracy is the F1 of that credit against
+        the objects named and the objects there, and for describe_detail 0.8 of it plus 0.2 if the
+        stated count is right.
     relevance — of the objects mentioned, the fraction whose stated presence is
       true: "red circle" claims presence, "no red circle" claims absence, so
       echoing the question in a correct "no , there is no red circle ." is fine.
@@ -229,6 +235,8 @@ def _relevance(reading: _Reading, scene: Scene, kind: str) -> float:
 def _accuracy(reading: _Reading, scene: Scene, kind: str, params: dict, reference: str) -> float:
     if kind in YES_NO_KINDS:
         return _yes_no_accuracy(reading, scene, kind, params, reference)
+    if kind in OPEN_KINDS:
+        return _graded_accuracy(reading, scene, kind)
     if kind == "describe":
         stated = {(m.colour, m.shape, m.position) for m in reading.mentions if not m.negated}
         truth = {(o.colour, o.shape, o.position) for o in scene.objects}
@@ -251,6 +259,32 @@ def _accuracy(reading: _Reading, scene: Scene, kind: str, params: dict, referenc
     return _open_accuracy(
         _stated(positions, reading.loose_positions), scene.find(*asked).position
     )
+
+
+def named_objects(text: str) -> dict[tuple[str, str], str | None]:
+    """The objects a response says are there ((colour, shape) -> the first position given to it, or
+    None), in the order named; negated mentions ("no red circle") are not claims."""
+    return _named(_read(_tokenize(text)))
+
+
+def _named(reading: _Reading) -> dict[tuple[str, str], str | None]:
+    named: dict[tuple[str, str], str | None] = {}
+    for m in reading.mentions:
+        if not m.negated and named.get((m.colour, m.shape)) is None:
+            named[(m.colour, m.shape)] = m.position
+    return named
+
+
+def _graded_accuracy(reading: _Reading, scene: Scene, kind: str) -> float:
+    named = _named(reading)
+    truth = {(o.colour, o.shape): o.position for o in scene.objects}
+    placed = kind != "list"
+    credit = sum(1.0 if not placed or position == truth[pair] else 0.5
+                 for pair, position in named.items() if pair in truth)
+    f1 = 2 * credit / (len(named) + len(truth)) if credit else 0.0  # F1 of precision credit/named, recall credit/truth
+    if kind == "describe_detail":
+        return 0.8 * f1 + 0.2 * float(reading.numbers[:1] == [len(scene.objects)])
+    return f1
 
 
 def _yes_no_accuracy(

@@ -45,7 +45,7 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
         model.to(models.pick_device(m.device))
         bias = world.WorldBias.of(w)
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, bias)
-        rows = world.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias)
+        rows = world.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias, open_per_scene=w.open_per_scene)
         images = {s.scene_id: world.render(s, w.image_size) for s in scenes}
         t0 = time.time()
         losses = models.supervised_warm_start(
@@ -71,7 +71,8 @@ def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]
     from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
 
     scenes = world.make_scenes(cfg.seed, "val", 48, world.WorldBias.of(cfg.data.world))
-    rows = world.make_prompts(scenes, cfg.seed, per_scene=4)  # true answers: val measures, it does not teach
+    # true answers: val measures, it does not teach
+    rows = world.make_prompts(scenes, cfg.seed, per_scene=4, open_per_scene=cfg.data.world.open_per_scene)
     imgs = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in scenes}
     answers = greedy_batched(TransformersSampler(model, processor), [imgs[r["scene_id"]] for r in rows],
                              [r["instruction"] for r in rows], max_new_tokens=32, batch_size=64)
@@ -111,15 +112,33 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
         w = cfg.data.world
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, world.WorldBias.of(w))
         val = world.make_scenes(cfg.seed, "val", 128, world.WorldBias.of(w))
+        captions, negatives = _clip_captions(scenes, cfg.seed, c.hard_negatives)
+        val_captions, val_negatives = _clip_captions(val, cfg.seed, c.hard_negatives)
         with device_slot():
             scorer, metrics = train_tiny_clip(
-                [world.render(s, w.image_size) for s in scenes], [world.caption(s) for s in scenes],
+                [world.render(s, w.image_size) for s in scenes], captions, negatives=negatives,
                 steps=c.train_steps, batch_size=c.train_batch_size, seed=cfg.seed,
                 heldout_images=[world.render(s, w.image_size) for s in val],
-                heldout_captions=[world.caption(s) for s in val], log=log_fn)
-        log_fn(f"tiny CLIP: held-out retrieval top-1 {metrics['retrieval_top1']:.2f} "
-               f"(chance {metrics['retrieval_chance']:.2f})")
+                heldout_captions=val_captions, heldout_negatives=val_negatives, log=log_fn)
         with tempfile.TemporaryDirectory() as tmp:
             scorer.save(tmp)
             store.put_dir(tmp, rel, shared=True)
     return STORE_REF + rel
+
+
+def _clip_captions(scenes, seed: int, hard_negatives: int) -> tuple[list[str], list[list[str]] | None]:
+    """The tiny CLIP's captions: without hard negatives the canonical caption (as before the setting);
+    with them, each scene described as an open answer in any order, and `hard_negatives` wrong
+    descriptions of it (data/wrong_answers.py)."""
+    from m3po_core.data import synthetic as world
+    from m3po_core.data.wrong_answers import wrong_descriptions
+
+    if not hard_negatives:
+        return [world.caption(s) for s in scenes], None
+    captions, negatives = [], []
+    for s in scenes:
+        rng = world.seeded_rng(seed, "clip-captions", s.scene_id)
+        kind = rng.choice(world.OPEN_KINDS)
+        captions.append(world.open_reference(s, kind, rng))
+        negatives.append(wrong_descriptions(s, kind, rng, hard_negatives))
+    return captions, negatives

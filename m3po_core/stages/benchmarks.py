@@ -20,9 +20,10 @@ from m3po_core.store import RunStore
 
 
 def write_synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None:
-    """The world's held-out scenes and their POPE and MME questions (written with the prompts)."""
+    """The world's held-out scenes and their POPE and MME questions, and CHAIR's description prompts
+    (written with the prompts)."""
     from m3po_core.data import synthetic as world
-    from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
+    from m3po_core.data.synthetic_benchmarks import chair_prompts, mme_questions, pope_questions
 
     w = cfg.data.world
     bias = world.WorldBias.of(w)
@@ -30,7 +31,7 @@ def write_synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) ->
     for s in held_out:
         store.write_bytes(f"eval/images/{s.scene_id}.png", png(world.render(s, w.image_size)))
     for name, questions in (("pope", pope_questions(held_out, cfg.seed, train_scenes, bias)),
-                            ("mme", mme_questions(held_out, cfg.seed, bias))):
+                            ("mme", mme_questions(held_out, cfg.seed, bias)), ("chair", chair_prompts(held_out))):
         recs = [{"question_id": q["question_id"], "row_id": q.get("row_id", q["question_id"]),
                  "category": q["category"], "instruction": q["instruction"], "answer": q["answer"],
                  "image": store.url(f"eval/images/{q['scene_id']}.png")} for q in questions]

@@ -62,7 +62,7 @@ def evaluate(cfg: RunConfig, store: RunStore, model_ref: str, log_fn: Callable[[
 
 def base_vs_trained_intervals(cfg: RunConfig, store: RunStore) -> dict[str, Any]:
     """Paired bootstrap 95 % intervals of trained - base over the benchmark's questions (POPE accuracy
-    and F1, MME score; m3po_core/evaluation/paired.py), from both models' cached predictions."""
+    and F1, MME score, CHAIR_s, CHAIR_i and recall; m3po_core/evaluation/paired.py), from both models' cached predictions."""
     from m3po_core.evaluation import paired
 
     out: dict[str, Any] = {}
@@ -125,7 +125,7 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
     `adapter` is applied to the base model (None: the base model answers), through
     `evaluation.backend` (default: the sampling backend); before it answers anything,
     `m3po_core.evaluation.adapter_check` refuses an adapter that leaves the model unchanged."""
-    from m3po_core.evaluation import ift, preference
+    from m3po_core.evaluation import chair, ift, preference
     from m3po_core.sampling import greedy_batched
 
     loaded: dict[str, Any] = {}
@@ -193,6 +193,8 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
         if bench == "preference":
             metrics[bench] = preference.score(questions, _judge_ratings(cfg, store, bench, questions, image_of, preds,
                                                                         model_name, folder))
+        elif bench == "chair":
+            metrics[bench] = chair.score(records)
         elif bench == "ift":
             ratings = (_judge_ratings(cfg, store, bench, questions, image_of, preds, model_name, folder)
                        if ift.needs_judge(questions) else None)
@@ -204,7 +206,7 @@ def _evaluate_model(cfg: RunConfig, store: RunStore, model_ref: str, model_name:
 
 
 IMAGE_CACHE = 256  # decoded benchmark images kept at once
-OPEN_ENDED = ("ift", "preference")
+OPEN_ENDED = ("ift", "preference", "chair")
 YES_NO = ("pope", "mme")  # scored under every public harness's rule (m3po_core/evaluation/harness_rules.py)
 
 
@@ -248,6 +250,8 @@ def _headline(bench: str, m: dict[str, Any]) -> str:
     if bench == "preference":
         return (f"accuracy {m['accuracy']:.2f} relevance {m['relevance']:.2f} helpfulness {m['helpfulness']:.2f} "
                 f"(1-5; {m['unrated']} unrated)")
+    if bench == "chair":
+        return f"CHAIR_s {m['chair_s']:.3f} CHAIR_i {m['chair_i']:.3f} object recall {m['recall']:.3f}"
     if bench == "pope":
         return f"accuracy {m['accuracy']:.3f} f1 {m['f1']:.3f} yes-ratio {m['yes_ratio']:.2f}"
     return f"score {m['score']:.1f}"

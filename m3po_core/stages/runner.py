@@ -31,7 +31,7 @@ from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, retry_unrated
 log = logging.getLogger("m3po.runner")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
-CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 2,
+CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 2, "candidates": 1, "scores": 2, "pairs": 2,
                 "train": 1, "evaluate": 3, "ipa": 1, "candidates_round": 1, "scores_round": 1}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
@@ -67,6 +67,11 @@ def fingerprint(obj: Any) -> str:
 def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
     """A section minus settings that change how fast, not what (concurrency, batch sizes, key names)."""
     return {k: v for k, v in section.items() if k not in keys}
+
+
+def _unset(section: dict[str, Any], *keys: str) -> list[str]:
+    """The settings of `keys` left at 0: added since older cache keys, so absent from the key at 0."""
+    return [k for k in keys if not section.get(k)]
 
 
 def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
@@ -113,29 +118,34 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     scoring_key = {**_without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_mapping",
                               "judge_price_per_1k_input", "judge_price_per_1k_output", "max_judge_requests",
                               "max_judge_cost"), **_cosine_mappings(cfg)}
+    world_key = _without(world, *_unset(world, "open_per_scene"))
+    clip_key = _without(d["scoring"]["clip"], "batch_size", *_unset(d["scoring"]["clip"], "hard_negatives"))
     sections = {
-        "prompts": {"seed": d["seed"], "data": d["data"]},
+        "prompts": {"seed": d["seed"], "data": {**d["data"], "world": world_key}},
         # models built here depend on the warm-start split only, not on the prompt/eval split sizes
         "base_model": {"seed": d["seed"], "model": d["model"], "sft_scenes": world["n_sft_scenes"],
                        "image_size": world["image_size"], "cooccurrence": world["cooccurrence"],
-                       "answer_bias": world["answer_bias"]},
+                       "answer_bias": world["answer_bias"],
+                       # open kinds in the warm start: absent at 0, so bases built before the setting stay valid
+                       **({"open_per_scene": world["open_per_scene"]} if world["open_per_scene"] else {})},
         # CLIP learns from the sft images and their true captions: the answer bias plays no part
-        "clip": {"seed": d["seed"], "clip": _without(d["scoring"]["clip"], "batch_size"), "sft_scenes": world["n_sft_scenes"],
+        "clip": {"seed": d["seed"], "clip": clip_key,
+                 "sft_scenes": world["n_sft_scenes"],
                  "image_size": world["image_size"], "cooccurrence": world["cooccurrence"]},
         "candidates": {"sampling": sampling_key, "dtype": d["model"]["dtype"]},
-        "scores": {"scoring": scoring_key, "clip": _without(d["scoring"]["clip"], "batch_size")},
+        "scores": {"scoring": scoring_key, "clip": clip_key},
         # one round of adaptive sampling: not its budget n nor the stopping rule (which prompts a round
         # samples is part of its inputs), so a run with a larger n or another rule reuses the rounds it shares
         "candidates_round": {"sampling": _without(sampling_key, "n", "adaptive", "settle_gap", "settle_rounds"),
                              "dtype": d["model"]["dtype"]},
-        "scores_round": {"scoring": scoring_key, "clip": _without(d["scoring"]["clip"], "batch_size")},
+        "scores_round": {"scoring": scoring_key, "clip": clip_key},
         "pairs": {"selection": _selection_key(d["selection"])},
         "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
                 "sampling": ipa_sampling, "dtype": d["model"]["dtype"]},
         "train": {"training": _training_key(d["training"]), "dtype": d["model"]["dtype"]},
         # the adapter check only guards: it decides whether evaluation runs, not what it answers
         "evaluate": {"evaluation": _without(d["evaluation"], "adapter_check_probes", "adapter_check_min_change"),
-                     "world": world, "seed": d["seed"],
+                     "world": world_key, "seed": d["seed"],
                      # which backend and served model answered (the evaluation backend defaults to the sampler's)
                      "answerer": {"backend": d["evaluation"]["backend"] or d["sampling"]["backend"],
                                   "served_model": d["sampling"]["served_model"]},
