@@ -220,7 +220,8 @@ def test_open_kinds_are_added_after_the_short_ones_without_moving_them():
         open_kinds = [p["kind"] for p in rows if p["kind"] in synthetic.OPEN_KINDS]
         assert len(open_kinds) == len(set(open_kinds)) == 2
         assert [p["prompt_id"] for p in rows] == [f"{rows[0]['scene_id']}-q{j}" for j in range(3)]
-    vocab = set(synthetic.vocabulary())
+    vocab = set(synthetic.vocabulary(open_kinds=True))
+    assert vocab - set(synthetic.vocabulary()) == {"detail", "objects"}
     for p in both:
         assert synthetic.parse_instruction(p["instruction"]) == (p["kind"], {}) or p["kind"] not in synthetic.OPEN_KINDS
         assert set(p["reference"].split(" ")) <= vocab, p["reference"]

@@ -46,28 +46,14 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("sft", "train", "val", "eval")
-KINDS = (
-    "exist",
-    "colour",
-    "count",
-    "position",
-    "describe",
-    "colour_check",
-    "count_check",
-    "position_check",
-)
+KINDS = ("exist", "colour", "count", "position", "describe", "colour_check", "count_check", "position_check")
 YES_NO_KINDS = ("exist", "colour_check", "count_check", "position_check")
 # Open-ended kinds (data.world.open_per_scene): answers name every object, so a candidate can be partly
 # right; the reference judge grades them by degree (scoring/judge.py) and CHAIR counts what they invent.
 OPEN_KINDS = ("list", "locate", "describe_detail")
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 # MME subtask -> the yes/no kind that asks it.
-MME_CATEGORIES = {
-    "existence": "exist",
-    "count": "count_check",
-    "position": "position_check",
-    "color": "colour_check",
-}
+MME_CATEGORIES = {"existence": "exist", "count": "count_check", "position": "position_check", "color": "colour_check"}
 
 ALL_PAIRS = tuple(product(COLOURS, SHAPES))  # every (colour, shape)
 # Six couples of objects that co-occur in a world with WorldBias.cooccurrence > 0. Each couple
@@ -82,12 +68,7 @@ COMPANION_QUESTION_SHARE = 0.5  # in a biased world, half of the "no" existence 
 MAX_OBJECTS = 3
 MAX_COUNT_ASKED = 4  # count_check may ask about 1..4 shapes
 
-_RGB = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-}
+_RGB = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 _BACKGROUND = 215  # light grey
 _NOISE = 4  # +- per channel: makes every image unique without hiding shapes
 
@@ -362,19 +343,17 @@ def reference_answer(scene: Scene, instruction: str) -> str:
 
 
 @cache
-def vocabulary() -> list[str]:
-    """Every token of any instruction, reference or caption (sorted)."""
+def vocabulary(open_kinds: bool = False) -> list[str]:
+    """Every token of any instruction, reference or caption (sorted); with `open_kinds`, of the
+    OPEN_KINDS' too (the tiny model of a world without them keeps the vocabulary it had before them)."""
     # Scenes covering every object, position and true count 1..3.
-    singles = [
-        Scene("v", (SceneObject(s, c, p),)) for (c, s), p in product(ALL_PAIRS, POSITIONS)
-    ]
-    crowded = [
-        Scene("v", tuple(map(SceneObject, SHAPES[:k], COLOURS[:k], POSITIONS[:k]))) for k in (2, 3)
-    ]
-    texts = list(_instruction_table())
+    singles = [Scene("v", (SceneObject(s, c, p),)) for (c, s), p in product(ALL_PAIRS, POSITIONS)]
+    crowded = [Scene("v", tuple(map(SceneObject, SHAPES[:k], COLOURS[:k], POSITIONS[:k]))) for k in (2, 3)]
+    table = {text: ask for text, ask in _instruction_table().items() if open_kinds or ask[0] not in OPEN_KINDS}
+    texts = list(table)
     for scene in singles + crowded:
         texts.append(caption(scene))
-        for kind, params in _instruction_table().values():
+        for kind, params in table.values():
             try:
                 texts.append(answer_text(scene, kind, params))
             except ValueError:  # the question does not fit this scene

@@ -29,7 +29,7 @@ TINY_CLIP_CONFIG = {
     # No hf_tokenizer_name: open_clip uses its SimpleTokenizer, whose BPE vocab
     # ships inside the package, so nothing is downloaded.
     "text_cfg": {
-        "context_length": 64,  # an open answer naming four objects is ~40 tokens
+        "context_length": 32,
         "vocab_size": 49408,
         "width": 64,
         "heads": 2,

@@ -35,13 +35,14 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
         return cfg.model.name
     from m3po_core.data import synthetic as world
 
-    key = stage_key(cfg, "base_model", world.vocabulary())
+    vocabulary = world.vocabulary(open_kinds=cfg.data.world.open_per_scene > 0)
+    key = stage_key(cfg, "base_model", vocabulary)
     rel = f"_models/tiny-llava-{key}"
     if not store.dir_complete(rel, shared=True) and not (use_carried and _copy_carried(store, rel, log_fn)):
         w, m = cfg.data.world, cfg.model
         log_fn(f"no carried base for this configuration: warm-starting {rel} here (its result depends on "
                "this machine's floating-point path)")
-        model, processor = models.build_tiny_llava(world.vocabulary(), seed=m.seed)
+        model, processor = models.build_tiny_llava(vocabulary, seed=m.seed)
         model.to(models.pick_device(m.device))
         bias = world.WorldBias.of(w)
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, bias)
@@ -120,6 +121,8 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
                 steps=c.train_steps, batch_size=c.train_batch_size, seed=cfg.seed,
                 heldout_images=[world.render(s, w.image_size) for s in val],
                 heldout_captions=val_captions, heldout_negatives=val_negatives, log=log_fn)
+        log_fn(f"tiny CLIP: held-out retrieval top-1 {metrics['retrieval_top1']:.2f} "
+               f"(chance {metrics['retrieval_chance']:.2f})")
         with tempfile.TemporaryDirectory() as tmp:
             scorer.save(tmp)
             store.put_dir(tmp, rel, shared=True)
@@ -128,8 +131,10 @@ def ensure_clip(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], None] =
 
 def _clip_captions(scenes, seed: int, hard_negatives: int) -> tuple[list[str], list[list[str]] | None]:
     """The tiny CLIP's captions: without hard negatives the canonical caption (as before the setting);
-    with them, each scene described as an open answer in any order, and `hard_negatives` wrong
-    descriptions of it (data/wrong_answers.py)."""
+    with them, each scene's objects listed in any order ("a red circle and a blue square ."), and
+    `hard_negatives` wrong lists of it (data/wrong_answers.py). Lists, since the tiny CLIP reads 30
+    tokens and a detailed description of four objects is 35: it learns which objects are there,
+    not where."""
     from m3po_core.data import synthetic as world
     from m3po_core.data.wrong_answers import wrong_descriptions
 
@@ -138,7 +143,6 @@ def _clip_captions(scenes, seed: int, hard_negatives: int) -> tuple[list[str], l
     captions, negatives = [], []
     for s in scenes:
         rng = world.seeded_rng(seed, "clip-captions", s.scene_id)
-        kind = rng.choice(world.OPEN_KINDS)
-        captions.append(world.open_reference(s, kind, rng))
-        negatives.append(wrong_descriptions(s, kind, rng, hard_negatives))
+        captions.append(world.open_reference(s, "list", rng))
+        negatives.append(wrong_descriptions(s, "list", rng, hard_negatives))
     return captions, negatives

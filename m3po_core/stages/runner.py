@@ -31,7 +31,7 @@ from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, retry_unrated
 log = logging.getLogger("m3po.runner")
 
 # Bump a stage's version when its code changes what it writes: it is part of the cache key.
-CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 2, "candidates": 1, "scores": 2, "pairs": 2,
+CODE_VERSION = {"prompts": 2, "base_model": 1, "clip": 1, "candidates": 1, "scores": 2, "pairs": 2,
                 "train": 1, "evaluate": 3, "ipa": 1, "candidates_round": 1, "scores_round": 1}
 
 # One model computation at a time per process: the accelerator (or the CPU's cores) is the shared
