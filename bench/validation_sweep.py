@@ -3,7 +3,12 @@
     python bench/validation_sweep.py --root ./m3po-runs --run-id demo \
         --try learning_rate=1e-3 --try learning_rate=1e-3,loss_type=[sigmoid,sft],loss_weights=[1,1]
 
-Trains a LoRA-DPO adapter on the run's pairs.parquet for each setting and prints POPE- and
+    python bench/validation_sweep.py --run-id graded --config configs/graded.yaml \
+        --selection logp=logp_sum --try learning_rate=1e-3
+
+Trains a LoRA-DPO adapter on the run's pairs.parquet (with --selection, on pairs selected again
+from the run's candidates and scores with those selection.* settings, kept in the run's
+`cells/val-...` folder) for each setting and prints POPE- and
 MME-style scores and CHAIR_s on held-out *validation* scenes (split "val"), never the evaluation
 split that the report uses. Prints measured figures only.
 """
@@ -59,6 +64,7 @@ def main():
     ap.add_argument("--root", default="./m3po-runs")
     ap.add_argument("--run-id", default="demo")
     ap.add_argument("--config", default=None)
+    ap.add_argument("--selection", default="", help="comma-separated selection.* overrides, e.g. logp=logp_sum")
     ap.add_argument("--try", dest="tries", action="append", default=[],
                     help="comma-separated training.* overrides, e.g. learning_rate=1e-3,beta=0.2")
     args = ap.parse_args()
@@ -67,6 +73,18 @@ def main():
     from m3po_core.stages.base_models import ensure_base_model
 
     model_ref = f"{args.root}/{ensure_base_model(cfg, store).split(':', 1)[1]}"  # the run's own base
+    if args.selection:
+        from m3po_core.stages.select import select
+        from m3po_core.store import CellStore
+
+        chosen = dict(item.split("=", 1) for item in args.selection.split(","))
+        cfg = config_from_dict({**cfg.to_dict(), "selection": {**dataclasses.asdict(cfg.selection),
+                                                                **{k: yaml.safe_load(v) for k, v in chosen.items()}}})
+        cell = CellStore(store, "val-" + "-".join(f"{k}-{v}" for k, v in chosen.items()))
+        stats = select(cfg, cell, len(store.manifest("candidates")))
+        print(f"selection {args.selection}: {stats['pairs']} pairs; rejected differs from alpha = 0's in "
+              f"{stats['diagnostics']['share_rejected_differs_from_alpha0']:.1%} of the prompts")
+        store = cell
     pairs = store.read_table("pairs.parquet").to_pylist()
     pair_images = [load_image(p["image"], "pairs.parquet") for p in pairs]
     images, benches = val_benchmarks(cfg)
