@@ -111,6 +111,8 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     intervals = metrics.get("intervals") or {}
     for label, bench, path in labels:
         b, t = _get(base, bench, path), _get(trained, bench, path)
+        if bench not in base and bench not in trained:
+            continue  # a benchmark the run did not ask for (CHAIR outside the graded world, say)
         ci = intervals.get(bench, {}).get(path[0]) if len(path) == 1 else None
         rows.append({"metric": label, "base": b, "trained": t, "delta": t - b, "interval": ci,
                      "lower_is_better": path[-1] in LOWER_IS_BETTER})

@@ -20,10 +20,9 @@ from m3po_core.store import RunStore
 
 
 def write_synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) -> None:
-    """The world's held-out scenes and their POPE and MME questions, and CHAIR's description prompts
-    (written with the prompts)."""
+    """The world's held-out scenes and their POPE and MME questions (written with the prompts)."""
     from m3po_core.data import synthetic as world
-    from m3po_core.data.synthetic_benchmarks import chair_prompts, mme_questions, pope_questions
+    from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
 
     w = cfg.data.world
     bias = world.WorldBias.of(w)
@@ -31,7 +30,7 @@ def write_synthetic_benchmarks(cfg: RunConfig, store: RunStore, train_scenes) ->
     for s in held_out:
         store.write_bytes(f"eval/images/{s.scene_id}.png", png(world.render(s, w.image_size)))
     for name, questions in (("pope", pope_questions(held_out, cfg.seed, train_scenes, bias)),
-                            ("mme", mme_questions(held_out, cfg.seed, bias)), ("chair", chair_prompts(held_out))):
+                            ("mme", mme_questions(held_out, cfg.seed, bias))):
         recs = [{"question_id": q["question_id"], "row_id": q.get("row_id", q["question_id"]),
                  "category": q["category"], "instruction": q["instruction"], "answer": q["answer"],
                  "image": store.url(f"eval/images/{q['scene_id']}.png")} for q in questions]
@@ -51,6 +50,23 @@ def _synthetic_ift_set(cfg: RunConfig, store: RunStore) -> None:
 
     _synthetic_open_set(cfg, store, "ift", per_scene=3, skip_first=True, extra=lambda p: {
         "constraints": json.dumps(ift.synthetic_constraints(*world.parse_instruction(p["instruction"])))})
+
+
+def _synthetic_chair_set(cfg: RunConfig, store: RunStore) -> None:
+    """CHAIR's description prompts on the held-out scenes (one per scene), rebuilt whenever those scenes
+    change; written when first asked for, so a run that adds `chair` later gets it."""
+    from m3po_core.data import synthetic as world
+    from m3po_core.data.synthetic_benchmarks import chair_prompts
+
+    key = stage_key(cfg, "prompts")
+    if done_record(store, "eval/chair.json", key) is not None and store.exists("eval/chair.parquet"):
+        return
+    held_out = world.make_scenes(cfg.seed, "eval", cfg.data.world.n_eval_scenes, world.WorldBias.of(cfg.data.world))
+    recs = [{"question_id": q["question_id"], "row_id": q["question_id"], "category": q["category"],
+             "instruction": q["instruction"], "answer": q["answer"], "image": store.url(f"eval/images/{q['scene_id']}.png")}
+            for q in chair_prompts(held_out)]
+    store.write_table("eval/chair.parquet", pa.Table.from_pylist(recs))
+    store.write_json("eval/chair.json", {"key": key, "questions": len(recs)})
 
 
 def _synthetic_open_set(cfg: RunConfig, store: RunStore, name: str, per_scene: int, skip_first: bool = False,
@@ -90,6 +106,8 @@ def benchmark_questions(cfg: RunConfig, store: RunStore, bench: str) -> list[dic
             _synthetic_preference_set(cfg, store)
         if bench == "ift":
             _synthetic_ift_set(cfg, store)
+        if bench == "chair":
+            _synthetic_chair_set(cfg, store)
         return store.read_table(f"eval/{bench}.parquet").to_pylist()
     from m3po_core.evaluation import public
 
