@@ -139,11 +139,14 @@ class ReferenceVerifier:
         false_claim = any(((m.colour, m.shape) in present) == m.negated for m in reading.mentions)
         truth = {(o.colour, o.shape, o.position) for o in scene.objects}
         stated = {(m.colour, m.shape, m.position) for m in reading.mentions if not m.negated}
-        if kind == "describe":
+        if kind == "describe" or kind in world.OPEN_KINDS:
             named = {(c, s) for c, s, _ in stated}
             entailment = all((o.colour, o.shape) in named for o in scene.objects)
-            completeness = truth <= stated
-            no_contradiction = not false_claim and stated <= truth
+            if kind == "list":  # names the objects, not their places
+                completeness, no_contradiction = entailment, not false_claim and named <= present
+            else:
+                completeness = truth <= stated
+                no_contradiction = not false_claim and stated <= truth
         else:
             entailment = accuracy == 1.0
             if kind in world.YES_NO_KINDS:  # the reference explains its yes/no: so must the answer

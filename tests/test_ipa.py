@@ -272,3 +272,26 @@ def test_m3po_ipa_runs_end_to_end_through_the_cli(tmp_path):
     assert re.search(rf'<tr class="candidate rejected" data-round="{r}">\s*<td class="num">{r}</td><td class="num">{pair["rejected_idx"]}</td>', html)
     revised = next(x for x in responses if x["origin"] == "revised")
     assert str(escape(revised["feedback"])) in html
+
+
+def test_the_reference_verifier_and_ift_rules_read_the_open_kinds():
+    """The graded world's open questions (synthetic.OPEN_KINDS): a true answer passes all four
+    conditions and its IFT rules; one that invents an absent companion is caught as a contradiction."""
+    from m3po_core import ipa
+    from m3po_core.data import synthetic as world
+    from m3po_core.evaluation import ift
+    from m3po_core.scoring.judge import named_objects
+
+    scenes = world.make_scenes(0, "train", 60, world.WorldBias(0.7, 0.8))
+    verifier, invented = ipa.ReferenceVerifier(), 0
+    for p in world.make_prompts(scenes, 0, per_scene=0, open_per_scene=3):
+        scene = world.Scene.from_json(p["scene"])
+        biased = world.open_reference(scene, p["kind"], world.seeded_rng(1, p["prompt_id"]), world.WorldBias(0.7, 1.0))
+        true, other = verifier.verify([ipa.Item(p["prompt_id"], None, p["instruction"], r, p["reference"], p["scene"])
+                                       for r in (p["reference"], biased)])
+        assert true.entailment and true.completeness and true.no_contradiction and true.compliance, p
+        assert all(ift.check(p["reference"], c) for c in ift.synthetic_constraints(p["kind"], {}) if c["type"] != "judge")
+        if set(named_objects(biased)) != scene.pairs():  # the companion was added
+            invented += 1
+            assert not other.no_contradiction, (p, biased)
+    assert invented > 10

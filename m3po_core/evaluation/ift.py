@@ -177,7 +177,8 @@ def synthetic_constraints(kind: str, params: Mapping[str, Any]) -> list[dict[str
     cannot be added as new phrases. Instead each instruction's own wording is made checkable: a
     yes/no question must be answered yes/no first, "how many" with a number, "what colour" with a
     colour, "where" with a position, "briefly" in one sentence of at most 24 words, every answer
-    short; and its content must be right (the judge)."""
+    short (the open kinds: one sentence, "where are" with a position, "in detail" with the count);
+    and its content must be right (the judge)."""
     from m3po_core.data import synthetic as world
 
     if kind in world.YES_NO_KINDS:
@@ -191,6 +192,14 @@ def synthetic_constraints(kind: str, params: Mapping[str, Any]) -> list[dict[str
         rules = [{"type": "include_any", "options": list(world.POSITIONS)}, {"type": "max_words", "n": 12}]
     elif kind == "describe":
         rules = [{"type": "max_sentences", "n": 1}, {"type": "max_words", "n": 24}]
+    elif kind == "list":  # open kinds: one sentence naming at most four objects (with their places)
+        rules = [{"type": "max_sentences", "n": 1}, {"type": "max_words", "n": 24}]
+    elif kind == "locate":
+        rules = [{"type": "include_any", "options": list(world.POSITIONS)}, {"type": "max_sentences", "n": 1},
+                 {"type": "max_words", "n": 48}]
+    elif kind == "describe_detail":
+        rules = [{"type": "include_any", "options": list(world.NUMBER_WORDS[1:])}, {"type": "max_sentences", "n": 1},
+                 {"type": "max_words", "n": 48}]
     else:
         raise ValueError(f"unknown instruction kind {kind!r}")
     return rules + [dict(JUDGE_CONTENT)]
