@@ -129,12 +129,12 @@ class ReferenceVerifier:
             raise InputError(f"prompt {item.prompt_id}: the reference verifier needs the scene graph")
         scene = world.Scene.from_json(item.scene)
         kind, params = world.parse_instruction(item.instruction)
-        tokens = j._tokenize(item.response)
+        tokens = j.tokenize(item.response)
         if not tokens:
             return Verdict(False, False, False, False)
-        reading = j._read(tokens)
+        reading = j.read_tokens(tokens)
         reference = world.answer_text(scene, kind, params)
-        accuracy = j._accuracy(reading, scene, kind, params, reference)
+        accuracy = j.accuracy_of(reading, scene, kind, params, reference)
         present = scene.pairs()  # a mention claims presence ("red circle") or absence ("no red circle")
         false_claim = any(((m.colour, m.shape) in present) == m.negated for m in reading.mentions)
         truth = {(o.colour, o.shape, o.position) for o in scene.objects}
@@ -151,7 +151,7 @@ class ReferenceVerifier:
             entailment = accuracy == 1.0
             if kind in world.YES_NO_KINDS:  # the reference explains its yes/no: so must the answer
                 answer = next((k for k, t in enumerate(tokens) if t in ("yes", "no")), None)
-                after = j._read(tokens[answer + 1:]) if answer is not None else j._read([])
+                after = j.read_tokens(tokens[answer + 1:]) if answer is not None else j.read_tokens([])
                 completeness = bool(after.mentions or after.numbers or after.positions)
             elif kind in ("colour", "position"):
                 completeness = params["shape"] in tokens

@@ -71,7 +71,7 @@ class Judge(Protocol):
 
 
 @dataclass
-class _Mention:
+class Mention:
     """An object named in a response: "red circle" or "circle is (not) red"."""
 
     colour: str
@@ -81,33 +81,33 @@ class _Mention:
 
 
 @dataclass
-class _Reading:
+class Reading:
     tokens: list[str]
-    mentions: list[_Mention] = field(default_factory=list)
+    mentions: list[Mention] = field(default_factory=list)
     positions: list[str] = field(default_factory=list)
     loose_positions: list[str] = field(default_factory=list)  # not attached to a mention
     bare_colours: list[str] = field(default_factory=list)  # colour words outside mentions
     numbers: list[int] = field(default_factory=list)
 
 
-def _tokenize(text: str) -> list[str]:
+def tokenize(text: str) -> list[str]:
     return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
 
 
-def _read(tokens: list[str]) -> _Reading:
-    reading = _Reading(tokens)
+def read_tokens(tokens: list[str]) -> Reading:
+    reading = Reading(tokens)
     in_mention: set[int] = set()
     padded = tokens + ["", "", ""]  # lookahead without bounds checks
     for i, token in enumerate(tokens):
         if token in COLOURS and padded[i + 1] in SHAPES:
             negated = any(t in ("no", "not") for t in tokens[max(0, i - 2) : i])
-            reading.mentions.append(_Mention(token, padded[i + 1], negated))
+            reading.mentions.append(Mention(token, padded[i + 1], negated))
             in_mention.add(i)
         elif token in SHAPES and padded[i + 1] == "is":
             negated = padded[i + 2] == "not"
             colour = padded[i + 3] if negated else padded[i + 2]
             if colour in COLOURS:
-                reading.mentions.append(_Mention(colour, token, negated))
+                reading.mentions.append(Mention(colour, token, negated))
                 in_mention.add(i + 3 if negated else i + 2)
         elif f"{token} {padded[i + 1]}" in POSITIONS:
             position = f"{token} {padded[i + 1]}"
@@ -213,18 +213,18 @@ class ReferenceJudge:
             reference = answer_text(scene, kind, params)
         except ValueError as error:
             raise InputError(f"prompt {item.prompt_id}: {error}") from error
-        tokens = _tokenize(item.response)
+        tokens = tokenize(item.response)
         if not tokens:
             return weighted_score(0.0, 0.0, 0.0)
-        reading = _read(tokens)
+        reading = read_tokens(tokens)
         return weighted_score(
             relevance=_relevance(reading, scene, kind),
-            accuracy=_accuracy(reading, scene, kind, params, reference),
+            accuracy=accuracy_of(reading, scene, kind, params, reference),
             adherence=_adherence(reading, kind, reference),
         )
 
 
-def _relevance(reading: _Reading, scene: Scene, kind: str) -> float:
+def _relevance(reading: Reading, scene: Scene, kind: str) -> float:
     if not reading.mentions:
         return 1.0 if kind in _COUNT_KINDS else 0.0
     present = scene.pairs()
@@ -232,7 +232,7 @@ def _relevance(reading: _Reading, scene: Scene, kind: str) -> float:
     return sum(true) / len(true)
 
 
-def _accuracy(reading: _Reading, scene: Scene, kind: str, params: dict, reference: str) -> float:
+def accuracy_of(reading: Reading, scene: Scene, kind: str, params: dict, reference: str) -> float:
     if kind in YES_NO_KINDS:
         return _yes_no_accuracy(reading, scene, kind, params, reference)
     if kind in OPEN_KINDS:
@@ -264,10 +264,10 @@ def _accuracy(reading: _Reading, scene: Scene, kind: str, params: dict, referenc
 def named_objects(text: str) -> dict[tuple[str, str], str | None]:
     """The objects a response says are there ((colour, shape) -> the first position given to it, or
     None), in the order named; negated mentions ("no red circle") are not claims."""
-    return _named(_read(_tokenize(text)))
+    return _named(read_tokens(tokenize(text)))
 
 
-def _named(reading: _Reading) -> dict[tuple[str, str], str | None]:
+def _named(reading: Reading) -> dict[tuple[str, str], str | None]:
     named: dict[tuple[str, str], str | None] = {}
     for m in reading.mentions:
         if not m.negated and named.get((m.colour, m.shape)) is None:
@@ -275,7 +275,7 @@ def _named(reading: _Reading) -> dict[tuple[str, str], str | None]:
     return named
 
 
-def _graded_accuracy(reading: _Reading, scene: Scene, kind: str) -> float:
+def _graded_accuracy(reading: Reading, scene: Scene, kind: str) -> float:
     named = _named(reading)
     truth = {(o.colour, o.shape): o.position for o in scene.objects}
     placed = kind != "list"
@@ -288,7 +288,7 @@ def _graded_accuracy(reading: _Reading, scene: Scene, kind: str) -> float:
 
 
 def _yes_no_accuracy(
-    reading: _Reading, scene: Scene, kind: str, params: dict, reference: str
+    reading: Reading, scene: Scene, kind: str, params: dict, reference: str
 ) -> float:
     answers = [i for i, t in enumerate(reading.tokens) if t in ("yes", "no")]
     if not answers:
@@ -296,7 +296,7 @@ def _yes_no_accuracy(
     said_yes = reading.tokens[answers[0]] == "yes"
     truth_yes = reference.startswith("yes")
     # The explanation is what follows the yes/no word.
-    explanation = _read(reading.tokens[answers[0] + 1 :])
+    explanation = read_tokens(reading.tokens[answers[0] + 1 :])
     affirmed = [m for m in explanation.mentions if not m.negated]
     denied = [m for m in explanation.mentions if m.negated]
     if kind == "exist":
@@ -342,7 +342,7 @@ def _yes_no_accuracy(
     )
 
 
-def _adherence(reading: _Reading, kind: str, reference: str) -> float:
+def _adherence(reading: Reading, kind: str, reference: str) -> float:
     tokens = reading.tokens
     if kind in YES_NO_KINDS:
         form = tokens[0] in ("yes", "no")
