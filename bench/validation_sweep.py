@@ -77,6 +77,9 @@ def main():
         from m3po_core.stages.select import select
         from m3po_core.store import CellStore
 
+        bad = [item for item in args.selection.split(",") if "=" not in item]
+        if bad:
+            ap.error(f"--selection: {bad[0]!r} is not KEY=VALUE (a selection.* key, e.g. logp=logp_sum)")
         chosen = dict(item.split("=", 1) for item in args.selection.split(","))
         cfg = config_from_dict({**cfg.to_dict(), "selection": {**dataclasses.asdict(cfg.selection),
                                                                 **{k: yaml.safe_load(v) for k, v in chosen.items()}}})

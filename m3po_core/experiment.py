@@ -28,6 +28,7 @@ import math
 from typing import Any, Callable, Iterable
 
 from m3po_core.config import RunConfig, config_from_dict
+from m3po_core.evaluation.paired import LOWER_IS_BETTER as LOWER_KEYS
 
 RECIPES: dict[str, dict[str, Any] | None] = {
     "base": None,
@@ -165,7 +166,7 @@ COMPARATORS = ("m3po_alpha0", "dpo", "rm_dpo", "sft", "ipa", "base")
 # metrics with a paired bootstrap interval over questions (m3po_core/evaluation/paired.py)
 PAIRED = (("POPE acc", "pope", "accuracy"), ("POPE F1", "pope", "f1"), ("MME score", "mme", "score"),
           ("CHAIR_s", "chair", "chair_s"), ("CHAIR_i", "chair", "chair_i"))
-LOWER_IS_BETTER = ("CHAIR_s", "CHAIR_i")
+LOWER_IS_BETTER = tuple(label for label, _, key in PAIRED if key in LOWER_KEYS)
 
 
 def paired_rows(cells: list[Cell], read_predictions: Callable[[str, str], list[dict] | None]) -> list[dict[str, Any]]:

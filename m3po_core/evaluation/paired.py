@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 import numpy as np
 
+from m3po_core.evaluation import chair
 from m3po_core.evaluation.mme import COGNITION, PERCEPTION
 from m3po_core.evaluation.yesno import NO, YES, parse_yes_no, true_answer
 
@@ -111,13 +112,11 @@ def mme_runs(runs: Sequence[Answers], n_boot: int = N_BOOT, seed: int = 0) -> di
 
 def chair_runs(runs: Sequence[Answers], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """CHAIR_s, CHAIR_i and object recall of every run (m3po_core/evaluation/chair.py), resampling descriptions."""
-    from m3po_core.evaluation import chair
-
     return chair.chair_runs(_aligned_runs(runs), n_boot, seed)
 
 
 BENCHMARKS = {"pope": pope_runs, "mme": mme_runs, "chair": chair_runs}
-LOWER_IS_BETTER = ("chair_s", "chair_i")  # the others: higher is better
+LOWER_IS_BETTER = chair.LOWER_IS_BETTER  # the other metrics: higher is better
 
 
 def pope_intervals(base: Answers, trained: Answers, n_boot: int = N_BOOT, seed: int = 0,
