@@ -2,7 +2,7 @@
 
 Each try starts a one-task flow on the ephemeral API with a new, empty PREFECT_HOME (so the server
 creates and migrates its database first, as on a fresh machine), in a fresh process, with the
-start-up budget `m3po` gives it (flows/cli.py `ephemeral_startup_budget`), and, for contrast, with
+start-up budget `m3po` gives it (flows/machinery/api_server.py `ephemeral_startup_budget`), and, for contrast, with
 Prefect's own default (20 s). Prints each try's outcome and wall time, the count that got past the
 API's start, and as its last line one JSON object. Asserts nothing; run it on an otherwise idle machine.
 
@@ -22,7 +22,7 @@ CHILD = """
 import sys
 budget = sys.argv[1] == "m3po"
 if budget:
-    from m3po.flows.cli import ephemeral_startup_budget
+    from m3po.flows.machinery.api_server import ephemeral_startup_budget
     ephemeral_startup_budget()
 from prefect import flow, task
 

@@ -1,5 +1,5 @@
 """Orchestration at paper scale: what the fan-outs cost per shard at 30, 300 and 3,000 shards of a
-stage whose shard does almost nothing (flows/noop_stage.py), and `m3po status` on a 3,000-shard run.
+stage whose shard does almost nothing (tests/noop_stage.py), and `m3po status` on a 3,000-shard run.
 
     python bench/orchestration_scale.py                  # sizes 30,300,3000, all three modes, status at 3,000
     python bench/orchestration_scale.py --sizes 30,300   # a quick check
@@ -55,8 +55,8 @@ MODES = ("in_process", "task_worker", "deployment")
 def _stage_flow(overrides: list[str]):
     from prefect import flow
 
-    from m3po.flows.fan_out import fan_out
-    from m3po.flows.noop_stage import STAGE, noop_task
+    from m3po.flows.machinery.fan_out import fan_out
+    from noop_stage import STAGE, noop_task
     from m3po_core.config import load_config
     from m3po_core.store import RunStore
 
@@ -78,7 +78,7 @@ def _runs(client, mode: str, run_id: str, flow_run_id) -> list:
     if mode == "deployment":
         read, kw = client.read_flow_runs, {"flow_run_filter": f.FlowRunFilter(tags=f.FlowRunFilterTags(all_=[f"run:{run_id}"]))}
     elif mode == "task_worker":
-        # background task runs carry no tags (flows/task_worker.py): found by their name, noop-{run_id}-{shard}
+        # background task runs carry no tags (flows/machinery/task_worker.py): found by their name, noop-{run_id}-{shard}
         read, kw = client.read_task_runs, {"task_run_filter": f.TaskRunFilter(name=f.TaskRunFilterName(like_=f"noop-{run_id}-"))}
     else:
         read, kw = client.read_task_runs, {"flow_run_filter": f.FlowRunFilter(id=f.FlowRunFilterId(any_=[flow_run_id])),
@@ -106,8 +106,8 @@ def _shards_of(run) -> list[int]:
 def fan_out_figures(stack: dict, mode: str, n: int, poll_seconds: float, counter, per_run: int = 1) -> dict:
     from prefect.client.orchestration import get_client
 
-    from m3po.flows import remote_shards
-    from m3po.flows.noop_stage import STAGE
+    from m3po.flows.machinery import remote_shards
+    from noop_stage import STAGE
     from m3po_core.store import RunStore
     from prefect_loopback import access_counts
 
@@ -259,7 +259,7 @@ def main() -> None:
     import prefect_loopback as pl
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from m3po.flows import noop_stage
+    import noop_stage
 
     database = _database_name(args.database_url)
     t_start = time.time()

@@ -1,5 +1,5 @@
 """What submitting one shard to the task-worker fan-out costs this process: the CPU time of
-creating N background task runs (`flows/task_submission.delay_all`) with the run context
+creating N background task runs (`flows/machinery/task_submission.delay_all`) with the run context
 serialized once per fan-out against Prefect's once per run, on a fresh `prefect server start`
 (its own process, so its CPU is not counted here).
 
@@ -49,8 +49,8 @@ def _measure(n: int, repeats: int) -> str:
     from prefect import flow
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    from m3po.flows import noop_stage
-    from m3po.flows.task_submission import delay_all
+    import noop_stage
+    from m3po.flows.machinery.task_submission import delay_all
     from m3po_core.config import load_config
 
     cfg = load_config(REPO / "tests" / "tiny.yaml", noop_stage.register() + ["execution.shards=task_worker"])

@@ -6,8 +6,6 @@ show in that server's UI.
 from __future__ import annotations
 
 import argparse
-import atexit
-import math
 import os
 import signal
 import sys
@@ -16,39 +14,7 @@ import time
 import warnings
 
 from m3po.flows import cli_data
-
-
-# A cold Prefect database on 2 cores takes 20-28 s to create and migrate before the ephemeral API
-# answers, and Prefect waits 20 s by default: a first run on a fresh machine would often not start.
-EPHEMERAL_STARTUP_SECONDS = "180"
-STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-
-
-def ephemeral_startup_budget() -> None:
-    """Give the ephemeral API time to start on a fresh machine, unless the user set a budget (in the
-    environment or in the active Prefect profile: theirs wins). Must run before Prefect is imported:
-    Prefect reads its settings once, at import, so the profile is read here from its file."""
-    if STARTUP_SETTING in os.environ or STARTUP_SETTING in _active_profile():
-        return
-    os.environ[STARTUP_SETTING] = EPHEMERAL_STARTUP_SECONDS
-
-
-def _active_profile() -> dict:
-    """The settings of the active Prefect profile (PREFECT_PROFILES_PATH, else PREFECT_HOME/profiles.toml)."""
-    from pathlib import Path
-
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: no profile check, the default applies unless the environment sets it
-        return {}
-    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
-    try:
-        profiles = tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
-    return profiles.get("profiles", {}).get(active, {})
+from m3po.flows.machinery import api_server
 
 
 def _quiet_libraries() -> None:
@@ -141,7 +107,7 @@ def _config(section: str | None) -> int:
 
 
 def _status(root: str, run_id: str, show_all: bool = False) -> int:
-    from m3po.flows.status import status
+    from m3po_core.status import status
 
     return status(root, run_id, show_all)
 
@@ -179,7 +145,7 @@ def _experiment(args) -> int:
     from m3po_core import progress
     from prefect import tags
 
-    from m3po.flows.run_log import RunLog
+    from m3po.flows.machinery.run_log import RunLog
 
     run_log = RunLog(args.root, run_id, "experiment")
     progress.install(sys.stderr)
@@ -200,34 +166,16 @@ def _experiment(args) -> int:
 
 
 def _make_ift(args) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from fsspec.core import url_to_fs
+    from m3po_core.errors import InputError
+    from m3po_core.evaluation.ift import write_question_file
 
-    from m3po_core.evaluation import ift
-
-    fs, path = url_to_fs(args.images)
-    image_ext = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-    if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [f for f in fs.find(path) if f.lower().endswith(image_ext)]
-    elif fs.exists(path) and path.endswith(".txt"):
-        found = [line.strip() for line in fs.cat_file(path).decode().splitlines() if line.strip()]
-    else:
-        print(f"m3po make-ift: --images {args.images}: no such directory, glob or .txt list", file=sys.stderr)
+    try:
+        n_rows, n_images = write_question_file(args.images, args.out, seed=args.seed, per_image=args.per_image,
+                                               constraints_per_question=args.constraints)
+    except InputError as e:
+        print(f"m3po make-ift: {e}", file=sys.stderr)
         return 2
-    local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
-    images = sorted(f if "://" in f or local else fs.unstrip_protocol(f) for f in found)
-    if not images:
-        print(f"m3po make-ift: --images {args.images}: no images found", file=sys.stderr)
-        return 2
-    rows = ift.make_questions(images, seed=args.seed, per_image=args.per_image,
-                              constraints_per_question=args.constraints)
-    out_fs, out_path = url_to_fs(args.out)
-    with out_fs.open(out_path, "wb") as fh:  # one write: a failure leaves no partial file on object stores
-        pq.write_table(pa.Table.from_pylist(rows), fh)
-    print(f"m3po make-ift: {len(rows)} questions on {len(images)} images -> {args.out}")
+    print(f"m3po make-ift: {n_rows} questions on {n_images} images -> {args.out}")
     return 0
 
 
@@ -238,7 +186,7 @@ def _worker(limit: int) -> int:
         print("m3po worker: set PREFECT_API_URL to the Prefect server (or Cloud workspace) the runs use; "
               "a task worker on the ephemeral API would never receive a shard", file=sys.stderr)
         return 2
-    from m3po.flows.task_worker import serve_shard_jobs
+    from m3po.flows.machinery.task_worker import serve_shard_jobs
     from m3po.tasks.stage_tasks import sample_shard_job, score_shard_job
 
     print(f"m3po worker: serving sample and score shards from {PREFECT_API_URL.value()} "
@@ -273,7 +221,7 @@ def _on_interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    ephemeral_startup_budget()
+    api_server.ephemeral_startup_budget()
     _quiet_libraries()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_interrupt)
@@ -317,30 +265,9 @@ def _main(args) -> int:
     except M3POError as e:
         print(f"m3po {args.command}: {e}", file=sys.stderr)
         return 2
-    if args.command in ("run", "ipa", "experiment", "rerun-failed") and not _api_configured():
-        from m3po.flows import api_server
-
-        budget = float(os.environ.get(STARTUP_SETTING) or _active_profile().get(STARTUP_SETTING) or EPHEMERAL_STARTUP_SECONDS)
-        try:
-            server, os.environ["PREFECT_API_URL"] = api_server.start(budget)
-        except TimeoutError:
-            print(f"m3po: Prefect's ephemeral API server did not start within {budget:g} s; raise {STARTUP_SETTING}, "
-                  "or start a server (`prefect server start`) and set PREFECT_API_URL to it", file=sys.stderr)
-            return 1
-        # stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent
-        # the last log lines to it; killed with the command, it stops by itself
-        atexit.register(api_server.stop, server)
+    if args.command in ("run", "ipa", "experiment", "rerun-failed") and not api_server.own_server_started():
+        return 1
     return _dispatch(args)
-
-
-def _api_configured() -> bool:
-    """A Prefect API the user chose (the environment or the active profile); else the command
-    starts its own, which dies with it (flows/api_server.py)."""
-    if "prefect" in sys.modules:  # already imported (a caller's own settings, a test harness): its view
-        from prefect.settings import PREFECT_API_URL
-
-        return bool(PREFECT_API_URL.value())
-    return "PREFECT_API_URL" in os.environ or "PREFECT_API_URL" in _active_profile()
 
 
 def _dispatch(args) -> int:
@@ -384,7 +311,7 @@ def _dispatch(args) -> int:
     from m3po.flows.ipa import ipa_pipeline
     from m3po.flows.pipeline import m3po_pipeline
     from m3po_core import progress
-    from m3po_core.report import markdown_table
+    from m3po_core.run_summary import terminal_summary
 
     from prefect import tags
 
@@ -392,7 +319,7 @@ def _dispatch(args) -> int:
     pipeline, tag = (ipa_pipeline, "method:ipa") if method == "ipa" else \
         (m3po_pipeline, f"strategy:{cfg.selection.strategy}")
     print(f"m3po {args.command} {run_id}: {RunStore(args.root, run_id).url()}", flush=True)
-    from m3po.flows.run_log import RunLog
+    from m3po.flows.machinery.run_log import RunLog
 
     run_log = RunLog(args.root, run_id, args.command)
     progress.install(sys.stderr)
@@ -406,7 +333,7 @@ def _dispatch(args) -> int:
             raise KeyboardInterrupt from e
         if "attempting to connect to ephemeral Prefect API server" in str(e):
             print(f"\nm3po: Prefect's ephemeral API server did not start within "
-                  f"{os.environ.get(STARTUP_SETTING, '20')} s; raise {STARTUP_SETTING}, or start a server "
+                  f"{os.environ.get(api_server.STARTUP_SETTING, '20')} s; raise {api_server.STARTUP_SETTING}, or start a server "
                   f"(`prefect server start`) and set PREFECT_API_URL to it (full log: {run_log.close()})", file=sys.stderr)
             return 1
         kind = "" if isinstance(e, M3POError) else f"{type(e).__name__}: "
@@ -415,29 +342,15 @@ def _dispatch(args) -> int:
         return 1
     finally:
         progress.uninstall()
-    from m3po_core.report import HEADLINE, comparison_rows, win_rate_line
-
-    rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if not math.isnan(r["base"])]  # benchmarks run
-    print("\n" + markdown_table(rows, trained=method))
-    if line := win_rate_line(result["metrics"]):
-        print(line)
-    p = result["pairs"]
-    if method == "ipa":
-        from m3po_core.report import ipa_rounds_table
-
-        print(f"\npairs: {p['pairs']} over {len(p['ipa_rounds'])} round(s); "
-              f"{p['unresolved_after_last_round']} prompts still unresolved\n" + "\n".join(ipa_rounds_table(p["ipa_rounds"])))
-    else:
-        print(f"\npairs: {p['pairs']} of {p['groups']} prompts; mean MAS gap {p['mean_mas_gap']:.3f}, "
-              f"mean log P gap {p['mean_logp_gap']:.3f}")
+    print("\n" + "\n".join(terminal_summary(result, method)))
     print(f"report card: {result['report']}  ({time.time() - t0:.0f}s)")
     print(f"full log: {run_log.close()}")
     return 0
 
 
 def entrypoint() -> None:
-    """The `m3po` console script: `main`, then an exit past the C++ teardown (flows/process_exit.py)."""
-    from m3po.flows.process_exit import exit_now
+    """The `m3po` console script: `main`, then an exit past the C++ teardown (flows/machinery/process_exit.py)."""
+    from m3po.flows.machinery.process_exit import exit_now
 
     exit_now(main())
 

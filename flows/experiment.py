@@ -19,7 +19,7 @@ from m3po_core.selection_diagnostics import diagnostics_table
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.store import CellStore, RunStore
 from m3po.flows import stage_flows
-from m3po.flows.epilogue import StageClock, tag_flow_run
+from m3po.flows.machinery.epilogue import StageClock, tag_flow_run
 from m3po.tasks import stage_tasks as st
 
 
@@ -76,7 +76,7 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
             f"{r['metric']} {r['value']:.3f}" for r in rows if r["cell_id"] == cell.cell_id))
 
     store.write_table("experiment/results.parquet", pa.Table.from_pylist(rows))
-    paired = ex.paired_rows(cells, lambda cell_id, bench: _answers(cfg, store, cell_id, bench))
+    paired = ex.paired_rows(cells, lambda cell_id, bench: ex.cell_answers(cfg, store, cell_id, bench))
     if paired:
         store.write_table("experiment/comparisons.parquet", pa.Table.from_pylist(paired))
     markdown = "\n".join([f"# M3PO experiment `{run_id}`", "", ex.tables(rows, recipes, alphas, deltas, len(seeds)),
@@ -86,7 +86,7 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
                           "on the same questions, per seed; a verdict only where every seed's interval excludes "
                           "zero (m3po_core/evaluation/paired.py).", "",
                           *ex.verdicts(rows, recipes, paired), "",
-                          *[f"![{p}]({p})" for p in _sweep_plots(store, rows, alphas, deltas)], "",
+                          *[f"![{p}]({p})" for p in ex.sweep_plots(store, rows, alphas, deltas)], "",
                           f"{len(cells)} cells in {time.time() - t0:.0f} s; nothing was tuned on the evaluation "
                           "split (the demo's settings were chosen on a validation split, bench/validation_sweep.py)."])
     store.write_bytes("experiment/tables.md", markdown.encode())
@@ -94,51 +94,3 @@ def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-ru
                              description="M3PO experiment tables")
     logger.info(f"tables: {store.url('experiment/tables.md')}")
     return {"rows": rows, "tables": store.url("experiment/tables.md"), "markdown": markdown}
-
-
-def _answers(cfg, store: RunStore, cell_id: str, bench: str) -> list[dict[str, Any]] | None:
-    """A cell's (or the base model's) cached answers to a benchmark; None where it has none."""
-    from m3po_core.stages.evaluate import predictions
-
-    if bench not in cfg.evaluation.benchmarks:
-        return None
-    try:
-        if cell_id == "base":
-            return predictions(cfg, store, bench, "base")
-        return predictions(cfg, CellStore(store, cell_id), bench, "trained")
-    except (FileNotFoundError, RuntimeError):  # not evaluated (or not completely): no interval
-        return None
-
-
-def _sweep_plots(store: RunStore, rows: list[dict[str, Any]], alphas: list[float], deltas: list[float]) -> list[str]:
-    """One plot per sweep: each metric against the swept value, mean with sd bars over seeds."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for name, values in (("alpha", alphas), ("delta", deltas)):
-        if not values:
-            continue
-        metrics = [c[0] for c in ex.COLUMNS if c[0] in ("POPE acc", "MME score")]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2))
-        for ax, metric in zip(axes, metrics):
-            means, sds = [], []
-            for v in values:
-                vals = [r["value"] for r in rows if r["metric"] == metric and r[name] == v]
-                m, s = ex.mean_sd(vals) if vals else (float("nan"), 0.0)
-                means.append(m)
-                sds.append(s)
-            ax.errorbar(values, means, yerr=sds, marker="o", capsize=3)
-            ax.set_xlabel(name)
-            ax.set_title(metric)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        rel = f"experiment/{name}_sweep.png"
-        store.write_bytes(rel, buf.getvalue())
-        written.append(rel.split("/", 1)[1])
-    return written

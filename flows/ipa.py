@@ -15,8 +15,9 @@ from prefect import flow
 from m3po_core.config import check_ipa, config_from_dict, load_config
 from m3po_core.store import RunStore
 from m3po.flows import stage_flows
-from m3po.flows.epilogue import StageClock, report, run_info, start_run
-from m3po.flows.fan_out import fan_out
+from m3po.flows.machinery.epilogue import StageClock, report, start_run
+from m3po_core.run_summary import run_info
+from m3po.flows.machinery.fan_out import fan_out
 from m3po.tasks import ipa_tasks, stage_tasks
 
 
@@ -61,8 +62,8 @@ def ipa_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs"
     clock = StageClock()
 
     rounds = clock("ipa rounds", ipa_rounds, config, root, run_id)
-    trained = clock("train", stage_flows.train, config, root, run_id, rounds["model_ref"], wait_for=[rounds])
-    metrics = clock("evaluate", stage_flows.evaluate, config, root, run_id, rounds["model_ref"], wait_for=[trained])
+    trained = clock("train", stage_tasks.train, cfg, store, rounds["model_ref"], wait_for=[rounds])
+    metrics = clock("evaluate", stage_tasks.evaluate, cfg, store, rounds["model_ref"], wait_for=[trained])
 
     info = run_info(store, clock.timings, {"ipa": rounds["computed"]})
     url = report(cfg, store, "ipa", rounds["n_shards"], info, ("rounds", rounds["pairs"]["ipa_rounds"], "IPA rounds"),

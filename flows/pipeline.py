@@ -3,6 +3,8 @@
     generate (prompts, base model, sample shards) -> score (CLIP, judge, MAS per shard)
       -> select (M3P-Score pairs) -> train (LoRA-DPO) -> evaluate (base vs trained) -> report
 
+Generate and score are subflows (each fans its shards out); select, train and evaluate are tasks of
+this flow run (each a plain function of m3po_core/stages/ behind its task in tasks/stage_tasks.py).
 Each stage waits for its upstream stage's result explicitly (`wait_for`), so the run graph in the
 Prefect UI draws these edges even where a stage needs only a count or a reference from it.
 """
@@ -15,7 +17,9 @@ from prefect import flow
 from m3po_core.config import config_from_dict, load_config
 from m3po_core.store import RunStore
 from m3po.flows import stage_flows
-from m3po.flows.epilogue import StageClock, model_quality, report, run_info, start_run
+from m3po.tasks import stage_tasks as st
+from m3po.flows.machinery.epilogue import StageClock, report, start_run
+from m3po_core.run_summary import model_quality, run_info
 
 
 @flow(name="m3po-pipeline", flow_run_name="m3po-{run_id}")
@@ -31,9 +35,9 @@ def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs
 
     gen = clock("generate", stage_flows.generate, config, root, run_id)
     scored = clock("score", stage_flows.score, config, root, run_id, gen["n_shards"], wait_for=[gen])
-    pairs = clock("select", stage_flows.select, config, root, run_id, gen["n_shards"], wait_for=[scored])
-    trained = clock("train", stage_flows.train, config, root, run_id, gen["model_ref"], wait_for=[pairs])
-    metrics = clock("evaluate", stage_flows.evaluate, config, root, run_id, gen["model_ref"], wait_for=[trained])
+    pairs = clock("select", st.select_pairs, cfg, store, gen["n_shards"], wait_for=[scored])
+    trained = clock("train", st.train, cfg, store, gen["model_ref"], wait_for=[pairs])
+    metrics = clock("evaluate", st.evaluate, cfg, store, gen["model_ref"], wait_for=[trained])
 
     info = run_info(store, clock.timings, {"candidates": gen["computed"], "scores": scored["computed"]})
     info.update(model_quality(store, gen["model_ref"], scored["clip_ref"]))

@@ -2,7 +2,7 @@
 
 Each run holds one slot of the global concurrency limit `execution.gpu_concurrency_limit` from its
 first shard to its last (create it with as many slots as GPUs: `prefect gcl create m3po-gpu --limit 8`;
-absent, no slot is asked for, tasks/gpu_slot.py).
+absent, no slot is asked for, flows/machinery/gpu_slot.py).
 A flow run is a process of its own, so it loads its model: with `shards` (the fan-out passes
 `execution.shards_per_run` of them) it computes them one after the other on the model it loaded;
 to keep models loaded across runs, use `execution.shards: task_worker` and `m3po worker` instead
@@ -14,12 +14,12 @@ from typing import Any, Optional
 
 from prefect import flow
 
-from m3po.flows import busy_api
+from m3po.flows.machinery import busy_api
 from m3po_core.stages import sample, score
 from m3po.tasks.shard_jobs import run_shard_group
 
 # this module is what a shard's flow-run process loads before its engine talks to the API: from here
-# on its Prefect clients retry a busy (SQLite) server's 503s soon (flows/busy_api.py)
+# on its Prefect clients retry a busy (SQLite) server's 503s soon (flows/machinery/busy_api.py)
 busy_api.install()
 
 

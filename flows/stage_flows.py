@@ -7,6 +7,10 @@ so it can run alone, as a subflow of the pipeline, or as a deployment.
     select:    candidates + scores -> pairs.parquet
     train:     pairs -> LoRA adapter
     evaluate:  base and trained model on the held-out benchmarks -> metrics.json
+
+The pipelines run generate and score as subflows and the other three as tasks of their own flow
+run; select, train and evaluate are flows here for running one stage alone (their deployments in
+deployments/prefect.yaml).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from prefect import flow, get_run_logger
 from m3po_core import progress as terminal
 from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.store import RunStore
-from m3po.flows.fan_out import fan_out
+from m3po.flows.machinery.fan_out import fan_out
 from m3po.tasks import stage_tasks as st
 
 

@@ -233,7 +233,6 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str], paired: list[dict[s
         return []
     out = interval_verdicts(paired or [])
     with_intervals = {r["metric"] for r in paired or []}
-    plain = dict(alpha=None, delta=None)
     for other in [r for r in COMPARATORS if r in recipes or r == "base"]:
         for metric in ("POPE acc", "MME score", "IFT prompt acc", "Accuracy (1-5)"):
             if metric in with_intervals:
@@ -255,3 +254,52 @@ def verdicts(rows: list[dict[str, Any]], recipes: list[str], paired: list[dict[s
             out.append(f"- M3PO against {LABELS[other]} on {metric}: difference {mean:+.{d}f} ± {sd:.{d}f} "
                        f"(ahead on {sum(x > 0 for x in diffs)} of {len(diffs)} seeds; no paired interval, so no verdict)")
     return out
+
+
+def cell_answers(cfg: RunConfig, store, cell_id: str, bench: str) -> list[dict[str, Any]] | None:
+    """A cell's (or the base model's) cached answers to a benchmark; None where it has none."""
+    from m3po_core.stages.evaluate import predictions
+    from m3po_core.store import CellStore
+
+    if bench not in cfg.evaluation.benchmarks:
+        return None
+    try:
+        if cell_id == "base":
+            return predictions(cfg, store, bench, "base")
+        return predictions(cfg, CellStore(store, cell_id), bench, "trained")
+    except (FileNotFoundError, RuntimeError):  # not evaluated (or not completely): no interval
+        return None
+
+
+def sweep_plots(store, rows: list[dict[str, Any]], alphas: list[float], deltas: list[float]) -> list[str]:
+    """One plot per sweep: each metric against the swept value, mean with sd bars over seeds."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, values in (("alpha", alphas), ("delta", deltas)):
+        if not values:
+            continue
+        metrics = [c[0] for c in COLUMNS if c[0] in ("POPE acc", "MME score")]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2))
+        for ax, metric in zip(axes, metrics):
+            means, sds = [], []
+            for v in values:
+                vals = [r["value"] for r in rows if r["metric"] == metric and r[name] == v]
+                m, s = mean_sd(vals) if vals else (float("nan"), 0.0)
+                means.append(m)
+                sds.append(s)
+            ax.errorbar(values, means, yerr=sds, marker="o", capsize=3)
+            ax.set_xlabel(name)
+            ax.set_title(metric)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        rel = f"experiment/{name}_sweep.png"
+        store.write_bytes(rel, buf.getvalue())
+        written.append(rel.split("/", 1)[1])
+    return written

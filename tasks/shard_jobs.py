@@ -1,7 +1,7 @@
 """One shard, or a deployment run's group of shards, computed away from the parent flow run (shard
 deployments, task workers), for any stage function: the shard's lease, the run's GPU slot
-(tasks/gpu_slot.py) and the shards' outcomes. Light on imports (no stage, no model), so the
-orchestration bench's noop stage (flows/noop_stage.py) runs the very same code as real shards.
+(flows/machinery/gpu_slot.py) and the shards' outcomes. Light on imports (no stage, no model), so the
+orchestration bench's noop stage (tests/noop_stage.py) runs the very same code as real shards.
 Limit: the shards of a group run one after the other in this process.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any, Callable
 from m3po_core.config import config_from_dict
 from m3po_core.stages.runner import ShardResult, shard_lease
 from m3po_core.store import RunStore
-from m3po.tasks.gpu_slot import RunSlot
+from m3po.flows.machinery.gpu_slot import RunSlot
 
 
 def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str, run_id: str,
                   shard: int, ref: str, slot: RunSlot | None = None) -> dict[str, Any]:
-    """Compute one shard under its lease. `slot`: the run's GPU slot (tasks/gpu_slot.py), taken
+    """Compute one shard under its lease. `slot`: the run's GPU slot (flows/machinery/gpu_slot.py), taken
     inside the lease, so the wait for a slot does not read as a dead worker; None (task workers):
     none, the worker's own `--limit` is its GPUs."""
     cfg = config_from_dict(config)

@@ -1,6 +1,6 @@
 """Real Prefect machinery on loopback for the orchestration tests and bench/orchestration_scale.py:
 a server (`prefect server start`, with its access log), a process work pool and its worker, the noop
-shard deployment (flows/noop_stage.py), a task worker for the noop shards, and a count of the HTTP
+shard deployment (tests/noop_stage.py), a task worker for the noop shards, and a count of the HTTP
 requests this process's Prefect clients send. Nothing is mocked: the counter only records requests.
 Limit: one machine; the workers inherit this process's environment (AWS_* for an s3:// root).
 """
@@ -93,7 +93,7 @@ def deploy_noop(url: str, gpu_slots: int = 1000) -> None:
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from m3po.flows.noop_stage import noop_shard_flow
+    from noop_stage import noop_shard_flow
     from m3po_core.config import ExecutionConfig
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
@@ -107,7 +107,7 @@ def deploy_noop(url: str, gpu_slots: int = 1000) -> None:
                     GlobalConcurrencyLimitCreate(name=ExecutionConfig.gpu_concurrency_limit, limit=gpu_slots))
             except ObjectAlreadyExists:
                 pass
-        noop_shard_flow.from_source(str(REPO), "flows/noop_stage.py:noop_shard_flow").deploy(
+        noop_shard_flow.from_source(str(REPO), "tests/noop_stage.py:noop_shard_flow").deploy(
             name=DEPLOYMENT.split("/")[1], work_pool_name=POOL, build=False, push=False, print_next_steps=False)
 
 
@@ -117,7 +117,7 @@ def start_process_worker(env: dict[str, str], log: Path, limit: int) -> subproce
 
 
 def start_task_worker(env: dict[str, str], log: Path, limit: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "m3po.flows.noop_stage", str(limit)], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "noop_stage.py"), str(limit)], env=env, cwd=REPO,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 

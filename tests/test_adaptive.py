@@ -132,7 +132,7 @@ def test_an_interrupted_shard_resumes_at_its_round_and_a_larger_n_samples_only_w
     assert store.shard_entry(round_stage("candidates", 1), 0)["state"] == "failed"
     assert store.shard_entry("candidates", 0) is None
     # `m3po status` shows where the shard stopped: round 0 done, round 1 failed, nothing published
-    from m3po.flows.status import status
+    from m3po_core.status import status
 
     capsys.readouterr()
     assert status(str(root), "resume") == 0

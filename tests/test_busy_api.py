@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 
-from m3po.flows import busy_api
+from m3po.flows.machinery import busy_api
 
 
 def test_a_busy_answer_gets_a_short_growing_retry_after_and_others_are_left_alone():
@@ -89,7 +89,7 @@ def test_prefects_client_with_the_hook_waits_the_short_pauses(busy_server):
 
 INSTALLED = """
 import asyncio, logging, sys
-from m3po.flows import busy_api
+from m3po.flows.machinery import busy_api
 busy_api.install(); busy_api.install()
 from prefect.client.orchestration import PrefectClient
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")

@@ -1,6 +1,6 @@
 """The first run on a fresh machine gets past the ephemeral API's start: the CLI gives it a budget
 that fits a cold database on 2 cores, and a user's own setting wins."""
-from m3po.flows import cli
+from m3po.flows.machinery import api_server
 
 
 def _budget_prefect_sees(tmp_path, env: dict, profile: str | None = None) -> int:
@@ -13,7 +13,7 @@ def _budget_prefect_sees(tmp_path, env: dict, profile: str | None = None) -> int
     home.mkdir(exist_ok=True)
     if profile is not None:
         (home / "profiles.toml").write_text(profile)
-    child = ("from m3po.flows import cli; cli.ephemeral_startup_budget(); import sys; "
+    child = ("from m3po.flows.machinery import api_server; api_server.ephemeral_startup_budget(); import sys; "
              "assert 'prefect' not in sys.modules, 'prefect imported before its settings are set'; "
              "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; print(s.value())")
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -25,12 +25,12 @@ def _budget_prefect_sees(tmp_path, env: dict, profile: str | None = None) -> int
 
 def test_the_cli_gives_the_ephemeral_api_time_to_start(tmp_path):
     # Prefect's own 20 s is shorter than a cold database's migration on 2 cores (20-28 s)
-    assert _budget_prefect_sees(tmp_path, {}) == int(cli.EPHEMERAL_STARTUP_SECONDS) > 20
+    assert _budget_prefect_sees(tmp_path, {}) == int(api_server.EPHEMERAL_STARTUP_SECONDS) > 20
 
 
 def test_a_users_own_startup_budget_wins(tmp_path):
-    assert _budget_prefect_sees(tmp_path, {cli.STARTUP_SETTING: "45"}) == 45
-    profile = f'active = "mine"\n[profiles.mine]\n{cli.STARTUP_SETTING} = "50"\n'
+    assert _budget_prefect_sees(tmp_path, {api_server.STARTUP_SETTING: "45"}) == 45
+    profile = f'active = "mine"\n[profiles.mine]\n{api_server.STARTUP_SETTING} = "50"\n'
     assert _budget_prefect_sees(tmp_path, {}, profile) == 50
 
 
@@ -41,7 +41,7 @@ def test_an_api_that_does_not_start_is_one_line_with_what_to_do(tmp_path):
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), cli.STARTUP_SETTING: "0"})
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), api_server.STARTUP_SETTING: "0"})
     out = subprocess.run([sys.executable, "-m", "m3po.flows.cli", "run", "--config",
                           str(Path(__file__).parent / "tiny.yaml"), "--root", str(tmp_path / "runs")],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from prefect import flow, tags as prefect_tags, task
 
-from m3po.flows import noop_stage, remote_shards
-from m3po.flows.fan_out import fan_out
+import noop_stage
+from m3po.flows.machinery import remote_shards
+from m3po.flows.machinery.fan_out import fan_out
 from m3po_core.config import load_config
 from m3po_core.errors import M3POError
 from m3po_core.store import RunStore
@@ -83,7 +84,7 @@ def test_task_worker_shards_are_read_back_in_one_call_per_poll(workers, tmp_path
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
     with get_client(sync_client=True) as client:
-        # no tags on the background runs, not even the flow's (flows/task_worker.py: they deadlock workers)
+        # no tags on the background runs, not even the flow's (flows/machinery/task_worker.py: they deadlock workers)
         shard_runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(poll.runs.values()))))
         assert len(shard_runs) == 40 and all(r.tags == [] for r in shard_runs)
         again = remote_shards.ShardPoll(client, "task", poll.runs, page=7)
@@ -115,7 +116,7 @@ def test_shards_no_worker_takes_are_counted_in_one_call_and_time_out_by_name(wor
 
 def test_deployment_shards_fail_and_crash_by_name_and_are_read_in_one_call_per_poll(workers, tmp_path):
     counter = RequestCounter()
-    from m3po.flows import deployment_submission
+    from m3po.flows.machinery import deployment_submission
 
     for n in (5, 40):
         t0, resent = time.time(), deployment_submission.resent_batches
@@ -147,7 +148,7 @@ def test_deployment_runs_of_several_shards_report_each_shard_by_name(workers, tm
     """execution.shards_per_run=4: 10 shards in 3 flow runs. A failed shard leaves its run's other
     shards done; a run whose process is killed at shard 6 keeps the shards it finished (4, 5), and
     the one it never reached (7) is named as such; a re-run computes only those three."""
-    from m3po.flows import deployment_submission
+    from m3po.flows.machinery import deployment_submission
 
     counter = RequestCounter()
     t0 = time.time()

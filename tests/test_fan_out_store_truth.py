@@ -11,8 +11,9 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 
-from m3po.flows import noop_stage, remote_shards
-from m3po.flows.fan_out import fan_out
+import noop_stage
+from m3po.flows.machinery import remote_shards
+from m3po.flows.machinery.fan_out import fan_out
 from m3po_core.config import load_config
 from m3po_core.store import RunStore
 

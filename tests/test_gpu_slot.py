@@ -7,7 +7,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from m3po.tasks import gpu_slot as gs
+from m3po.flows.machinery import gpu_slot as gs
 
 
 def _active_slots(name: str) -> int:
@@ -53,7 +53,7 @@ def test_a_deployment_shard_waits_for_its_slot_and_a_task_worker_shard_takes_non
     import threading
     from pathlib import Path
 
-    from m3po.flows import noop_stage
+    import noop_stage
     from m3po_core.config import load_config
     from m3po_core.store import RunStore
 

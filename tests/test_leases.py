@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from m3po.flows import noop_stage
-from m3po.flows.fan_out import fan_out
+import noop_stage
+from m3po.flows.machinery.fan_out import fan_out
 from m3po_core.config import load_config
 from m3po_core.stages.runner import shard_lease
 from m3po_core.store import RunStore
@@ -72,7 +72,7 @@ def test_a_run_left_scheduled_while_the_stage_idles_counts_as_stalled(tmp_path):
     real and no worker serves it."""
     from prefect.client.orchestration import get_client
 
-    from m3po.flows.remote_shards import ShardPoll, lapsed_shards, submit
+    from m3po.flows.machinery.remote_shards import ShardPoll, lapsed_shards, submit
 
     cfg = load_config(TINY, noop_stage.register() + ["execution.shards=task_worker"])
     store = RunStore(str(tmp_path), "stalled")

@@ -43,7 +43,7 @@ def _env(tmp_path) -> dict:
 def _server_of(proc: subprocess.Popen, deadline: float) -> int:
     while time.time() < deadline:
         for child in _children(proc.pid):
-            if "m3po.flows.api_server" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+            if "m3po.flows.machinery.api_server" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
                 return child
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.2)

@@ -1,4 +1,4 @@
-"""The `m3po` command's exit (flows/process_exit.py): Python's own exit steps all still happen,
+"""The `m3po` command's exit (flows/machinery/process_exit.py): Python's own exit steps all still happen,
 in order, and the status comes through; only the C++ static destructors are skipped."""
 import subprocess
 import sys
@@ -14,7 +14,7 @@ def test_threads_are_joined_then_atexit_handlers_run_then_the_status_is_returned
     done = run("""
         import atexit, logging, sys, threading, time
         from concurrent.futures import ThreadPoolExecutor
-        from m3po.flows.process_exit import exit_now
+        from m3po.flows.machinery.process_exit import exit_now
 
         pool = ThreadPoolExecutor(2)           # never shut down: its idle workers must not hang the exit
         pool.submit(lambda: None).result()
@@ -36,7 +36,7 @@ def test_threads_are_joined_then_atexit_handlers_run_then_the_status_is_returned
 def test_none_is_status_zero_and_pyarrow_work_exits_cleanly():
     done = run("""
         import pyarrow as pa, pyarrow.parquet as pq, tempfile, os
-        from m3po.flows.process_exit import exit_now
+        from m3po.flows.machinery.process_exit import exit_now
 
         path = os.path.join(tempfile.mkdtemp(), "t.parquet")
         pq.write_table(pa.table({"x": list(range(100_000))}), path, row_group_size=1000)

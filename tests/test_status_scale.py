@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from m3po.flows.status import ranges, stage_lines
+from m3po_core.status import ranges, stage_lines
 from m3po_core.store import RunStore
 
 SHARDS = {"local": 2500, "s3": 1000}  # per stage; s3: moto serves one request at a time, ~10-25 ms each

@@ -44,7 +44,7 @@ class ExecutionConfig:
         "help": "Global concurrency limit each shard flow run holds (deployment: one slot per shard; a task worker's "
                 "shards take none, its `--limit` being its GPUs; "
                 "create it with as many slots as GPUs, `prefect gcl create m3po-gpu --limit 8`; absent, no slot is "
-                "asked for: a process looks it up once a minute, tasks/gpu_slot.py)."})
+                "asked for: a process looks it up once a minute, flows/machinery/gpu_slot.py)."})
     ray_address: Optional[str] = field(default=None, metadata={
         "help": "None: a local Ray instance; \"auto\" or \"ray://head:10001\": a cluster."})
     ray_gpus_per_shard: float = field(default=1.0, metadata={

@@ -256,3 +256,35 @@ def make_questions(images: Sequence[str], seed: int = 0, per_image: int = 1,
                          "constraints": json.dumps([c[3] for c in chosen] + [dict(JUDGE_CONTENT)]),
                          "answer": ""})
     return rows
+
+
+def write_question_file(images_spec: str, out: str, seed: int = 0, per_image: int = 1,
+                        constraints_per_question: int = 2) -> tuple[int, int]:
+    """`m3po make-ift`: questions (`make_questions`) for the images `images_spec` names (a directory,
+    a glob, or a .txt list of paths or URLs; local or an fsspec URL), written as one Parquet file
+    `out` in one write, so a failure leaves no partial file on object stores. (questions, images)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    from m3po_core.errors import InputError
+
+    fs, path = url_to_fs(images_spec)
+    image_ext = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [f for f in fs.find(path) if f.lower().endswith(image_ext)]
+    elif fs.exists(path) and path.endswith(".txt"):
+        found = [line.strip() for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    else:
+        raise InputError(f"--images {images_spec}: no such directory, glob or .txt list")
+    local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+    images = sorted(f if "://" in f or local else fs.unstrip_protocol(f) for f in found)
+    if not images:
+        raise InputError(f"--images {images_spec}: no images found")
+    rows = make_questions(images, seed=seed, per_image=per_image, constraints_per_question=constraints_per_question)
+    out_fs, out_path = url_to_fs(out)
+    with out_fs.open(out_path, "wb") as fh:
+        pq.write_table(pa.Table.from_pylist(rows), fh)
+    return len(rows), len(images)

@@ -192,7 +192,7 @@ _HELD: set[tuple[str, str, int]] = set()  # the leases this process renews now
 def shard_lease(store: RunStore, stage: str, shard: int, seconds: float | None):
     """While the block runs, the shard's lease record (`{stage}/_leases/`: host, pid, renewed_at)
     is renewed every `seconds` / 4, so a fan-out can tell a shard whose worker died from a slow one
-    (flows/remote_shards.py). A renewal that fails is logged and tried again at the next beat."""
+    (flows/machinery/remote_shards.py). A renewal that fails is logged and tried again at the next beat."""
     held = (store.base, stage, shard)
     if not seconds or held in _HELD:  # an outer block (the remote job, slot wait included) renews it
         yield

@@ -21,7 +21,7 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from m3po.flows import busy_api
+from m3po.flows.machinery import busy_api
 from m3po_core.config import RunConfig
 from m3po_core.stages.runner import ShardResult, run_shard
 from m3po_core.store import RunStore
@@ -79,7 +79,7 @@ def noop_shard_flow(config: dict[str, Any], root: str, run_id: str, shard: int, 
 def register(deployment: str = "m3po-noop-shard/noop") -> list[str]:
     """Make the stage known to the remote fan-outs; the configuration overrides that point
     `execution.sample_deployment` (the field the stage's deployment is read from) at `deployment`."""
-    from m3po.flows.remote_shards import REMOTE_JOBS
+    from m3po.flows.machinery.remote_shards import REMOTE_JOBS
 
     REMOTE_JOBS[STAGE] = ("sample_deployment", noop_shard_job)
     return [f"execution.sample_deployment={deployment}"]
@@ -87,7 +87,7 @@ def register(deployment: str = "m3po-noop-shard/noop") -> list[str]:
 
 def serve_task_worker(limit: int = 10) -> None:
     """A long-lived task worker for the noop shards (what `m3po worker` is for real shards)."""
-    from m3po.flows.task_worker import serve_shard_jobs
+    from m3po.flows.machinery.task_worker import serve_shard_jobs
 
     serve_shard_jobs(noop_shard_job, limit=limit)
 

@@ -6,10 +6,6 @@ or earlier run wrote it.
 """
 from __future__ import annotations
 
-import base64
-import json
-import os
-import re
 import time
 from typing import Any, Callable
 
@@ -18,9 +14,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from m3po_core import progress
-from m3po_core.components import resolve_model
 from m3po_core.config import RunConfig
 from m3po_core.report import build_report
+from m3po_core.run_summary import inline_plots
 from m3po_core.store import RunStore
 
 
@@ -43,7 +39,10 @@ def tag_flow_run(*tags: str) -> None:
 
 
 class StageClock:
-    """Runs the pipeline's stages and keeps each one's wall time (the report's timings)."""
+    """Runs the pipeline's stages: the terminal's line per stage (m3po_core/progress.py) and each
+    stage's wall time for the report. Prefect records both too, but a task's end state reaches the
+    API as an event the server writes later, so the report, built in the same flow run right after
+    the last stage, cannot count on reading them back."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -76,32 +75,3 @@ def report(cfg: RunConfig, store: RunStore, method: str, n_shards: int, info: di
     create_table_artifact(table, key=f"{key}-{suffix}", description=description)
     get_run_logger().info(f"report: {store.url('report.md')}")
     return store.url("report.md")
-
-
-def run_info(store: RunStore, timings: dict[str, float], computed_shards: dict[str, int]) -> dict[str, Any]:
-    """What the report says about the run beside the metrics: stage times, prompts, the filter."""
-    prompt_stage = store.read_json("prompts/_stage.json")
-    return {"timings": timings, "n_prompts": prompt_stage["n_prompts"], "filter": prompt_stage.get("filter"),
-            "computed_shards": computed_shards}
-
-
-def inline_plots(markdown: str, store: RunStore) -> str:
-    """The report for the UI: its plots embedded as data URLs (the UI cannot read the run's store;
-    report.md itself keeps relative links beside plots/*.png)."""
-    def embed(m: re.Match) -> str:
-        data = base64.b64encode(store.read_bytes(m.group(2))).decode()
-        return f"![{m.group(1)}](data:image/png;base64,{data})"
-
-    return re.sub(r"!\[([^\]]*)\]\((plots/[\w.-]+\.png)\)", embed, markdown)
-
-
-def model_quality(store: RunStore, model_ref: str, clip_ref: str) -> dict[str, Any]:
-    """Quality figures the models built here carry (warm-start accuracy, CLIP retrieval)."""
-    out: dict[str, Any] = {}
-    for name, path in (("base_quality", f"{resolve_model(store, model_ref)}/m3po_warm_start.json"),
-                       ("clip_quality", f"{resolve_model(store, clip_ref)}/m3po_clip.json")):
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-            out[name] = data.get("metrics", data)
-    return out

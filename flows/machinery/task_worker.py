@@ -19,7 +19,7 @@ def serve_shard_jobs(*jobs, limit: int) -> None:
     """`prefect.task_worker.serve(*jobs, limit=limit)`, its Prefect clients retrying a busy server soon."""
     from prefect.task_worker import serve
 
-    from m3po.flows import busy_api
+    from m3po.flows.machinery import busy_api
 
-    busy_api.install()  # before any client exists (flows/busy_api.py)
+    busy_api.install()  # before any client exists (flows/machinery/busy_api.py)
     serve(*jobs, limit=limit)

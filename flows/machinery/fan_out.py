@@ -7,7 +7,7 @@
 
 Every mode reports progress as shards finish and fails naming the failed shards only after every
 other shard finished (their results stay in the store; a re-run skips them). The remote modes
-(flows/remote_shards.py) read every shard's state in one API call per poll; the progress artifact
+(flows/machinery/remote_shards.py) read every shard's state in one API call per poll; the progress artifact
 is updated at most once a second (in process, Ray) or once per poll (remote), not once per shard.
 Limit: the error names the first MAX_NAMED failed shards; `m3po status RUN --all` lists them all.
 """
@@ -52,7 +52,7 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
         raise M3POError(f"{stage}: these shards run in the flow run's process or on Ray "
                         f"(execution.shards: in_process or ray), not {mode!r}")
     else:
-        from m3po.flows.remote_shards import remote_shards
+        from m3po.flows.machinery.remote_shards import remote_shards
 
         terminal.shards(n_shards)
 
@@ -77,7 +77,7 @@ def fan_out(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, s
 def _grouped(failed: dict[int, str]) -> str:
     """The first MAX_NAMED failed shards, those with the same message named together
     (`shard 3: msg`, `shards 16-31: msg`: a run of several shards that died fails them alike)."""
-    from m3po.flows.status import ranges
+    from m3po_core.status import ranges
 
     by_message: dict[str, list[int]] = {}
     for shard, msg in list(failed.items())[:MAX_NAMED]:

@@ -45,7 +45,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.client.schemas.objects import StateType
 
-from m3po.flows.deployment_submission import create_flow_runs
+from m3po.flows.machinery.deployment_submission import create_flow_runs
 from m3po_core.config import RunConfig
 from m3po_core.errors import M3POError
 from m3po_core.stages.runner import ShardResult
@@ -57,7 +57,7 @@ ID_CHUNK = 10_000   # ids per filter: well under the 32,766 bound parameters of 
 WARN_EVERY = 120.0  # seconds between "still waiting for a worker" checks
 
 # The remote job of each fan-out stage: the ExecutionConfig field naming its deployment, and its
-# background task. Other stages register theirs (flows/noop_stage.py).
+# background task. Other stages register theirs (tests/noop_stage.py).
 REMOTE_JOBS: dict[str, tuple[str, Any]] = {
     "candidates": ("sample_deployment", stage_tasks.sample_shard_job),
     "scores": ("score_deployment", stage_tasks.score_shard_job),
@@ -74,7 +74,7 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from m3po.flows.busy_api import RETRY_SOON_SYNC
+    from m3po.flows.machinery.busy_api import RETRY_SOON_SYNC
 
     mode = cfg.execution.shards
     if not PREFECT_API_URL.value():
@@ -89,7 +89,7 @@ def remote_shards(cfg: RunConfig, store: RunStore, n_shards: int, ref_name: str,
     params = {first: {"config": cfg.to_dict(), "root": store.root, "run_id": store.run_id, "shard": first, ref_name: ref,
                       **({"shards": group} if len(group) > 1 else {})} for first, group in jobs.items()}
     # Tags are concurrency-limit names to a task run's engine: a task worker creates a lease service per
-    # distinct set, which can deadlock a Prefect 3.7 task worker (flows/task_worker.py). So task runs
+    # distinct set, which can deadlock a Prefect 3.7 task worker (flows/machinery/task_worker.py). So task runs
     # carry none (they are found by id, and under their flow run in the UI); flow runs carry the tags.
     tags = {first: [f"run:{store.run_id}", fan_tag, f"shard:{first}" if len(group) == 1 else f"shards:{first}-{group[-1]}"]
             if mode == "deployment" else [] for first, group in jobs.items()}
@@ -434,6 +434,6 @@ def submit(client, cfg: RunConfig, stage: str, params: list[dict[str, Any]], tag
         return create_flow_runs(client, getattr(cfg.execution, field), params, tags, key)
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    from m3po.flows.task_submission import delay_all
+    from m3po.flows.machinery.task_submission import delay_all
 
     return run_coro_as_sync(delay_all(job, params, tags))

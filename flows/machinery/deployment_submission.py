@@ -1,6 +1,6 @@
 """The deployment fan-out's submission: the shard runs' flow runs, created 100 per call through the
 server's bulk endpoint (one call per run on an API without it), each with an idempotency key, and
-the placeholder task runs that make them subflows of the stage's flow run (flows/remote_shards.py).
+the placeholder task runs that make them subflows of the stage's flow run (flows/machinery/remote_shards.py).
 Limit: placeholders are created one after the other (no bulk endpoint for task runs).
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ settings model included): measured here, 83 % of a shard's submission (about 0.1
 settings), so `delay_all` serializes it once and hands every run that copy (`_ONE_CONTEXT`).
 Limit: the cache is keyed by the identity of the context objects and lives for one `delay_all`.
 
-The submission's client retries a busy server's 503 soon (flows/busy_api.py).
+The submission's client retries a busy server's 503 soon (flows/machinery/busy_api.py).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ async def delay_all(job, params: list[dict[str, Any]], tags: list[list[str]],
     from prefect.client.orchestration import get_client
     from prefect.utilities.engine import emit_task_run_state_change_event
 
-    from m3po.flows.busy_api import RETRY_SOON
+    from m3po.flows.machinery.busy_api import RETRY_SOON
 
     ids = {}
     token = _ONE_CONTEXT.set({} if context_once else None)
@@ -71,7 +71,7 @@ async def delay_all(job, params: list[dict[str, Any]], tags: list[list[str]],
 async def _create_task_run(job, client, params: dict[str, Any], tags: list[str]):
     from prefect.context import TagsContext
 
-    # exactly `tags` (none, see flows/task_worker.py), not also the tags around the flow (`run:...`)
+    # exactly `tags` (none, see flows/machinery/task_worker.py), not also the tags around the flow (`run:...`)
     with TagsContext(current_tags=set(tags)):
         return await job.create_run(client=client, parameters=params, deferred=True)
 
