@@ -15,6 +15,7 @@ Limit: nothing is computed, so the figures are the orchestration's cost alone, n
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -51,6 +52,7 @@ def noop_shard(cfg: RunConfig, store: RunStore, shard: int, ref: str) -> ShardRe
         if shard in _shards(ref, "fail-once") and not store.exists(f"{STAGE}/failed-{shard}"):
             store.write_bytes(f"{STAGE}/failed-{shard}", b"")
             raise ValueError(f"noop shard {shard} told to fail once")
+        store.write_bytes(f"{STAGE}/computed/{shard}-{os.getpid()}-{time.time_ns()}", b"")  # one per computation
         return pa.table({"shard": [shard]}, schema=SCHEMA)
 
     return run_shard(store, STAGE, shard, f"noop-{ref}", compute, SCHEMA, lease_seconds=cfg.execution.lease_seconds)

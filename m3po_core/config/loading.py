@@ -1,9 +1,10 @@
 """Typed loading of the run configuration: YAML files and dicts, `dotted.key=value` overrides.
 
-Each value is checked against its field's type (`int`, `float`, `str`, `bool`, a `Literal`'s choices,
-lists, nested sections) and every unknown key is refused, naming it; then `validate` (checks.py)
-runs. Limit: types only (value ranges and rules across sections are checks.py's); PyYAML reads
-`5e-5` as a string (YAML 1.1's float rule), which float fields accept and other fields refuse.
+pydantic validates the dataclasses of sections.py as they are: each value against its field's type
+(its lax mode: `"5e-5"` and `3` are floats, `"4"` is an integer, `1.5` is not; a `Literal`'s
+choices; lists; nested sections) and every unknown key is refused; the first error is reported
+naming the key. Then `validate` (checks.py) checks ranges and rules across sections.
+Limit: types only here; value ranges and rules across sections are checks.py's.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from m3po_core.config.checks import validate
 from m3po_core.config.sections import RunConfig
@@ -24,69 +26,52 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
-def _check_value(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for option in inner:  # the first type the value fits, in the order the field declares them
-            try:
-                return _check_value(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e).split(": ", 1)[-1])
-        raise ConfigError(f"configuration key '{key}': {value!r} fits none of: " + "; ".join(errors))
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"configuration key '{key}': {value!r} is not one of {list(choices)}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"configuration key '{key}': expected a list, got {type(value).__name__} {value!r}")
-        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"configuration key '{key}': expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads `5e-5` (no dot) as a string: YAML 1.1's float rule
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"configuration key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"configuration key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"configuration key '{key}': expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"configuration key '{key}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported configuration type {tp!r} at {key}")
+def _sections(cls: type, found: dict[type, None]) -> dict[type, None]:
+    """Every dataclass the configuration nests, `cls` first."""
+    found[cls] = None
+    for tp in typing.get_type_hints(cls).values():
+        for arg in (tp, *typing.get_args(tp), *(a for t in typing.get_args(tp) for a in typing.get_args(t))):
+            if dataclasses.is_dataclass(arg) and arg not in found:
+                _sections(arg, found)
+    return found
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in known:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown configuration key '{where}' (known here: {', '.join(sorted(known))})")
-    kwargs = {}
-    for k, v in values.items():
-        kwargs[k] = _check_value(v, hints[k], f"{prefix}.{k}" if prefix else k)
-    return cls(**kwargs)
+for _section in _sections(RunConfig, {}):  # pydantic reads this off each dataclass: unknown keys are refused
+    _section.__pydantic_config__ = ConfigDict(extra="forbid")
+_ADAPTER = TypeAdapter(RunConfig)
+
+
+def _key(loc: tuple) -> tuple[str, Any]:
+    """The dotted key an error's location names (`data.extra_sources[0].path`; a union's member
+    tags dropped) and the type found there."""
+    key, tp = "", RunConfig
+    for part in loc:
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(members) == 1:
+            tp = members[0]  # Optional[...]
+        if isinstance(part, int) and typing.get_origin(tp) is list:
+            key, tp = f"{key}[{part}]", typing.get_args(tp)[0]
+        elif dataclasses.is_dataclass(tp) and part in (hints := typing.get_type_hints(tp)):
+            key, tp = f"{key}.{part}" if key else str(part), hints[part]
+        else:
+            break
+    return key, tp
+
+
+def _config_error(error: ValidationError) -> ConfigError:
+    """pydantic's first error as one line naming the key (all the messages of a union's members)."""
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        where, section = _key(first["loc"][:-1])
+        known = sorted(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else []
+        key = f"{where}.{first['loc'][-1]}" if where else str(first["loc"][-1])
+        return ConfigError(f"unknown configuration key '{key}' (known here: {', '.join(known)})")
+    key = _key(first["loc"])[0]
+    if first["type"] == "missing":
+        return ConfigError(f"configuration key '{key}' is required")
+    same = [e["msg"] for e in errors if _key(e["loc"])[0] == key]
+    return ConfigError(f"configuration key '{key}': {'; or '.join(same)}, got {first.get('input')!r}")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -126,4 +111,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    return validate(_build(RunConfig, tree))
+    """The configuration `tree` (a YAML file's mapping, a run's config.json) as a RunConfig, each
+    value validated against its field's type by pydantic, then checked across sections (`validate`)."""
+    try:
+        cfg = _ADAPTER.validate_python(tree)
+    except ValidationError as e:
+        raise _config_error(e) from None
+    return validate(cfg)
