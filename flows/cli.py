@@ -114,7 +114,6 @@ def _status(root: str, run_id: str, show_all: bool = False) -> int:
 
 def _experiment(args) -> int:
     from m3po_core import experiment as ex
-    from m3po_core.config import load_config
     from m3po_core.errors import M3POError
 
     def numbers(flag: str, text: str, kind):
@@ -124,7 +123,7 @@ def _experiment(args) -> int:
             raise M3POError(f"{flag}: not a comma-separated list of {kind.__name__}s: {text!r}") from None
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = args.cfg
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         seeds, alphas = numbers("--seeds", args.seeds, int), numbers("--alphas", args.alphas, float)
         deltas = numbers("--deltas", args.deltas, float)
@@ -151,7 +150,7 @@ def _experiment(args) -> int:
     progress.install(sys.stderr)
     try:
         with tags(f"run:{run_id}", f"config:{cfg.name}", "experiment"):
-            result = m3po_experiment(config=cfg.to_dict(), root=args.root, run_id=run_id, recipes=recipes,
+            result = m3po_experiment(config=cfg, root=args.root, run_id=run_id, recipes=recipes,
                                      seeds=seeds, alphas=alphas, deltas=deltas)
     except Exception as e:
         print(f"\nm3po: experiment {run_id!r} failed: {type(e).__name__}: {e} (full log: {run_log.close()})",
@@ -252,7 +251,7 @@ def check_args(args) -> None:
     if args.command == "worker" and args.limit < 1:
         raise ArgumentError(f"--limit {args.limit}: a worker runs at least one shard at a time")
     if args.command in ("run", "ipa", "experiment"):
-        cfg = load_config(args.config, args.overrides)
+        cfg = args.cfg = load_config(args.config, args.overrides)  # the command's one parse of it
         if args.run_id is None:  # the run id the command derives from the configuration's name
             check_run_id(cfg.name + "-ipa" if args.command == "ipa" else cfg.name, "the configuration's name")
 
@@ -271,7 +270,7 @@ def _main(args) -> int:
 
 
 def _dispatch(args) -> int:
-    from m3po_core.config import config_from_dict, load_config
+    from m3po_core.config import config_from_dict
     from m3po_core.errors import M3POError
     from m3po_core.store import RunStore
 
@@ -298,7 +297,7 @@ def _dispatch(args) -> int:
             cfg, run_id = config_from_dict(store.read_json("config.json")), args.run_id
             method = store.read_json("method.json")["method"] if store.exists("method.json") else "m3po"
         else:
-            cfg = load_config(args.config, args.overrides)
+            cfg = args.cfg
             method = "ipa" if args.command == "ipa" else "m3po"
             run_id = args.run_id or (cfg.name + "-ipa" if method == "ipa" else cfg.name)
             if method == "ipa":
@@ -325,7 +324,7 @@ def _dispatch(args) -> int:
     progress.install(sys.stderr)
     try:
         with tags(f"run:{run_id}", f"config:{cfg.name}", tag):
-            result = pipeline(config=cfg.to_dict(), root=args.root, run_id=run_id)
+            result = pipeline(config=cfg, root=args.root, run_id=run_id)
     except Exception as e:  # Prefect has logged the traceback; end with one line naming the cause
         from m3po_core.stages.runner import STOP
 

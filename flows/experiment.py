@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from m3po_core import experiment as ex
 from m3po_core.selection_diagnostics import diagnostics_table
-from m3po_core.config import config_from_dict, load_config
+from m3po_core.config import RunConfig, load_config, validate
 from m3po_core.store import CellStore, RunStore
 from m3po.flows import stage_flows
 from m3po.flows.machinery.epilogue import StageClock, tag_flow_run
@@ -24,10 +24,9 @@ from m3po.tasks import stage_tasks as st
 
 
 @flow(name="m3po-experiment-cell", flow_run_name="cell-{cell_id}")
-def run_cell(config: dict[str, Any], root: str, run_id: str, cell_id: str, n_shards: int,
+def run_cell(cfg: RunConfig, root: str, run_id: str, cell_id: str, n_shards: int,
              model_ref: str, method: str = "m3po") -> dict[str, Any]:
     """One cell: M3PO's selection (or IPA's rounds, on the same prompts) -> train -> evaluate."""
-    cfg = config_from_dict(config)
     store = CellStore(RunStore(root, run_id), cell_id)
     if method == "ipa":
         from m3po.flows.ipa import collect_pairs
@@ -41,31 +40,30 @@ def run_cell(config: dict[str, Any], root: str, run_id: str, cell_id: str, n_sha
 
 
 @flow(name="m3po-experiment", flow_run_name="experiment-{run_id}")
-def m3po_experiment(config: dict[str, Any] | None = None, root: str = "./m3po-runs", run_id: str = "experiment",
+def m3po_experiment(config: RunConfig | None = None, root: str = "./m3po-runs", run_id: str = "experiment",
                     recipes: list[str] = ("base", "sft", "dpo", "rm_dpo", "m3po", "m3po_alpha0", "ipa"),
                     seeds: list[int] = (0, 1, 2), alphas: list[float] = (), deltas: list[float] = (),
                     config_file: str | None = None) -> dict[str, Any]:
-    cfg = config_from_dict(config) if config is not None else load_config(config_file)
+    cfg = validate(config) if config is not None else load_config(config_file)
     recipes, seeds, alphas, deltas = list(recipes), list(seeds), list(alphas), list(deltas)
     cells = ex.grid(recipes, seeds, alphas, deltas)
-    config = cfg.to_dict()
     store = RunStore(root, run_id)
-    store.write_json("config.json", config)
+    store.write_json("config.json", cfg.to_dict())
     store.write_json("experiment.json", {"recipes": recipes, "seeds": seeds, "alphas": alphas, "deltas": deltas})
     tag_flow_run(f"run:{run_id}", f"config:{cfg.name}", "experiment")
     logger = get_run_logger()
     t0 = time.time()
 
     clock = StageClock()
-    gen = clock("generate", stage_flows.generate, config, root, run_id)
-    scored = clock("score", stage_flows.score, config, root, run_id, gen["n_shards"], wait_for=[gen])
+    gen = clock("generate", stage_flows.generate, cfg, root, run_id)
+    scored = clock("score", stage_flows.score, cfg, root, run_id, gen["n_shards"], wait_for=[gen])
     base = clock("base", st.evaluate_base, cfg, store, gen["model_ref"])
     rows = ex.result_rows(None, base["metrics"], None)
     progress = create_progress_artifact(0.0, key=f"{run_id}-cells-progress".lower().replace("_", "-"),
                                         description="experiment cells finished")
     diagnostics = {}  # seed -> M3PO's selection diagnostics (m3po_core/selection_diagnostics.py)
     for i, cell in enumerate(cells, start=1):
-        out = clock(f"cell {i}/{len(cells)} {cell.cell_id}", run_cell, ex.cell_config(cfg, cell).to_dict(), root,
+        out = clock(f"cell {i}/{len(cells)} {cell.cell_id}", run_cell, ex.cell_config(cfg, cell), root,
                     run_id, cell.cell_id, gen["n_shards"], gen["model_ref"],
                     method="ipa" if cell.recipe == "ipa" else "m3po", wait_for=[scored])
         rows += ex.result_rows(cell, out["metrics"], out["pairs"])

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from m3po_core.config import check_ipa, config_from_dict, load_config
+from m3po_core.config import RunConfig, check_ipa, load_config, validate
 from m3po_core.store import RunStore
 from m3po.flows import stage_flows
 from m3po.flows.machinery.epilogue import StageClock, report, start_run
@@ -22,7 +22,7 @@ from m3po.tasks import ipa_tasks, stage_tasks
 
 
 @flow(name="ipa-rounds", flow_run_name="ipa-rounds-{run_id}")
-def ipa_rounds(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
+def ipa_rounds(config: RunConfig, root: str, run_id: str) -> dict[str, Any]:
     """Prompts and base model, then IPA's rounds; ends with pairs.parquet."""
     cfg, store = stage_flows.open_run(config, root, run_id)
     n_shards = stage_tasks.prepare_prompts(cfg, store)
@@ -52,16 +52,15 @@ def collect_pairs(cfg, store: RunStore, n_shards: int, model_ref: str) -> dict[s
 
 
 @flow(name="ipa-pipeline", flow_run_name="ipa-{run_id}")
-def ipa_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs", run_id: str = "demo-ipa",
+def ipa_pipeline(config: RunConfig | None = None, root: str = "./m3po-runs", run_id: str = "demo-ipa",
                  config_file: str | None = None) -> dict[str, Any]:
     """IPA end to end; `config` or `config_file` as for the M3PO pipeline."""
-    cfg = config_from_dict(config) if config is not None else load_config(config_file)
-    config = cfg.to_dict()
+    cfg = validate(config) if config is not None else load_config(config_file)
     store = RunStore(root, run_id)
     start_run(cfg, store, "ipa", "method:ipa")
     clock = StageClock()
 
-    rounds = clock("ipa rounds", ipa_rounds, config, root, run_id)
+    rounds = clock("ipa rounds", ipa_rounds, cfg, root, run_id)
     trained = clock("train", stage_tasks.train, cfg, store, rounds["model_ref"], wait_for=[rounds])
     metrics = clock("evaluate", stage_tasks.evaluate, cfg, store, rounds["model_ref"], wait_for=[trained])
 

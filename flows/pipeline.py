@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow
 
-from m3po_core.config import config_from_dict, load_config
+from m3po_core.config import RunConfig, load_config, validate
 from m3po_core.store import RunStore
 from m3po.flows import stage_flows
 from m3po.tasks import stage_tasks as st
@@ -23,18 +23,18 @@ from m3po_core.run_summary import model_quality, run_info
 
 
 @flow(name="m3po-pipeline", flow_run_name="m3po-{run_id}")
-def m3po_pipeline(config: dict[str, Any] | None = None, root: str = "./m3po-runs", run_id: str = "demo",
+def m3po_pipeline(config: RunConfig | None = None, root: str = "./m3po-runs", run_id: str = "demo",
                   config_file: str | None = None) -> dict[str, Any]:
-    """`config` (a full run configuration) or `config_file` (a YAML path on the worker; default
-    configs/demo.yaml): deployments and schedules pass a file, `m3po run` the loaded config."""
-    cfg = config_from_dict(config) if config is not None else load_config(config_file)
-    config = cfg.to_dict()
+    """`config` (the run configuration, parsed once: `m3po run` passes the one it loaded) or
+    `config_file` (a YAML path on the worker; default configs/demo.yaml): deployments and schedules
+    pass a file. Every stage gets this one object."""
+    cfg = validate(config) if config is not None else load_config(config_file)
     store = RunStore(root, run_id)
     start_run(cfg, store, "m3po", f"strategy:{cfg.selection.strategy}")
     clock = StageClock()
 
-    gen = clock("generate", stage_flows.generate, config, root, run_id)
-    scored = clock("score", stage_flows.score, config, root, run_id, gen["n_shards"], wait_for=[gen])
+    gen = clock("generate", stage_flows.generate, cfg, root, run_id)
+    scored = clock("score", stage_flows.score, cfg, root, run_id, gen["n_shards"], wait_for=[gen])
     pairs = clock("select", st.select_pairs, cfg, store, gen["n_shards"], wait_for=[scored])
     trained = clock("train", st.train, cfg, store, gen["model_ref"], wait_for=[pairs])
     metrics = clock("evaluate", st.evaluate, cfg, store, gen["model_ref"], wait_for=[trained])

@@ -1,5 +1,7 @@
-"""The stage flows. Each takes the run configuration as a plain dict, the store root and the run id,
-so it can run alone, as a subflow of the pipeline, or as a deployment.
+"""The stage flows. Each takes the run configuration (a RunConfig: the pipeline passes its own object;
+a deployment's or the UI's JSON mapping is parsed into one by Prefect's parameter validation, pydantic
+over the same dataclasses), the store root and the run id, so it can run alone, as a subflow of the
+pipeline, or as a deployment.
 
     generate:  prepare prompts -> base model -> sample shard 0..S-1 (fan-out; sampling.adaptive: CLIP
                encoder, then each shard sampled and scored in rounds)
@@ -19,15 +21,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from m3po_core import progress as terminal
-from m3po_core.config import RunConfig, config_from_dict
+from m3po_core.config import RunConfig, validate
 from m3po_core.store import RunStore
 from m3po.flows.machinery.fan_out import fan_out
 from m3po.tasks import stage_tasks as st
 
 
-def open_run(config: dict[str, Any], root: str, run_id: str) -> tuple[RunConfig, RunStore]:
-    """The typed configuration and the store of a flow's plain parameters."""
-    return config_from_dict(config), RunStore(root, run_id)
+def open_run(cfg: RunConfig, root: str, run_id: str) -> tuple[RunConfig, RunStore]:
+    """The configuration, checked across sections (cheap; a mapping from a deployment was typed by
+    Prefect, not by `load_config`), and the run's store."""
+    return validate(cfg), RunStore(root, run_id)
 
 
 def judge_pilot(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: str, stage: str) -> None:
@@ -47,7 +50,7 @@ def judge_pilot(task_fn, cfg: RunConfig, store: RunStore, n_shards: int, ref: st
 
 
 @flow(name="m3po-generate", flow_run_name="generate-{run_id}")
-def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
+def generate(config: RunConfig, root: str, run_id: str) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
     prompts = st.prepare_prompts.submit(cfg, store)  # a future, so the shards can wait for it by name
     n_shards = prompts.result()
@@ -61,7 +64,7 @@ def generate(config: dict[str, Any], root: str, run_id: str) -> dict[str, Any]:
 
 
 @flow(name="m3po-score", flow_run_name="score-{run_id}")
-def score(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
+def score(config: RunConfig, root: str, run_id: str, n_shards: int) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
     clip_ref = st.ensure_clip(cfg, store)
     judge_pilot(st.score_shard, cfg, store, n_shards, clip_ref, "scores")
@@ -70,18 +73,18 @@ def score(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict
 
 
 @flow(name="m3po-select", flow_run_name="select-{run_id}")
-def select(config: dict[str, Any], root: str, run_id: str, n_shards: int) -> dict[str, Any]:
+def select(config: RunConfig, root: str, run_id: str, n_shards: int) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
     return st.select_pairs(cfg, store, n_shards)
 
 
 @flow(name="m3po-train", flow_run_name="train-{run_id}")
-def train(config: dict[str, Any], root: str, run_id: str, model_ref: str) -> dict[str, Any]:
+def train(config: RunConfig, root: str, run_id: str, model_ref: str) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
     return st.train(cfg, store, model_ref)
 
 
 @flow(name="m3po-evaluate", flow_run_name="evaluate-{run_id}")
-def evaluate(config: dict[str, Any], root: str, run_id: str, model_ref: str) -> dict[str, Any]:
+def evaluate(config: RunConfig, root: str, run_id: str, model_ref: str) -> dict[str, Any]:
     cfg, store = open_run(config, root, run_id)
     return st.evaluate(cfg, store, model_ref)

@@ -40,7 +40,7 @@ ALPHA_ZERO_STRATEGIES = ("mas_gap", "rm_best_worst")  # the confidence term play
 
 def effective_alpha(strategy: str, alpha: float) -> float:
     """The alpha a strategy selects with: the configured one, or 0 where the strategy ignores log P
-    (so neither alpha nor delta changes its pairs, and neither is part of its cache key)."""
+    (so neither alpha nor delta changes its pairs)."""
     return 0.0 if strategy in ALPHA_ZERO_STRATEGIES else alpha
 
 

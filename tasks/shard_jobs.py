@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from m3po_core.config import config_from_dict
+from m3po_core.config import RunConfig, config_from_dict
 from m3po_core.stages.runner import ShardResult, shard_lease
 from m3po_core.store import RunStore
 from m3po.flows.machinery.gpu_slot import RunSlot
 
 
-def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str, run_id: str,
-                  shard: int, ref: str, slot: RunSlot | None = None) -> dict[str, Any]:
+def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: RunConfig | dict[str, Any], root: str,
+                  run_id: str, shard: int, ref: str, slot: RunSlot | None = None) -> dict[str, Any]:
     """Compute one shard under its lease. `slot`: the run's GPU slot (flows/machinery/gpu_slot.py), taken
     inside the lease, so the wait for a slot does not read as a dead worker; None (task workers):
     none, the worker's own `--limit` is its GPUs."""
-    cfg = config_from_dict(config)
+    cfg = config if isinstance(config, RunConfig) else config_from_dict(config)  # a task worker's job: a dict
     store = RunStore(root, run_id)
     with shard_lease(store, stage, shard, cfg.execution.lease_seconds):
         if slot is not None:
@@ -28,7 +28,7 @@ def run_shard_job(stage_fn: Callable[..., ShardResult], stage: str, config: dict
         return dataclasses.asdict(stage_fn(cfg, store, shard, ref))
 
 
-def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: dict[str, Any], root: str,
+def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: RunConfig | dict[str, Any], root: str,
                     run_id: str, shards: list[int], ref: str) -> dict[str, Any]:
     """A deployment's flow run: its shards (`execution.shards_per_run`) one after the other in this
     process, so its models load once (`m3po_core.components` keeps them), on one slot of the global
@@ -37,7 +37,8 @@ def run_shard_group(stage_fn: Callable[..., ShardResult], stage: str, config: di
     fails naming the failed shards."""
     from m3po_core.errors import M3POError
 
-    with RunSlot(config_from_dict(config).execution.gpu_concurrency_limit) as slot:
+    config = config if isinstance(config, RunConfig) else config_from_dict(config)  # once for the group
+    with RunSlot(config.execution.gpu_concurrency_limit) as slot:
         if len(shards) == 1:  # a run of one shard fails with the shard's own error
             return {"shards": {shards[0]: run_shard_job(stage_fn, stage, config, root, run_id, shards[0], ref, slot)}}
         done, failed = {}, {}

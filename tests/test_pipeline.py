@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from m3po_core.stages import base_models, evaluate as evaluate_step, prompts, sample, select, train as train_step
+from m3po_core.stages import score as score_step
 from m3po_core.config import load_config
 from m3po_core.errors import M3POError
 from m3po_core.selection import m3p_score
@@ -24,13 +25,38 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("store"))
 
 
+SEEN_CONFIGS: dict[str, list] = {}  # step -> the configuration objects it was called with in finished_run
+
+
 @pytest.fixture(scope="module")
 def finished_run(root):
+    """The tiny run, each step's plain function watched for the configuration object it gets."""
     from m3po.flows.pipeline import m3po_pipeline
 
     cfg = load_config(TINY)
-    result = m3po_pipeline(config=cfg.to_dict(), root=root, run_id="t1")
+    steps = [(prompts, "prepare_prompts"), (base_models, "ensure_base_model"), (base_models, "ensure_clip"),
+             (sample, "sample_shard"), (score_step, "score_shard"), (select, "select"), (train_step, "train"),
+             (evaluate_step, "evaluate")]
+    with pytest.MonkeyPatch.context() as mp:
+        for module, name in steps:
+            def watched(step_cfg, *args, _fn=getattr(module, name), _name=name, **kwargs):
+                SEEN_CONFIGS.setdefault(_name, []).append(step_cfg)
+                return _fn(step_cfg, *args, **kwargs)
+            mp.setattr(module, name, watched)
+        result = m3po_pipeline(config=cfg, root=root, run_id="t1")
     return cfg, RunStore(root, "t1"), result
+
+
+def test_the_configuration_is_parsed_once_and_every_step_gets_that_object(finished_run):
+    """`m3po run` parses the YAML once and hands the pipeline that RunConfig; the subflows and tasks
+    pass it on, so every step of every shard is called with the very same object (a step that got
+    a copy, a re-parse or a dict would show here)."""
+    cfg = finished_run[0]
+    assert set(SEEN_CONFIGS) == {"prepare_prompts", "ensure_base_model", "ensure_clip", "sample_shard",
+                                 "score_shard", "select", "train", "evaluate"}
+    n_shards = finished_run[2]["info"]["n_prompts"] and len(finished_run[1].manifest("candidates"))
+    assert len(SEEN_CONFIGS["sample_shard"]) == len(SEEN_CONFIGS["score_shard"]) == n_shards > 1
+    assert all(seen is cfg for calls in SEEN_CONFIGS.values() for seen in calls)
 
 
 def test_run_writes_every_table_and_the_report(finished_run):

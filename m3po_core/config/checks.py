@@ -30,7 +30,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"got {cfg.sampling.temperature}, {cfg.sampling.top_p}")
     check_adaptive(cfg)
     if cfg.selection.alpha < 0 or cfg.selection.delta < 0:
-        raise ConfigError(f"configuration keys 'selection.alpha' and 'selection.delta' must be >= 0")
+        raise ConfigError("configuration keys 'selection.alpha' and 'selection.delta' must be >= 0")
     if cfg.scoring.judge != "reference" and not cfg.scoring.judge.startswith("openai:"):
         raise ConfigError(f"configuration key 'scoring.judge': {cfg.scoring.judge!r} is neither 'reference' "
                           "nor 'openai:<model>'")

@@ -17,12 +17,15 @@ from typing import Any, Literal
 
 import yaml
 
+from m3po_core.config.invalidation import FIELD_STAGES
 from m3po_core.config.sections import RunConfig
 from m3po_core.errors import ConfigError
 
 WIDTH = 100
 PREFACE = ("Defaults are the section dataclasses' (the paper's where it gives one); configs/demo.yaml, the run "
-           "configuration `m3po run` reads unless --config names another, departs from several.")
+           "configuration `m3po run` reads unless --config names another, departs from several. \"Cache key of\" "
+           "names the stages whose cached output a key's value decides (m3po_core/config/invalidation.py): "
+           "changing it recomputes those stages, and the stages after them follow from their inputs.")
 _WRAP = {"break_on_hyphens": False, "break_long_words": False}  # keep LLaVA-Instruct-150K, URLs and paths whole
 
 
@@ -110,6 +113,9 @@ def _block(name: str, cls: type) -> list[str]:
         lines.append(f"{key} ({kind}; default: {_default(f)})")
         lines += textwrap.wrap(f.metadata.get("help", ""), WIDTH, initial_indent="    ", subsequent_indent="    ",
                                **_WRAP)
+        if key in FIELD_STAGES:  # the items of a list of sections are part of their list's field
+            stages = ", ".join(FIELD_STAGES[key]) or "none (how fast or where, not what)"
+            lines.append(f"    Cache key of: {stages}.")
         lines.append("")
     return lines
 

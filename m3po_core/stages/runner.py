@@ -1,8 +1,8 @@
 """What invalidates a cache, and how a shard is run against it: the one place that decides both.
 
 A stage's output is cached under a key built from what decides its content: the stage's code
-version (`CODE_VERSION`), the part of the configuration that the stage reads (`stage_config`) and
-the content hashes of its inputs (`stage_key`). A shard complete in the manifest under its key is
+version (`CODE_VERSION`), the configuration fields that declare the stage (`stage_config`, from
+m3po_core/config/invalidation.py) and the content hashes of its inputs (`stage_key`). A shard complete in the manifest under its key is
 skipped (`run_shard`), so a re-run computes only what changed or failed, whichever worker or flow
 run computed the rest. Limit: inputs are hashed as the caller names them; a caller that hashes a
 reference instead of the referenced bytes gets a key that does not see those bytes change.
@@ -24,8 +24,8 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from m3po_core.config import RunConfig
+from m3po_core.config.invalidation import fields_of
 from m3po_core.errors import Interrupted
-from m3po_core.selection import ALPHA_ZERO_STRATEGIES
 from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, retry_unrated
 
 log = logging.getLogger("m3po.runner")
@@ -64,98 +64,19 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
-    """A section minus settings that change how fast, not what (concurrency, batch sizes, key names)."""
-    return {k: v for k, v in section.items() if k not in keys}
-
-
-def _unset(section: dict[str, Any], *keys: str) -> list[str]:
-    """The settings of `keys` left at 0: added since older cache keys, so absent from the key at 0."""
-    return [k for k in keys if not section.get(k)]
-
-
-def _selection_key(sel: dict[str, Any]) -> dict[str, Any]:
-    """Only the selection settings the strategy reads."""
-    if sel["strategy"] in ALPHA_ZERO_STRATEGIES:
-        return _without(sel, "alpha", "delta", "seed")  # alpha = 0 (so delta plays no part); no randomness
-    if sel["strategy"] == "m3po":
-        return _without(sel, "seed")
-    return sel
-
-
-def _cosine_mappings(cfg: RunConfig) -> dict[str, Any]:
-    """The encoders' resolved `scoring.clip_mapping`s for the scores key: absent when every one is
-    affine, the only mapping before the setting existed, so scores cached then stay valid."""
-    names = [cfg.scoring.clip.name, *(e.name for e in cfg.scoring.extra_encoders)]
-    mappings = [cfg.scoring.cosine_mapping(n) for n in names]
-    return {} if set(mappings) == {"affine"} else {"clip_mapping": mappings}
-
-
-def _training_key(t: dict[str, Any]) -> dict[str, Any]:
-    """The training section minus gradient checkpointing and the per-pair memory figure (they change
-    memory and time, not what is learnt), and the per-device batch when unset or auto (unset:
-    batch_size / num_processes, one accumulation step: training as before the setting existed, so
-    adapters trained then stay valid; auto: decided by the device)."""
-    drop = ["gradient_checkpointing", "pair_memory_gib"] + (
-        ["per_device_batch_size"] if t.get("per_device_batch_size") in (None, "auto") else [])
-    return _without(t, *drop)
-
-
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """The part of the configuration that decides a stage's output: what goes into its cache key."""
-    d = cfg.to_dict()
-    world = d["data"]["world"]
-    sampling_key = _without(d["sampling"], "concurrency", "api_key_env", "tensor_parallel_size", "gpu_memory_utilization")
-    # settings added since the cache keys of older runs: absent at their old defaults, so those stay valid
-    adaptive_keys = ("seeding", "adaptive", "round_size", "settle_gap", "settle_rounds")
-    ipa_sampling = _without(sampling_key, "n", "contrastive_n", *adaptive_keys)  # IPA draws with batch seeds
-    if cfg.sampling.adaptive:
-        sampling_key = {**sampling_key, "seeding": "candidate"}
-    else:
-        sampling_key = _without(sampling_key, *adaptive_keys)
-        if cfg.sampling.per_candidate_seeds:
-            sampling_key["seeding"] = "candidate"
-    scoring_key = {**_without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_mapping",
-                              "judge_price_per_1k_input", "judge_price_per_1k_output", "max_judge_requests",
-                              "max_judge_cost"), **_cosine_mappings(cfg)}
-    world_key = _without(world, *_unset(world, "open_per_scene"))
-    clip_key = _without(d["scoring"]["clip"], "batch_size", *_unset(d["scoring"]["clip"], "hard_negatives"))
-    sections = {
-        "prompts": {"seed": d["seed"], "data": {**d["data"], "world": world_key}},
-        # models built here depend on the warm-start split only, not on the prompt/eval split sizes
-        "base_model": {"seed": d["seed"], "model": d["model"], "sft_scenes": world["n_sft_scenes"],
-                       "image_size": world["image_size"], "cooccurrence": world["cooccurrence"],
-                       "answer_bias": world["answer_bias"],
-                       # open kinds in the warm start: absent at 0, so bases built before the setting stay valid
-                       **({"open_per_scene": world["open_per_scene"]} if world["open_per_scene"] else {})},
-        # CLIP learns from the sft images and their true captions: the answer bias plays no part
-        "clip": {"seed": d["seed"], "clip": clip_key,
-                 "sft_scenes": world["n_sft_scenes"],
-                 "image_size": world["image_size"], "cooccurrence": world["cooccurrence"]},
-        "candidates": {"sampling": sampling_key, "dtype": d["model"]["dtype"]},
-        "scores": {"scoring": scoring_key, "clip": clip_key},
-        # one round of adaptive sampling: not its budget n nor the stopping rule (which prompts a round
-        # samples is part of its inputs), so a run with a larger n or another rule reuses the rounds it shares
-        "candidates_round": {"sampling": _without(sampling_key, "n", "adaptive", "settle_gap", "settle_rounds"),
-                             "dtype": d["model"]["dtype"]},
-        "scores_round": {"scoring": scoring_key, "clip": clip_key},
-        "pairs": {"selection": _selection_key(d["selection"])},
-        "ipa": {"ipa": _without(d["ipa"], "concurrency", "api_key_env"), "seed": d["seed"],
-                "sampling": ipa_sampling, "dtype": d["model"]["dtype"]},
-        "train": {"training": _training_key(d["training"]), "dtype": d["model"]["dtype"]},
-        # the adapter check only guards: it decides whether evaluation runs, not what it answers
-        "evaluate": {"evaluation": _without(d["evaluation"], "adapter_check_probes", "adapter_check_min_change"),
-                     "world": world_key, "seed": d["seed"],
-                     # which backend and served model answered (the evaluation backend defaults to the sampler's)
-                     "answerer": {"backend": d["evaluation"]["backend"] or d["sampling"]["backend"],
-                                  "served_model": d["sampling"]["served_model"]},
-                     # the preference test's ratings are the judge's
-                     "judge": _without(d["scoring"], "judge_concurrency", "judge_api_key_env", "clip", "clip_weight", "clip_mapping",
-                                       "judge_weight", "judge_price_per_1k_input", "judge_price_per_1k_output",
-                                       "max_judge_requests", "max_judge_cost")
-                     if {"preference", "ift"} & set(d["evaluation"]["benchmarks"]) else None},
-    }
-    return sections[stage]
+    """The part of the configuration that decides a stage's output, what goes into its cache key:
+    the value of every field that declares the stage (m3po_core/config/invalidation.py), by its
+    dotted name."""
+    tree = cfg.to_dict()
+
+    def value(dotted: str) -> Any:
+        node = tree
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    return {name: value(name) for name in fields_of(stage)}
 
 
 def stage_key(cfg: RunConfig, stage: str, *inputs: Any) -> str:
