@@ -1,6 +1,7 @@
 """What the terminal shows while a run works: one line per stage (shards done of total, rows,
-elapsed, an estimate of what is left), redrawn in place on a terminal and printed as plain lines
-otherwise. The full logs stay in Prefect's run logs and in the run's log file (flows/cli.py).
+elapsed, an estimate of what is left), redrawn in place on a terminal by rich's live progress and
+printed as plain lines otherwise (logs, CI). The estimate is its own, not rich's: shards found
+cached in the store finish at once and would make rich's rate promise too much. The full logs stay in Prefect's run logs and in the run's log file (flows/cli.py).
 
 Stages report through the module functions (`begin`, `shards`, `shard_done`, `steps`, `note`, `end`); they
 do nothing until a command `install`s a reporter, so library use and tests print nothing extra.
@@ -12,6 +13,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from rich.console import Console
+from rich.progress import Progress, ProgressColumn
+from rich.text import Text
 
 PLAIN_EVERY = 0.25  # without a terminal: a line at each quarter of a stage's shards
 
@@ -48,30 +53,39 @@ class _Stage:
         return "  ".join(parts)
 
 
+class _StageColumn(ProgressColumn):
+    """rich's column for the running stage: its own line (`_Stage.line`, the same as the plain
+    lines), redrawn at each of rich's refreshes."""
+
+    def render(self, task) -> Text:
+        return Text(task.fields["stage"].line(time.time()))
+
+
 class Reporter:
-    """Draws the current stage's line on `stream`: in place (`live`) or as plain lines."""
+    """Shows the current stage's line on `stream`: on a terminal (`live`) a rich live display, one
+    line per stage redrawn in place (rich refreshes it, prints notes above it and restores the
+    cursor at the end); otherwise plain lines, one at each quarter of a stage and its last."""
 
     def __init__(self, stream: TextIO, live: bool | None = None, refresh_seconds: float = 1.0):
         self.stream = stream
         self.live = stream.isatty() if live is None else live
         self.stage: _Stage | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        if self.live:  # elapsed time keeps moving between events
-            threading.Thread(target=self._tick, args=(refresh_seconds,), daemon=True).start()
-
-    def _tick(self, every: float) -> None:
-        while not self._stop.wait(every):
-            with self._lock:
-                if self.stage is not None:
-                    self._draw()
+        self._task = None
+        self._rich: Progress | None = None
+        if self.live:
+            self._rich = Progress(_StageColumn(), console=Console(file=stream, force_terminal=True),
+                                  refresh_per_second=1.0 / refresh_seconds)
+            self._rich.start()
 
     def _draw(self, final: bool = False) -> None:
-        text = self.stage.line(time.time())
-        if self.live:
-            self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + ("  done" if final else "") + "\n")
+        if self._rich is not None:
+            if final:  # the finished stage's line goes above the live display, which keeps the current one
+                self._rich.remove_task(self._task)
+                self._rich.console.print(self.stage.line(time.time()) + "  done", markup=False, highlight=False)
+            self._rich.refresh()
+            return
+        self.stream.write(self.stage.line(time.time()) + ("  done" if final else "") + "\n")
         self.stream.flush()
 
     def begin(self, name: str) -> None:
@@ -79,8 +93,8 @@ class Reporter:
             if self.stage is not None:  # a stage inside a stage (a sub-step): close the outer line first
                 self._draw(final=True)
             self.stage = _Stage(name)
-            if self.live:
-                self._draw()
+            if self._rich is not None:
+                self._task = self._rich.add_task(name, stage=self.stage)
 
     def shards(self, total: int, unit: str = "shards") -> None:
         with self._lock:
@@ -121,9 +135,10 @@ class Reporter:
     def note(self, text: str) -> None:
         """A line of its own above the stage's (a stage's projection or warning)."""
         with self._lock:
-            self.stream.write(("\r\x1b[K" if self.live else "") + text + "\n")
-            if self.live and self.stage is not None:
-                self._draw()
+            if self._rich is not None:
+                self._rich.console.print(text, markup=False, highlight=False)
+                return
+            self.stream.write(text + "\n")
             self.stream.flush()
 
     def end(self) -> None:
@@ -133,8 +148,9 @@ class Reporter:
                 self.stage = None
 
     def close(self) -> None:
-        self._stop.set()
         self.end()
+        if self._rich is not None:
+            self._rich.stop()
 
 
 _reporter: Reporter | None = None

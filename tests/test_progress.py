@@ -38,17 +38,32 @@ def test_cached_shards_do_not_feed_the_estimate():
     assert "3/4 shards" in out.getvalue() and "left" in out.getvalue()
 
 
-def test_a_terminal_gets_one_line_redrawn_in_place():
+def _screen(text: str) -> list[str]:
+    """What a terminal shows of `text`: on each line, what follows its last clear-line, other
+    control sequences dropped."""
+    import re
+
+    return [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line.rsplit("\r\x1b[2K", 1)[-1]).rstrip()
+            for line in text.split("\n")]
+
+
+def test_a_terminal_gets_each_stage_on_one_line_redrawn_in_place_with_notes_above():
     out = _Terminal()
-    reporter = progress.Reporter(out, refresh_seconds=60)
+    reporter = progress.Reporter(out, refresh_seconds=60)  # rich's live display
     reporter.begin("train")
     reporter.steps(1, 3)
+    reporter.note("judge projection: 10 requests")
     reporter.steps(3, 3)
+    reporter.end()
+    reporter.begin("evaluate")
     reporter.end()
     reporter.close()
     text = out.getvalue()
-    assert text.count("\n") == 1 and text.endswith("\n")  # one line, finished once
-    assert text.count("\r\x1b[K") >= 3 and "3/3 steps" in text.rsplit("\r", 1)[-1]
+    assert text.count("train") > 2  # redrawn: 0, 1/3, 3/3 steps
+    screen = [line for line in _screen(text) if line]
+    assert screen[0] == "judge projection: 10 requests"
+    assert screen[1].startswith("train") and "3/3 steps" in screen[1] and screen[1].endswith("done")
+    assert screen[2].startswith("evaluate") and screen[2].endswith("done") and len(screen) == 3
 
 
 def test_without_a_reporter_the_stages_print_nothing(capsys):
