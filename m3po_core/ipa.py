@@ -208,7 +208,7 @@ class OpenAIVerifier:
 
         import openai
 
-        from m3po_core.openai_http import (MalformedReply, describe_error, is_retryable, png_data_url,
+        from m3po_core.openai_http import (Budget, MalformedReply, describe_error, is_retryable, png_data_url,
                                            run_sync, with_retries)
 
         async def run() -> list[Verdict | None]:
@@ -221,11 +221,13 @@ class OpenAIVerifier:
                                                                       reference=item.reference,
                                                                       response=item.response)}]}]
 
-                    async def attempt() -> Verdict:
+                    async def attempt(budget: Budget) -> Verdict:
                         async with gate:
-                            reply = await client.chat.completions.create(model=self.model, messages=messages,
-                                                                         temperature=0.0, max_tokens=120)
-                        verdict = parse_verdict(reply.choices[0].message.content or "") if reply.choices else None
+                            raw = await budget.client(client).chat.completions.with_raw_response.create(
+                                model=self.model, messages=messages, temperature=0.0, max_tokens=120)
+                        budget.took(raw)
+                        choices = getattr(raw.parse(), "choices", None)  # none in a 200 that is not a completion
+                        verdict = parse_verdict(choices[0].message.content or "") if choices else None
                         if verdict is None:
                             raise MalformedReply("no four-condition verdict in the reply")
                         return verdict

@@ -1,10 +1,14 @@
 """HTTP to OpenAI-protocol servers, shared by the sampler, the judge and IPA's verifier.
 
-Every caller owns its retries through `with_retries` (the openai client runs with `max_retries=0`),
-so one budget covers transport and content failures and the attempt count is exact: 429, 5xx,
-408/409, timeouts, connection errors and unreadable answers are retried with exponential backoff
-and jitter, honouring a sane `retry-after-ms` / `retry-after` header. Errors are described in one
-line with the API key redacted: a key never reaches a log, a record or an exception message.
+Transport failures (429, 5xx, 408/409, timeouts, connection errors) are the openai client's to retry:
+it backs off exponentially with jitter (0.5 s doubling to 8 s) and honours `retry-after-ms` /
+`retry-after`. What it cannot do is kept here:
+- a reply that arrived but cannot be read (not JSON, no verdict, ratings missing) is retried too,
+  and from the same budget: `Budget` gives each request's client the retries left and takes back
+  those it used (`retries_taken`), so a request makes at most `max_retries + 1` attempts whatever
+  mix of failures it meets;
+- errors are described in one line with the API key redacted: a key never reaches a log, a record
+  or an exception message.
 Limit: retries are per request; there is no budget shared across requests (see the judge's own).
 """
 from __future__ import annotations
@@ -84,21 +88,40 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str,
+class Budget:
+    """The attempts one request has left, shared by the client's transport retries and the retries
+    of unreadable replies: `client()` is the openai client allowed the retries left, `took(raw)`
+    counts those it spent on a reply (openai's raw response says how many)."""
+
+    def __init__(self, max_retries: int):
+        self.left = max_retries
+
+    def client(self, client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
+        return client.with_options(max_retries=self.left)
+
+    def took(self, raw: Any) -> None:
+        self.left -= getattr(raw, "retries_taken", 0)
+
+
+async def with_retries(attempt: Callable[[Budget], Awaitable[T]], policy: RetryPolicy, what: str,
                        secret: str | None = None) -> T:
-    """Run ``attempt`` until it succeeds or ``policy.max_retries`` retries are spent; re-raise the last
-    error (non-retryable errors at once)."""
-    for retry_number in range(policy.max_retries + 1):
+    """Run ``attempt(budget)`` until it succeeds. A transport error reaches here after the client's
+    own retries (the budget left) and is re-raised; an unreadable reply (``MalformedReply`` or a
+    body that is not JSON) costs one retry of the budget, after a backoff."""
+    budget = Budget(policy.max_retries)
+    retry_number = 0
+    while True:
         try:
-            return await attempt()
-        except Exception as error:  # noqa: BLE001 (classified just below)
-            if not is_retryable(error) or retry_number == policy.max_retries:
+            return await attempt(budget)
+        except (MalformedReply, ValueError) as error:  # the reply arrived; what it said was unreadable
+            if budget.left <= 0:
                 raise
+            budget.left -= 1
             pause = policy.delay(retry_number, error)
-            log.warning("%s: attempt %d/%d failed (%s); retrying in %.2f s", what, retry_number + 1,
-                        policy.max_retries + 1, describe_error(error, secret), pause)
+            retry_number += 1
+            log.warning("%s: unreadable reply (%s); retrying in %.2f s, %d retries left", what,
+                        describe_error(error, secret), pause, budget.left)
             await asyncio.sleep(pause)
-    raise AssertionError("unreachable")
 
 
 def read_api_key(api_key_env: str, base_url: str | None) -> str:

@@ -13,12 +13,11 @@ pre-top-p) log-probabilities by default (its ``logprobs_mode``, "raw_logprobs"),
 M3P-Score's confidence term needs; other servers may report processed ones. ``n_tokens`` is the
 number of logprob entries, so it counts EOS exactly when the server reports it.
 
-Failures: 429, 5xx, 408/409, timeouts, connection errors and unreadable answers are retried with
-exponential backoff and jitter (a ``retry-after-ms`` / ``retry-after`` header is honoured), at most
-``max_retries`` times per prompt. This module owns every retry (the openai client runs with
-``max_retries=0``) so one budget covers transport and content failures and the attempt count is
-exact. A prompt that still fails raises ``SamplingError`` naming its index: a shard fails whole
-rather than storing partial candidates.
+Failures: 429, 5xx, 408/409, timeouts and connection errors are retried by the openai client
+(exponential backoff with jitter, ``retry-after-ms`` / ``retry-after`` honoured), unreadable answers
+by ``with_retries``, from one budget of ``max_retries`` retries per prompt (``openai_http.Budget``),
+so the attempt count is exact. A prompt that still fails raises ``SamplingError`` naming its index:
+a shard fails whole rather than storing partial candidates.
 
 Transport, retries and redaction: ``m3po_core.openai_http`` (shared with the judge and the verifier).
 """
@@ -32,7 +31,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import openai
 from PIL import Image
 
-from m3po_core.openai_http import (MalformedReply, RetryPolicy, describe_error, png_data_url, read_api_key, redact,
+from m3po_core.openai_http import (Budget, MalformedReply, RetryPolicy, describe_error, png_data_url, read_api_key, redact,
                                    run_sync, with_retries)
 from m3po_core.sampling import Candidate, SamplingParams, candidate_seed, request_seeds
 
@@ -174,10 +173,11 @@ class OpenAICompatibleSampler:
                     {"type": "image_url", "image_url": {"url": png_data_url(images[i])}},
                     {"type": "text", "text": instructions[i]}]}]
 
-                async def attempt() -> T:
+                async def attempt(budget: Budget) -> T:
                     async with gate:
-                        raw = await client.chat.completions.with_raw_response.create(
+                        raw = await budget.client(client).chat.completions.with_raw_response.create(
                             model=self.model, messages=messages, **request(i))
+                    budget.took(raw)
                     return read(i, read_completion(raw.text))
 
                 try:

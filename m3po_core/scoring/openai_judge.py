@@ -9,9 +9,9 @@ instruction adherence) as JSON; each maps to [0, 1] by (r - 1) / 9 and the three
   ``{"ratings": [{"id": 1, "relevance": .., "accuracy": .., "adherence": ..}, ...]}``.
 - The reply parser is tolerant (``parse_ratings``); a reply it cannot read, or one that leaves a
   candidate out, costs one attempt and the unrated candidates are asked again in a fresh request.
-  Transport failures (429, 5xx, timeouts, connection errors) cost one attempt too and are retried
-  with backoff (``RetryPolicy``, honouring Retry-After). After ``max_retries + 1`` attempts a
-  candidate's score is None: recorded as missing, never invented. Non-retryable HTTP errors (401,
+  Transport failures (429, 5xx, timeouts, connection errors) are retried by the openai client (its
+  backoff, honouring Retry-After) from the same budget (``openai_http.Budget``). After
+  ``max_retries + 1`` attempts a candidate's score is None: recorded as missing, never invented. Non-retryable HTTP errors (401,
   400, ...) raise ``JudgeError``: a wrong key or model name must stop the run, not empty it.
 - Cache: one JSON file per (model, rubric, image, instruction, response) under ``cache_dir``;
   only successful ratings are stored; a cached candidate never reaches the server.
@@ -37,6 +37,7 @@ from openai.types.chat import ChatCompletion
 
 from m3po_core.errors import InputError, M3POError
 from m3po_core.openai_http import (
+    Budget,
     MalformedReply,
     RetryPolicy,
     describe_error,
@@ -343,13 +344,15 @@ class OpenAIJudge:
 
     async def _rate_call(self, client: openai.AsyncOpenAI, gate: asyncio.Semaphore, call: list[_Candidate],
                          rated: dict[str, Ratings]) -> None:
-        """Rate one call's candidates; each attempt asks again only for those still unrated."""
+        """Rate one call's candidates; each attempt asks again only for those still unrated. Transport
+        failures are retried by the client, replies that leave candidates unrated here, from one
+        budget (`Budget`); a transport error that outlasts the client's retries spends it."""
         pending = list(call)
-        attempts = self.retry.max_retries + 1
-        for attempt in range(attempts):
+        budget, retry_number = Budget(self.retry.max_retries), 0
+        while True:
             try:
                 async with gate:
-                    reply = await self._request(client, pending)
+                    reply = await self._request(client, pending, budget)
                 found = parse_ratings(reply, len(pending))
                 for number, ratings in found.items():
                     candidate = pending[number - 1]
@@ -366,25 +369,35 @@ class OpenAIJudge:
                     raise JudgeError(f"{self.name}: prompt {call[0].prompt_id}: "
                                      f"{describe_error(caught, self._api_key)}") from None
                 problem, error = describe_error(caught, self._api_key), caught
-            if attempt + 1 < attempts:
-                pause = self.retry.delay(attempt, error)
-                log.warning("%s: prompt %s: attempt %d/%d: %s; retrying in %.2f s", self.name, call[0].prompt_id,
-                            attempt + 1, attempts, problem, pause)
-                await asyncio.sleep(pause)
-        log.warning("%s: prompt %s: %d response(s) left unrated after %d attempts", self.name,
-                    call[0].prompt_id, len(pending), attempts)
+                if not isinstance(caught, ValueError):  # transport: the client retried it with the budget left
+                    budget.left = 0
+            if budget.left <= 0:
+                break
+            budget.left -= 1
+            pause = self.retry.delay(retry_number, error)
+            retry_number += 1
+            log.warning("%s: prompt %s: %s; retrying in %.2f s (%d retries left)", self.name, call[0].prompt_id,
+                        problem, pause, budget.left)
+            await asyncio.sleep(pause)
+        log.warning("%s: prompt %s: %d response(s) left unrated after %d attempts (%s)", self.name,
+                    call[0].prompt_id, len(pending), self.retry.max_retries + 1, problem)
 
-    async def _request(self, client: openai.AsyncOpenAI, pending: list[_Candidate]) -> str:
+    async def _request(self, client: openai.AsyncOpenAI, pending: list[_Candidate], budget: Budget) -> str:
         first = pending[0]
-        self._counts["requests"] += 1
         try:
-            completion = await client.chat.completions.create(
+            raw = await budget.client(client).chat.completions.with_raw_response.create(
                 model=self.model, temperature=0.0, max_tokens=self.max_tokens_per_rating * len(pending) + 40,
                 messages=rubric_messages(first.image_url, first.instruction, [c.response for c in pending]),
             )
-        except Exception:
-            self._counts["failed_requests"] += 1
+        except Exception as error:  # every attempt the client made failed: one, or the budget's
+            sent = budget.left + 1 if is_retryable(error) else 1
+            self._counts["requests"] += sent
+            self._counts["failed_requests"] += sent
             raise
+        budget.took(raw)
+        self._counts["requests"] += 1 + raw.retries_taken
+        self._counts["failed_requests"] += raw.retries_taken
+        completion = raw.parse()
         if not isinstance(completion, ChatCompletion):  # a non-JSON 200 comes back as its text
             raise MalformedReply("the reply is not a chat completion")
         if completion.usage is not None:
