@@ -2,7 +2,7 @@
 
     python bench/confidence_passes.py [--prompts 8] [--n 32] [--max-new-tokens 24]
 
-Counts the policy's forward calls while the transformers sampler draws N candidates per prompt
+Counts the policy's forward passes (calls of its output head) while the transformers sampler draws N candidates per prompt
 (with their log-probabilities), and compares them with the decoding steps generation needs anyway
 (one prefill + one call per further new token, i.e. the longest candidate's length). Extra passes
 = forward calls - decoding steps; a scorer that re-ran the model over every candidate to get log P
@@ -30,7 +30,9 @@ def main() -> None:
     model, processor = build_tiny_llava(world.vocabulary())
     model.eval()
     calls = {"n": 0}
-    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    # every pass of the policy ends in its output head (the shared-prefix decoder runs the language
+    # model's layers itself, so a hook on the top module would see the prefill only)
+    model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     scenes = world.make_scenes(0, "eval", args.prompts)
     prompts = world.make_prompts(scenes, 0, per_scene=1)
     images = {s.scene_id: world.render(s) for s in scenes}
