@@ -1,7 +1,7 @@
 """Regenerate docs/measurements.md: run the quick benches and write what each printed.
 
     python bench/measurements.py            # about 10 minutes on two cores; run it alone (it times things)
-    python bench/measurements.py --only clip_scoring,judge_requests
+    python bench/measurements.py --only clip_scoring,judge_requests   # those two again, the others kept
 
 Each bench runs in a fresh process from the repository root, in the environment this script runs
 in; its printed figures go into the page verbatim, under its command, with the date, the machine
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -67,8 +68,10 @@ def main() -> int:
     unknown = only - {name for name, _, _ in BENCHES}
     if unknown:
         p.error(f"--only: no such bench here: {', '.join(sorted(unknown))}")
-    head = PAGE.read_text().split(MARKER)[0].rstrip() + "\n\n" + MARKER + "\n"
-    sections, failed = [], []
+    head, _, generated = PAGE.read_text().partition(MARKER)
+    kept = dict(re.findall(r"<!-- bench: (\w+) -->\n(.*?)(?=<!-- bench: |\Z)", generated, flags=re.S))
+    failed = []
+    stamp = time.strftime("%Y-%m-%d", time.gmtime())
     for name, bench_args, what in BENCHES:
         if only and name not in only:
             continue
@@ -77,12 +80,12 @@ def main() -> int:
         if not ok:
             failed.append(name)
         command = " ".join(["python", f"bench/{name}.py", *bench_args])
-        sections.append(f"### {what}\n\n`{command}`" + ("" if ok else " **failed**") +
-                        f" ({seconds:.0f} s):\n\n```\n{out}\n```\n")
-    stamp = time.strftime("%Y-%m-%d", time.gmtime())
-    body = (f"\n## Measured {stamp}\n\nOn {machine()}. Figures are as printed; a target stated beside a "
-            "figure is the issue's, never asserted.\n\n" + "\n".join(sections))
-    PAGE.write_text(head + body)
+        kept[name] = (f"### {what}\n\n`{command}`" + ("" if ok else " **failed**") +
+                      f" ({seconds:.0f} s; {stamp}; {machine()}):\n\n```\n{out}\n```\n\n")
+    body = ("\n## Measured\n\nFigures are as printed, each under the command, date and machine that gave them; "
+            "a target stated beside a figure is the issue's, never asserted.\n\n" +
+            "".join(f"<!-- bench: {name} -->\n{kept[name].rstrip()}\n\n" for name, _, _ in BENCHES if name in kept))
+    PAGE.write_text(head.rstrip() + "\n\n" + MARKER + "\n" + body.rstrip() + "\n")
     print(f"wrote {PAGE.relative_to(REPO)}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

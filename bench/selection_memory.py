@@ -36,7 +36,8 @@ def write_run(root: str, prompts: int, n: int, tokens: int, shard_size: int) -> 
         store.publish_shard("prompts", s, pa.table({
             "prompt_id": ids, "image": [f"/data/coco/{p}.jpg" for p in ids], "instruction": ["Describe it."] * len(ids),
             "reference": [None] * len(ids), "kind": ["open"] * len(ids), "source": ["bench"] * len(ids),
-            "scene": [None] * len(ids)}), schema.PROMPTS, key="bench")
+            "scene": [None] * len(ids), "image_sha256": [f"{i:064x}" for i in range(len(ids))]}),
+            schema.PROMPTS, key="bench")
         rows = len(ids) * n
         lengths = rng.integers(tokens // 2, tokens * 3 // 2, rows)
         token_ids = [rng.integers(3, 32000, k).tolist() for k in lengths]
