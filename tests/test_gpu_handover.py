@@ -231,9 +231,9 @@ def test_a_batch_that_does_not_divide_is_refused_by_key(tmp_path, overrides, key
         dpo_config(t, str(tmp_path), max_length=None, on_gpu=False)
 
 
-def test_the_train_key_ignores_checkpointing_and_an_unset_per_device_batch():
+def test_the_train_key_ignores_checkpointing_but_not_the_per_device_batch():
     base = load_config(TINY)
     key = stage_config(base, "train")
-    assert "gradient_checkpointing" not in key["training"] and "per_device_batch_size" not in key["training"]
+    assert "training.gradient_checkpointing" not in key and "training.per_device_batch_size" in key
     assert stage_config(load_config(TINY, ["training.gradient_checkpointing=true"]), "train") == key
     assert stage_config(load_config(TINY, ["training.per_device_batch_size=2"]), "train") != key

@@ -34,9 +34,12 @@ def test_clipscore_is_two_and_a_half_times_the_positive_cosine_clipped_to_one():
 def test_auto_resolves_by_encoder(overrides, mapping):
     cfg = load_config(TINY, overrides)
     assert cfg.scoring.cosine_mapping(cfg.scoring.clip.name) == mapping
-    key = stage_config(cfg, "scores")["scoring"]
-    # affine, the one mapping before the setting, leaves the scores' cache key as it was
-    assert key.get("clip_mapping") == (None if mapping == "affine" else [mapping])
+    key = stage_config(cfg, "scores")
+    # the scores' key holds the setting and the encoder it resolves by (name and weights)
+    assert key["scoring.clip_mapping"] == cfg.scoring.clip_mapping
+    assert key["scoring.clip.name"] == cfg.scoring.clip.name and "scoring.clip.pretrained" in key
+    other = "clipscore" if mapping == "affine" else "affine"
+    assert stage_config(load_config(TINY, [*overrides, f"scoring.clip_mapping={other}"]), "scores") != key
 
 
 def test_an_unknown_mapping_is_refused_by_key():
