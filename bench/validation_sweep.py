@@ -19,7 +19,7 @@ import tempfile
 import yaml
 
 from m3po_core import models
-from m3po_core.config import config_from_dict, load_config
+from m3po_core.config import ConfigError, config_from_dict, load_config
 from m3po_core.data.images import load_image
 from m3po_core.data import synthetic as world
 from m3po_core.data.synthetic_benchmarks import chair_prompts, mme_questions, pope_questions
@@ -81,8 +81,11 @@ def main():
         if bad:
             ap.error(f"--selection: {bad[0]!r} is not KEY=VALUE (a selection.* key, e.g. logp=logp_sum)")
         chosen = dict(item.split("=", 1) for item in args.selection.split(","))
-        cfg = config_from_dict({**cfg.to_dict(), "selection": {**dataclasses.asdict(cfg.selection),
-                                                                **{k: yaml.safe_load(v) for k, v in chosen.items()}}})
+        try:
+            cfg = config_from_dict({**cfg.to_dict(), "selection": {**dataclasses.asdict(cfg.selection),
+                                                                    **{k: yaml.safe_load(v) for k, v in chosen.items()}}})
+        except ConfigError as e:  # names the key: unknown, or a value its type refuses
+            ap.error(f"--selection: {e}")
         cell = CellStore(store, "val-" + "-".join(f"{k}-{v}" for k, v in chosen.items()))
         stats = select(cfg, cell, len(store.manifest("candidates")))
         print(f"selection {args.selection}: {stats['pairs']} pairs; rejected differs from alpha = 0's in "

@@ -28,7 +28,7 @@ import math
 from typing import Any, Callable, Iterable
 
 from m3po_core.config import RunConfig, config_from_dict
-from m3po_core.evaluation.paired import LOWER_IS_BETTER as LOWER_KEYS
+from m3po_core.evaluation.paired import LOWER_IS_BETTER as LOWER_KEYS, side
 
 RECIPES: dict[str, dict[str, Any] | None] = {
     "base": None,
@@ -214,9 +214,8 @@ def interval_verdicts(paired: list[dict[str, Any]]) -> list[str]:
             if not found:
                 continue
             d = _digits(metric)
-            above, below = sum(r["low"] > 0 for r in found), sum(r["high"] < 0 for r in found)
-            if metric in LOWER_IS_BETTER:  # a difference below zero is M3PO's gain
-                above, below = below, above
+            sides = [side(r, metric in LOWER_IS_BETTER) for r in found]  # CHAIR: below zero is M3PO's gain
+            above, below = sides.count(1), sides.count(-1)
             word = "beats" if above == len(found) else "loses to" if below == len(found) else "does not clearly beat"
             mean, sd = mean_sd([r["delta"] for r in found])
             spans = ", ".join(f"[{r['low']:+.{d}f}, {r['high']:+.{d}f}]" for r in found)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from m3po_core.config import RunConfig
-from m3po_core.evaluation.paired import LOWER_IS_BETTER
+from m3po_core.evaluation.paired import LOWER_IS_BETTER, side
 from m3po_core.selection_diagnostics import describe as describe_pools
 from m3po_core.scoring.budget import spend_line
 from m3po_core.stages.evaluate import trained_under_its_name
@@ -124,10 +124,7 @@ def verdict(row: dict[str, Any]) -> str:
     ci = row.get("interval")
     if ci is None:
         return ("higher" if row["delta"] > 0 else "not higher") + " (no interval)"
-    above, below = ci["low"] > 0, ci["high"] < 0
-    if row.get("lower_is_better"):
-        above, below = below, above
-    word = "better" if above else "worse" if below else "no clear difference"
+    word = {1: "better", -1: "worse", 0: "no clear difference"}[side(ci, bool(row.get("lower_is_better")))]
     return f"{word} (95 % interval {_signed(ci['low'])} to {_signed(ci['high'])})"
 
 

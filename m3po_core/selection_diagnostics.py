@@ -47,11 +47,14 @@ class PoolDiagnostics:
         "answers", "ratings", "mas_values", "differs_alpha0", "differs_random", "confidently_wrong",
         "mas_m3po", "mas_alpha0", "mas_random", "logp_m3po", "logp_alpha0", "logp_random")})
 
-    def add(self, table: pa.Table, logp_column: str = "logp") -> None:
-        """One shard's candidates with their scores (selection's input; `text` and `judge` if present)."""
+    def add(self, table: pa.Table, logp_column: str = "logp", m3po_pairs: pa.Table | None = None) -> None:
+        """One shard's candidates with their scores (selection's input; `text` and `judge` if present).
+        `m3po_pairs`: M3PO's pairs of this table at these settings, where the caller selected them
+        already (the select stage), so they are not selected twice."""
         picked, winner = {}, {}
         for name, strategy in (("m3po", "m3po"), ("alpha0", "mas_gap"), ("random", "random")):
-            pairs, _ = select_pairs(table, self.alpha, self.delta, strategy, logp_column, self.seed)
+            pairs = m3po_pairs if name == "m3po" and m3po_pairs is not None else \
+                select_pairs(table, self.alpha, self.delta, strategy, logp_column, self.seed)[0]
             cols = [pairs.column(c).to_pylist() for c in ("prompt_id", "rejected_idx", "mas_rejected", "logp_rejected",
                                                           "mas_chosen", "logp_chosen")]
             picked[name] = {p: (r, m, lp) for p, r, m, lp, _, _ in zip(*cols)}

@@ -171,8 +171,15 @@ def group_intervals(bench: str, base: Sequence[Sequence[Answers]], other: Sequen
     return out
 
 
+def side(interval: Mapping[str, float], lower_is_better: bool = False) -> int:
+    """+1 where a difference's interval says the first model is better (it lies above zero; below,
+    where lower is better), -1 where it says worse, 0 where it holds zero."""
+    above, below = interval["low"] > 0, interval["high"] < 0
+    if lower_is_better:
+        above, below = below, above
+    return 1 if above else -1 if below else 0
+
+
 def better(interval: Mapping[str, float] | None, metric: str = "") -> bool:
     """The trained model is better: its interval lies above zero (below, for a metric where lower is better)."""
-    if interval is None:
-        return False
-    return interval["high"] < 0 if metric in LOWER_IS_BETTER else interval["low"] > 0
+    return interval is not None and side(interval, metric in LOWER_IS_BETTER) == 1

@@ -54,7 +54,6 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
     A prompt's pair depends on its own candidates only, so shards are selected one at a time: at
     the paper's scale (150K prompts x 32 candidates) the texts and token ids of every candidate
     would not fit in memory at once, and only the chosen and rejected ones are ever needed."""
-    
     sel = cfg.selection
     inputs = [store.shard_entry(st, i)["sha256"] for st in ("candidates", "scores") for i in range(n_shards)]
     key = stage_key(cfg, "pairs", inputs)
@@ -67,7 +66,7 @@ def select(cfg: RunConfig, store: RunStore, n_shards: int) -> dict[str, Any]:
         scored = table.append_column("logp", table.column(sel.logp))
         chosen, shard_stats = select_pairs(scored, alpha=sel.alpha, delta=sel.delta, strategy=sel.strategy,
                                            seed=sel.seed)
-        diagnostics.add(scored)
+        diagnostics.add(scored, m3po_pairs=chosen if sel.strategy == "m3po" else None)
         stats += shard_stats
         if chosen.num_rows:
             parts.append(_pairs_with_texts(store, shard, chosen, table))
