@@ -16,10 +16,9 @@ import argparse
 import dataclasses
 import tempfile
 
-import yaml
 
 from m3po_core import models
-from m3po_core.config import ConfigError, config_from_dict, load_config
+from m3po_core.config import ConfigError, config_from_dict, load_config, parse_override
 from m3po_core.data.images import load_image
 from m3po_core.data import synthetic as world
 from m3po_core.data.synthetic_benchmarks import chair_prompts, mme_questions, pope_questions
@@ -83,7 +82,7 @@ def main():
         chosen = dict(item.split("=", 1) for item in args.selection.split(","))
         try:
             cfg = config_from_dict({**cfg.to_dict(), "selection": {**dataclasses.asdict(cfg.selection),
-                                                                    **{k: yaml.safe_load(v) for k, v in chosen.items()}}})
+                                                                    **{k: parse_override(f"{k}={v}")[1] for k, v in chosen.items()}}})
         except ConfigError as e:  # names the key: unknown, or a value its type refuses
             ap.error(f"--selection: {e}")
         cell = CellStore(store, "val-" + "-".join(f"{k}-{v}" for k, v in chosen.items()))
@@ -102,8 +101,8 @@ def main():
     for spec in args.tries:
         overrides = {}
         for item in spec.split(",") if "[" not in spec else _split(spec):
-            k, v = item.split("=", 1)
-            overrides[k] = yaml.safe_load(v)
+            k, v = parse_override(item)
+            overrides[k] = v
         tcfg = config_from_dict({**cfg.to_dict(), "training": {**dataclasses.asdict(cfg.training), **overrides}})
         model, processor = models.load_vlm(model_ref)
         with tempfile.TemporaryDirectory() as d:

@@ -28,6 +28,9 @@ def test_overrides_are_typed_from_yaml():
     ("sampling.n=many", "sampling.n"),
     ("selection.strategy=best", "selection.strategy"),
     ("data.world.image_size=1.5", "data.world.image_size"),
+    ("sampling.n=true", "sampling.n"),       # strict: a boolean is not a count ...
+    ("sampling.n='4'", "sampling.n"),        # ... nor a string of digits
+    ("sampling.temperature=warm", "sampling.temperature"),
 ])
 def test_bad_keys_and_types_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -1,14 +1,16 @@
 """Typed loading of the run configuration: YAML files and dicts, `dotted.key=value` overrides.
 
 pydantic validates the dataclasses of sections.py as they are: each value against its field's type
-(its lax mode: `"5e-5"` and `3` are floats, `"4"` is an integer, `1.5` is not; a `Literal`'s
-choices; lists; nested sections) and every unknown key is refused; the first error is reported
-naming the key. Then `validate` (checks.py) checks ranges and rules across sections.
+in strict mode (an integer may stand for a float, nothing else is converted; a `Literal`'s choices;
+lists; nested sections) and every unknown key is refused; the first error is reported naming the
+key. YAML is read with `5e-5` as a float (YAML 1.2's rule; PyYAML's 1.1 rule reads it as a string). Then `validate` (checks.py) checks ranges and rules across sections.
 Limit: types only here; value ranges and rules across sections are checks.py's.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -84,18 +86,27 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading `5e-5` as a float, as YAML 1.2 does (YAML 1.1, PyYAML's rule,
+    wants a dot in a float: `5.0e-5`, and reads `5e-5` as a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` with the value read as YAML, so `3`, `0.5`, `true`, `[x, y]` get their types."""
+    """`a.b=value` with the value read as YAML, so `3`, `0.5`, `5e-5`, `true`, `[x, y]` get their types."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     path = Path(path) if path else DEFAULT_CONFIG
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except yaml.YAMLError as e:
@@ -112,9 +123,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     """The configuration `tree` (a YAML file's mapping, a run's config.json) as a RunConfig, each
-    value validated against its field's type by pydantic, then checked across sections (`validate`)."""
+    value validated against its field's type by pydantic in strict mode, then checked across
+    sections (`validate`). Strict, read as JSON: a mapping fills a section, an integer may stand
+    for a float, and nothing else is converted (`true` is not the count 1, `"4"` is not 4)."""
     try:
-        cfg = _ADAPTER.validate_python(tree)
+        cfg = _ADAPTER.validate_json(json.dumps(tree, default=str), strict=True)
     except ValidationError as e:
         raise _config_error(e) from None
     return validate(cfg)
