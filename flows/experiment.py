@@ -24,9 +24,10 @@ from m3po.tasks import stage_tasks as st
 
 
 @flow(name="m3po-experiment-cell", flow_run_name="cell-{cell_id}")
-def run_cell(cfg: RunConfig, root: str, run_id: str, cell_id: str, n_shards: int,
+def run_cell(config: RunConfig, root: str, run_id: str, cell_id: str, n_shards: int,
              model_ref: str, method: str = "m3po") -> dict[str, Any]:
     """One cell: M3PO's selection (or IPA's rounds, on the same prompts) -> train -> evaluate."""
+    cfg = config
     store = CellStore(RunStore(root, run_id), cell_id)
     if method == "ipa":
         from m3po.flows.ipa import collect_pairs

@@ -30,7 +30,6 @@ log = logging.getLogger("m3po.http")
 T = TypeVar("T")
 
 RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
-MAX_RETRY_AFTER_S = 60.0  # a server asking for longer is treated as a failure of this attempt's budget
 
 
 class MalformedReply(ValueError):
@@ -39,31 +38,16 @@ class MalformedReply(ValueError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int = 4  # attempts = max_retries + 1
-    backoff_base: float = 0.5  # seconds before the first retry; doubles each retry
+    max_retries: int = 4  # attempts = max_retries + 1, transport and unreadable replies together
+    backoff_base: float = 0.5  # seconds before the first retry of an unreadable reply; doubles each retry
     backoff_max: float = 8.0
 
-    def delay(self, retry_number: int, error: BaseException | None = None) -> float:
-        """Seconds to wait before retry ``retry_number`` (0-based): the server's Retry-After if it
-        gave a sane one, else capped exponential backoff with 0-25 % jitter (spreads a thundering herd)."""
-        retry_after = retry_after_seconds(error)
-        if retry_after is not None:
-            return retry_after
+    def delay(self, retry_number: int) -> float:
+        """Seconds to wait before retrying an unreadable reply ``retry_number`` (0-based): capped
+        exponential backoff with 0-25 % jitter (spreads a thundering herd). A reply that arrived
+        carries no Retry-After to honour; transport retries wait as the openai client decides."""
         backoff = min(self.backoff_base * 2.0 ** retry_number, self.backoff_max)
         return backoff * (1.0 - 0.25 * random.random())
-
-
-def retry_after_seconds(error: BaseException | None) -> float | None:
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            seconds = float(headers.get(header)) / divisor
-        except (TypeError, ValueError):
-            continue
-        if 0.0 <= seconds <= MAX_RETRY_AFTER_S:
-            return seconds
-    return None
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -113,11 +97,11 @@ async def with_retries(attempt: Callable[[Budget], Awaitable[T]], policy: RetryP
     while True:
         try:
             return await attempt(budget)
-        except (MalformedReply, ValueError) as error:  # the reply arrived; what it said was unreadable
+        except ValueError as error:  # the reply arrived but is unreadable: MalformedReply, or not JSON
             if budget.left <= 0:
                 raise
             budget.left -= 1
-            pause = policy.delay(retry_number, error)
+            pause = policy.delay(retry_number)
             retry_number += 1
             log.warning("%s: unreadable reply (%s); retrying in %.2f s, %d retries left", what,
                         describe_error(error, secret), pause, budget.left)

@@ -1,7 +1,8 @@
-"""What the terminal shows while a run works: one line per stage (shards done of total, rows,
-elapsed, an estimate of what is left), redrawn in place on a terminal by rich's live progress and
-printed as plain lines otherwise (logs, CI). The estimate is its own, not rich's: shards found
-cached in the store finish at once and would make rich's rate promise too much. The full logs stay in Prefect's run logs and in the run's log file (flows/cli.py).
+"""What the terminal shows while a run works: one line per stage (shards done of total, rows, elapsed,
+an estimate of what is left), redrawn in place on a terminal by rich's live progress and printed as
+plain lines otherwise (logs, CI). The estimate is its own, not rich's: shards found cached in the
+store finish at once and would make rich's rate promise too much. The full logs stay in Prefect's
+run logs and in the run's log file (flows/cli.py).
 
 Stages report through the module functions (`begin`, `shards`, `shard_done`, `steps`, `note`, `end`); they
 do nothing until a command `install`s a reporter, so library use and tests print nothing extra.

@@ -3,7 +3,8 @@
 pydantic validates the dataclasses of sections.py as they are: each value against its field's type
 in strict mode (an integer may stand for a float, nothing else is converted; a `Literal`'s choices;
 lists; nested sections) and every unknown key is refused; the first error is reported naming the
-key. YAML is read with `5e-5` as a float (YAML 1.2's rule; PyYAML's 1.1 rule reads it as a string). Then `validate` (checks.py) checks ranges and rules across sections.
+key. YAML is read with `5e-5` as a float (YAML 1.2's rule; PyYAML's 1.1 rule reads it as a string).
+Then `validate` (checks.py) checks ranges and rules across sections.
 Limit: types only here; value ranges and rules across sections are checks.py's.
 """
 from __future__ import annotations

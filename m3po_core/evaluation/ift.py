@@ -262,7 +262,7 @@ def write_question_file(images_spec: str, out: str, seed: int = 0, per_image: in
                         constraints_per_question: int = 2) -> tuple[int, int]:
     """`m3po make-ift`: questions (`make_questions`) for the images `images_spec` names (a directory,
     a glob, or a .txt list of paths or URLs; local or an fsspec URL), written as one Parquet file
-    `out` in one write, so a failure leaves no partial file on object stores. (questions, images)."""
+    `out` in one write. (questions, images)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from fsspec.core import url_to_fs
@@ -284,7 +284,11 @@ def write_question_file(images_spec: str, out: str, seed: int = 0, per_image: in
     if not images:
         raise InputError(f"--images {images_spec}: no images found")
     rows = make_questions(images, seed=seed, per_image=per_image, constraints_per_question=constraints_per_question)
+    buffer = pa.BufferOutputStream()  # the whole file first: a failure to build it leaves no file behind
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
     out_fs, out_path = url_to_fs(out)
-    with out_fs.open(out_path, "wb") as fh:
-        pq.write_table(pa.Table.from_pylist(rows), fh)
+    try:
+        out_fs.pipe_file(out_path, buffer.getvalue().to_pybytes())
+    except OSError as e:  # a missing folder, no permission, a full disk
+        raise InputError(f"--out {out}: cannot write it ({type(e).__name__}: {e})") from None
     return len(rows), len(images)

@@ -31,8 +31,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import openai
 from PIL import Image
 
-from m3po_core.openai_http import (Budget, MalformedReply, RetryPolicy, describe_error, png_data_url, read_api_key, redact,
-                                   run_sync, with_retries)
+from m3po_core.openai_http import (Budget, MalformedReply, RetryPolicy, describe_error, png_data_url, read_api_key,
+                                   redact, run_sync, with_retries)
 from m3po_core.sampling import Candidate, SamplingParams, candidate_seed, request_seeds
 
 log = logging.getLogger("m3po.sampling.openai")

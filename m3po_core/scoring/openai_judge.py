@@ -11,8 +11,9 @@ instruction adherence) as JSON; each maps to [0, 1] by (r - 1) / 9 and the three
   candidate out, costs one attempt and the unrated candidates are asked again in a fresh request.
   Transport failures (429, 5xx, timeouts, connection errors) are retried by the openai client (its
   backoff, honouring Retry-After) from the same budget (``openai_http.Budget``). After
-  ``max_retries + 1`` attempts a candidate's score is None: recorded as missing, never invented. Non-retryable HTTP errors (401,
-  400, ...) raise ``JudgeError``: a wrong key or model name must stop the run, not empty it.
+  ``max_retries + 1`` attempts a candidate's score is None: recorded as missing, never invented.
+  Non-retryable HTTP errors (401, 400, ...) raise ``JudgeError``: a wrong key or model name must
+  stop the run, not empty it.
 - Cache: one JSON file per (model, rubric, image, instruction, response) under ``cache_dir``;
   only successful ratings are stored; a cached candidate never reaches the server.
 - The API key is read once from ``api_key_env`` and kept out of reprs, logs, errors, the cache and
@@ -363,18 +364,18 @@ class OpenAIJudge:
                 pending = [c for number, c in enumerate(pending, start=1) if number not in found]
                 if not pending:
                     return
-                problem, error = f"reply rated {len(found)} of {len(found) + len(pending)} responses", None
+                problem = f"reply rated {len(found)} of {len(found) + len(pending)} responses"
             except Exception as caught:  # noqa: BLE001 (classified just below)
                 if not is_retryable(caught):
                     raise JudgeError(f"{self.name}: prompt {call[0].prompt_id}: "
                                      f"{describe_error(caught, self._api_key)}") from None
-                problem, error = describe_error(caught, self._api_key), caught
+                problem = describe_error(caught, self._api_key)
                 if not isinstance(caught, ValueError):  # transport: the client retried it with the budget left
                     budget.left = 0
             if budget.left <= 0:
                 break
             budget.left -= 1
-            pause = self.retry.delay(retry_number, error)
+            pause = self.retry.delay(retry_number)
             retry_number += 1
             log.warning("%s: prompt %s: %s; retrying in %.2f s (%d retries left)", self.name, call[0].prompt_id,
                         problem, pause, budget.left)

@@ -1,11 +1,12 @@
 """What invalidates a cache, and how a shard is run against it: the one place that decides both.
 
-A stage's output is cached under a key built from what decides its content: the stage's code
-version (`CODE_VERSION`), the configuration fields that declare the stage (`stage_config`, from
-m3po_core/config/invalidation.py) and the content hashes of its inputs (`stage_key`). A shard complete in the manifest under its key is
-skipped (`run_shard`), so a re-run computes only what changed or failed, whichever worker or flow
-run computed the rest. Limit: inputs are hashed as the caller names them; a caller that hashes a
-reference instead of the referenced bytes gets a key that does not see those bytes change.
+A stage's output is cached under a key built from what decides its content: the stage's code version
+(`CODE_VERSION`), the configuration fields that declare the stage (`stage_config`, from
+m3po_core/config/invalidation.py) and the content hashes of its inputs (`stage_key`). A shard
+complete in the manifest under its key is skipped (`run_shard`), so a re-run computes only what
+changed or failed, whichever worker or flow run computed the rest. Limit: inputs are hashed as the
+caller names them; a caller that hashes a reference instead of the referenced bytes gets a key that
+does not see those bytes change.
 """
 from __future__ import annotations
 
