@@ -6,6 +6,13 @@
     python bench/validation_sweep.py --run-id graded --config configs/graded.yaml \
         --selection logp=logp_sum --try learning_rate=1e-3
 
+    python bench/validation_sweep.py --run-id graded --config configs/graded.yaml \
+        --pair-kinds short --pair-kinds open --try learning_rate=1e-3
+
+--pair-kinds trains each setting once more on a subset of the pairs: those of the prompts of some
+instruction kinds (`short`: every short kind, `open`: every open kind, or kinds joined by `+`, e.g.
+`exist+list`; a leading `-` keeps the pairs of every other kind). It says which pairs move which skill.
+
 Trains a LoRA-DPO adapter on the run's pairs.parquet (with --selection, on pairs selected again
 from the run's candidates and scores with those selection.* settings, kept in the run's
 `cells/val-...` folder) for each setting and prints POPE- and
@@ -50,7 +57,7 @@ def score(model, processor, images, benches, max_new_tokens, open_max_new_tokens
             out["chair_s"] = chair.score(recs)["chair_s"]
         elif name == "pope":
             m = pope.score(recs)
-            out["pope"], out["yes_ratio"] = m["accuracy"], m["yes_ratio"]
+            out["pope"], out["f1"], out["yes_ratio"] = m["accuracy"], m["f1"], m["yes_ratio"]
         else:
             m = mme.score(recs)
             out["mme"] = m["score"]
@@ -64,6 +71,8 @@ def main():
     ap.add_argument("--run-id", default="demo")
     ap.add_argument("--config", default=None)
     ap.add_argument("--selection", default="", help="comma-separated selection.* overrides, e.g. logp=logp_sum")
+    ap.add_argument("--pair-kinds", action="append", default=[],
+                    help="also train on the pairs of these instruction kinds only: short, open, kind+kind, -kind")
     ap.add_argument("--try", dest="tries", action="append", default=[],
                     help="comma-separated training.* overrides, e.g. learning_rate=1e-3,beta=0.2")
     args = ap.parse_args()
@@ -91,27 +100,57 @@ def main():
               f"{stats['diagnostics']['share_rejected_differs_from_alpha0']:.1%} of the prompts")
         store = cell
     pairs = store.read_table("pairs.parquet").to_pylist()
-    pair_images = [load_image(p["image"], "pairs.parquet") for p in pairs]
+    try:
+        subsets = pair_subsets(RunStore(args.root, args.run_id), pairs, args.pair_kinds)
+    except ValueError as e:
+        ap.error(f"--pair-kinds: {e}")
     images, benches = val_benchmarks(cfg)
     lengths = cfg.evaluation.max_new_tokens, cfg.evaluation.open_max_new_tokens
     base = score(*models.load_vlm(model_ref), images, benches, *lengths)
-    print(f"{'setting':<60} {'POPE acc':>8} {'yes':>5} {'MME':>6} {'CHAIR_s':>7}  MME subtasks (validation split)")
-    print(f"{'base model':<60} {base['pope']:>8.3f} {base['yes_ratio']:>5.2f} {base['mme']:>6.1f} {base['chair_s']:>7.3f}  "
+    print(f"{'setting':<60} {'POPE acc':>8} {'F1':>5} {'yes':>5} {'MME':>6} {'CHAIR_s':>7}  MME subtasks (validation split)")
+    print(f"{'base model':<60} {base['pope']:>8.3f} {base['f1']:>5.3f} {base['yes_ratio']:>5.2f} {base['mme']:>6.1f} {base['chair_s']:>7.3f}  "
           f"{base['mme_sub']}")
-    for spec in args.tries:
+    for spec, subset in ((spec, subset) for spec in args.tries for subset in subsets):
         overrides = {}
         for item in spec.split(",") if "[" not in spec else _split(spec):
             k, v = parse_override(item)
             overrides[k] = v
         tcfg = config_from_dict({**cfg.to_dict(), "training": {**dataclasses.asdict(cfg.training), **overrides}})
         model, processor = models.load_vlm(model_ref)
+        chosen_pairs = subsets[subset]
         with tempfile.TemporaryDirectory() as d:
-            train_lora_dpo(model, processor, pairs_dataset(pair_images, [p["instruction"] for p in pairs], pairs),
+            train_lora_dpo(model, processor, pairs_dataset([load_image(p["image"], "pairs.parquet") for p in chosen_pairs],
+                                                           [p["instruction"] for p in chosen_pairs], chosen_pairs),
                            tcfg.training, d)
         model.eval()  # PEFT injected the trained adapters into `model` itself
         got = score(model, processor, images, benches, *lengths)
-        print(f"{spec:<60} {got['pope']:>8.3f} {got['yes_ratio']:>5.2f} {got['mme']:>6.1f} {got['chair_s']:>7.3f}  "
+        label = spec if len(subsets) == 1 else f"{spec} [{subset}: {len(chosen_pairs)}]"
+        print(f"{label:<60} {got['pope']:>8.3f} {got['f1']:>5.3f} {got['yes_ratio']:>5.2f} {got['mme']:>6.1f} {got['chair_s']:>7.3f}  "
               f"{got['mme_sub']}", flush=True)
+
+
+def pair_kinds(spec: str) -> set[str]:
+    """The instruction kinds a --pair-kinds value names (see the module docstring)."""
+    every = set(world.KINDS) | set(world.OPEN_KINDS)
+    named = spec.lstrip("-").split("+")
+    groups = {"short": set(world.KINDS), "open": set(world.OPEN_KINDS)}
+    unknown = [k for k in named if k not in every and k not in groups]
+    if unknown:
+        raise ValueError(f"unknown instruction kind {unknown[0]!r} in {spec!r}; expected short, open or some of "
+                         f"{sorted(every)}")
+    kinds = set().union(*(groups.get(k, {k}) for k in named))
+    return every - kinds if spec.startswith("-") else kinds
+
+
+def pair_subsets(run: RunStore, pairs: list[dict], specs: list[str]) -> dict[str, list[dict]]:
+    """{"all pairs": pairs, spec: the pairs of the prompts whose kind `spec` names, ...}; the kinds are
+    read from the run's prompts stage."""
+    if not specs:
+        return {"all pairs": pairs}
+    kinds = {spec: pair_kinds(spec) for spec in specs}
+    prompts = run.read_stage("prompts").select(["prompt_id", "kind"]).to_pydict()
+    kind_of = dict(zip(prompts["prompt_id"], prompts["kind"]))
+    return {"all pairs": pairs, **{spec: [p for p in pairs if kind_of[p["prompt_id"]] in kinds[spec]] for spec in specs}}
 
 
 def _split(spec):

@@ -53,3 +53,47 @@ def test_chair_is_scored_for_both_models_with_paired_intervals_and_reported(grad
     assert "| CHAIR_s (lower is better) |" in report and "CHAIR_i (lower is better): " in report
     stats = store.read_json("pairs_stats.json")["diagnostics"]
     assert stats["pools"] == store.read_json("pairs_stats.json")["pairs"] and stats["median_distinct_answers"] >= 1
+
+
+def test_the_validation_sweep_splits_a_runs_pairs_by_instruction_kind(graded_run):
+    """bench/validation_sweep.py --pair-kinds: which pairs move which skill (docs/demo.md)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from validation_sweep import pair_subsets
+
+    _, store = graded_run
+    pairs = store.read_table("pairs.parquet").to_pylist()
+    kind = {r["prompt_id"]: r["kind"] for r in store.read_stage("prompts").to_pylist()}
+    subsets = pair_subsets(store, pairs, ["short", "open", "-locate", "exist+list"])
+    assert subsets["all pairs"] == pairs
+    assert {kind[p["prompt_id"]] for p in subsets["open"]} <= set(synthetic.OPEN_KINDS)
+    assert len(subsets["short"]) + len(subsets["open"]) == len(pairs) and subsets["open"] and subsets["short"]
+    assert [p for p in pairs if kind[p["prompt_id"]] != "locate"] == subsets["-locate"]
+    assert {kind[p["prompt_id"]] for p in subsets["exist+list"]} <= {"exist", "list"}
+    with pytest.raises(ValueError, match="unknown instruction kind 'lsit'"):
+        pair_subsets(store, pairs, ["lsit"])
+
+
+def test_the_oracle_ceiling_trains_on_the_scene_graphs_true_answers(graded_run):
+    """bench/oracle_ceiling.py: the chosen answers are the true ones, the judge's full marks, with EOS."""
+    import sys
+
+    from m3po_core import models
+    from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
+    from m3po_core.stages.base_models import ensure_base_model
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from oracle_ceiling import oracle_pairs
+
+    cfg, store = graded_run
+    _, processor = models.load_vlm(f"{store.root}/{ensure_base_model(cfg, store).split(':', 1)[1]}")
+    pairs = oracle_pairs(store, processor.tokenizer)
+    assert len(pairs) == store.read_table("pairs.parquet").num_rows > 0
+    scenes = {r["prompt_id"]: r["scene"] for r in store.read_stage("prompts").to_pylist()}
+    scores = ReferenceJudge().score([JudgeItem(p["prompt_id"], p["instruction"], p["chosen"], meta={"scene": scenes[p["prompt_id"]]})
+                                     for p in pairs])
+    assert min(s.accuracy for s in scores) == 1.0
+    eos = processor.tokenizer.eos_token_id
+    assert all(p["chosen_token_ids"][-1] == eos and processor.tokenizer.decode(p["chosen_token_ids"][:-1]) == p["chosen"]
+               for p in pairs)
