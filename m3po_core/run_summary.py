@@ -17,6 +17,7 @@ from typing import Any
 
 from m3po_core.components import resolve_model
 from m3po_core.report import HEADLINE, comparison_rows, ipa_rounds_table, markdown_table, win_rate_line
+from m3po_core.selection_diagnostics import describe
 from m3po_core.store import RunStore
 
 
@@ -51,7 +52,7 @@ def model_quality(store: RunStore, model_ref: str, clip_ref: str) -> dict[str, A
 
 def terminal_summary(result: dict[str, Any], method: str) -> list[str]:
     """What `m3po run` (or `m3po ipa`) prints after the DAG: the headline table of the benchmarks
-    the run asked for, the judge's win rate, and the pairs."""
+    the run asked for, the judge's win rate, the pairs and what the selection did (selection_diagnostics)."""
     rows = [r for r in comparison_rows(result["metrics"])[:len(HEADLINE)] if not math.isnan(r["base"])]
     lines = [markdown_table(rows, trained=method)]
     if line := win_rate_line(result["metrics"]):
@@ -62,5 +63,5 @@ def terminal_summary(result: dict[str, Any], method: str) -> list[str]:
                       f"{p['unresolved_after_last_round']} prompts still unresolved", *ipa_rounds_table(p["ipa_rounds"])]
     else:
         lines += ["", f"pairs: {p['pairs']} of {p['groups']} prompts; mean MAS gap {p['mean_mas_gap']:.3f}, "
-                      f"mean log P gap {p['mean_logp_gap']:.3f}"]
+                      f"mean log P gap {p['mean_logp_gap']:.3f}", *describe(p.get("diagnostics", {}))]
     return lines

@@ -75,8 +75,8 @@ def test_the_validation_sweep_splits_a_runs_pairs_by_instruction_kind(graded_run
         pair_subsets(store, pairs, ["lsit"])
 
 
-def test_the_oracle_ceiling_trains_on_the_scene_graphs_true_answers(graded_run):
-    """bench/oracle_ceiling.py: the chosen answers are the true ones, the judge's full marks, with EOS."""
+def test_the_oracle_sft_trains_on_the_scene_graphs_true_answers(graded_run):
+    """bench/oracle_sft.py: the chosen answers are the true ones, the judge's full marks, with EOS."""
     import sys
 
     from m3po_core import models
@@ -84,7 +84,7 @@ def test_the_oracle_ceiling_trains_on_the_scene_graphs_true_answers(graded_run):
     from m3po_core.stages.base_models import ensure_base_model
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from oracle_ceiling import oracle_pairs
+    from oracle_sft import oracle_pairs
 
     cfg, store = graded_run
     _, processor = models.load_vlm(f"{store.root}/{ensure_base_model(cfg, store).split(':', 1)[1]}")

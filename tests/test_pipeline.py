@@ -128,6 +128,9 @@ def test_cli_rerun_recomputes_nothing(finished_run, root):
                           "--run-id", "t1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| POPE accuracy |" in out.stdout
+    diagnostics = store.read_json("pairs_stats.json")["diagnostics"]   # what the selection did, printed too
+    assert f"differs from alpha = 0's in {diagnostics['share_rejected_differs_from_alpha0']:.1%}" in out.stdout
+    assert f"median {diagnostics['median_distinct_answers']:g} distinct answers" in out.stdout
     # the terminal: one progress line per stage (plain lines, not a terminal), no per-shard log lines
     lines = out.stderr.splitlines()
     for stage in ("generate", "score", "select", "train", "evaluate"):

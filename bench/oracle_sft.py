@@ -1,15 +1,17 @@
-"""How far can training on a run's prompts move the benchmarks at all? A ceiling, on the validation split.
+"""What the true answers of a run's prompts teach by SFT: a reference for its training, on the validation split.
 
-    python bench/oracle_ceiling.py --root ./m3po-runs --run-id demo --seeds 0,1
-    python bench/oracle_ceiling.py --run-id graded --config configs/graded.yaml --try learning_rate=3e-4
+    python bench/oracle_sft.py --root ./m3po-runs --run-id demo --seeds 0,1
+    python bench/oracle_sft.py --run-id graded --config configs/graded.yaml --try learning_rate=3e-4
 
 Fine-tunes the run's base on the *true* answers of the prompts its pairs.parquet holds (the scene
 graph's answers, none of the instruction data's bias), with the SFT loss alone, and prints POPE, MME
-and CHAIR_s on held-out validation scenes beside the base's. No pair selection can teach more through
-its chosen answers than these answers do, so where this oracle does not beat the base, neither can
-M3PO's training on those prompts (it can still trade one skill for another). Limit: the synthetic
-world only (the true answers come from its scene graphs); one run of the run's own training settings
-per seed (--try overrides them, as in bench/validation_sweep.py).
+and CHAIR_s on held-out validation scenes beside the base's. A reference for the run's training, not
+a bound: it says what learning the right answers to these prompts gives, so a trained model near it
+has learned what the prompts hold and one above it gained from the rejected side of its pairs or
+from training on its own samples (measured: in the graded world the model's own chosen answers train
+better than the true ones, docs/demo.md). Limit: the synthetic world only (the true answers come
+from its scene graphs); the run's own training settings, one run per seed (--try overrides them, as
+in bench/validation_sweep.py).
 """
 import argparse
 import dataclasses
