@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import tempfile
 
-from validation_sweep import _split, score, val_benchmarks
+from validation_sweep import score, split_overrides, val_benchmarks
 
 from m3po_core import models
 from m3po_core.config import config_from_dict, load_config, parse_override
@@ -53,7 +53,7 @@ def main():
     if not run.exists("pairs.parquet"):
         ap.error(f"{run.path('pairs.parquet')} does not exist: run `m3po run` for this run id first")
     model_ref = f"{args.root}/{ensure_base_model(cfg, run).split(':', 1)[1]}"
-    overrides = dict(parse_override(item) for item in _split(args.spec)) if args.spec else {}
+    overrides = dict(parse_override(item) for item in split_overrides(args.spec)) if args.spec else {}
     model, processor = models.load_vlm(model_ref)
     pairs = oracle_pairs(run, processor.tokenizer)
     images = [load_image(p["image"], "pairs.parquet") for p in pairs]

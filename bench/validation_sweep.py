@@ -76,6 +76,11 @@ def main():
     ap.add_argument("--try", dest="tries", action="append", default=[],
                     help="comma-separated training.* overrides, e.g. learning_rate=1e-3,beta=0.2")
     args = ap.parse_args()
+    for spec in args.pair_kinds:  # named before anything loads
+        try:
+            pair_kinds(spec)
+        except ValueError as e:
+            ap.error(f"--pair-kinds: {e}")
     cfg = load_config(args.config)
     store = RunStore(args.root, args.run_id)
     from m3po_core.stages.base_models import ensure_base_model
@@ -100,10 +105,7 @@ def main():
               f"{stats['diagnostics']['share_rejected_differs_from_alpha0']:.1%} of the prompts")
         store = cell
     pairs = store.read_table("pairs.parquet").to_pylist()
-    try:
-        subsets = pair_subsets(RunStore(args.root, args.run_id), pairs, args.pair_kinds)
-    except ValueError as e:
-        ap.error(f"--pair-kinds: {e}")
+    subsets = pair_subsets(RunStore(args.root, args.run_id), pairs, args.pair_kinds)
     images, benches = val_benchmarks(cfg)
     lengths = cfg.evaluation.max_new_tokens, cfg.evaluation.open_max_new_tokens
     base = score(*models.load_vlm(model_ref), images, benches, *lengths)
@@ -112,7 +114,7 @@ def main():
           f"{base['mme_sub']}")
     for spec, subset in ((spec, subset) for spec in args.tries for subset in subsets):
         overrides = {}
-        for item in spec.split(",") if "[" not in spec else _split(spec):
+        for item in spec.split(",") if "[" not in spec else split_overrides(spec):
             k, v = parse_override(item)
             overrides[k] = v
         tcfg = config_from_dict({**cfg.to_dict(), "training": {**dataclasses.asdict(cfg.training), **overrides}})
@@ -153,7 +155,7 @@ def pair_subsets(run: RunStore, pairs: list[dict], specs: list[str]) -> dict[str
     return {"all pairs": pairs, **{spec: [p for p in pairs if kind_of[p["prompt_id"]] in kinds[spec]] for spec in specs}}
 
 
-def _split(spec):
+def split_overrides(spec):
     """Split on commas outside brackets."""
     parts, depth, cur = [], 0, ""
     for ch in spec:
