@@ -87,7 +87,7 @@ def m3po_experiment(config: RunConfig | None = None, root: str = "./m3po-runs", 
                           *ex.verdicts(rows, recipes, paired), "",
                           *[f"![{p}]({p})" for p in ex.sweep_plots(store, rows, alphas, deltas)], "",
                           f"{len(cells)} cells in {time.time() - t0:.0f} s; nothing was tuned on the evaluation "
-                          "split (the demo's settings were chosen on a validation split, bench/validation_sweep.py)."])
+                          "split (the configs' training settings were chosen on their validation split, bench/validation_sweep.py)."])
     store.write_bytes("experiment/tables.md", markdown.encode())
     create_markdown_artifact(markdown, key=f"{run_id}-experiment".lower().replace("_", "-"),
                              description="M3PO experiment tables")
