@@ -20,7 +20,7 @@ import tempfile
 from validation_sweep import score, split_overrides, val_benchmarks
 
 from m3po_core import models
-from m3po_core.config import config_from_dict, load_config, parse_override
+from m3po_core.config import ConfigError, config_from_dict, load_config, parse_override
 from m3po_core.data import synthetic as world
 from m3po_core.data.images import load_image
 from m3po_core.stages.base_models import ensure_base_model
@@ -45,10 +45,15 @@ def main():
     ap.add_argument("--root", default="./m3po-runs")
     ap.add_argument("--run-id", default="demo")
     ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a configuration override, as `m3po run --set` takes (repeatable): the run's own")
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     ap.add_argument("--try", dest="spec", default="", help="training.* overrides, e.g. learning_rate=3e-4,epochs=1")
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        ap.error(str(e))
     run = RunStore(args.root, args.run_id)
     if not run.exists("pairs.parquet"):
         ap.error(f"{run.path('pairs.parquet')} does not exist: run `m3po run` for this run id first")

@@ -70,6 +70,8 @@ def main():
     ap.add_argument("--root", default="./m3po-runs")
     ap.add_argument("--run-id", default="demo")
     ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a configuration override, as `m3po run --set` takes (repeatable): the run's own")
     ap.add_argument("--selection", default="", help="comma-separated selection.* overrides, e.g. logp=logp_sum")
     ap.add_argument("--pair-kinds", action="append", default=[],
                     help="also train on the pairs of these instruction kinds only: short, open, kind+kind, -kind")
@@ -81,7 +83,10 @@ def main():
             pair_kinds(spec)
         except ValueError as e:
             ap.error(f"--pair-kinds: {e}")
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        ap.error(str(e))
     store = RunStore(args.root, args.run_id)
     from m3po_core.stages.base_models import ensure_base_model
 
