@@ -1,6 +1,5 @@
 """The whole DAG as Prefect flows on the ephemeral API, a local directory as the store."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,7 +155,6 @@ def test_cli_names_a_bad_configuration_key(root):
 
 def test_a_broken_image_fails_its_shard_only_and_a_rerun_recomputes_just_it(root, finished_run):
     from m3po.flows.pipeline import m3po_pipeline
-    from m3po_core.data import synthetic as world
 
     cfg = load_config(TINY)
     store = RunStore(root, "t2")
@@ -197,7 +195,7 @@ def test_empty_instruction_is_named(root):
 
     cfg = load_config(TINY)
     store = RunStore(root, "t3")
-    n = prompts.prepare_prompts(cfg, store)
+    prompts.prepare_prompts(cfg, store)
     rows = prompts.read_prompts_shard(store, 0)
     rows[2]["instruction"] = "  "
     store.publish_shard("prompts", 0, pa.Table.from_pylist(rows, schema.PROMPTS), schema.PROMPTS,
