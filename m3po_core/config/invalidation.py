@@ -53,7 +53,6 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "data.world.n_eval_scenes": (PROMPTS, EVALUATE),
     "data.world.prompts_per_scene": (PROMPTS, EVALUATE),
     "data.world.open_per_scene": (PROMPTS, BASE_MODEL, EVALUATE),
-    "data.world.open_order": (PROMPTS, BASE_MODEL, EVALUATE),
     "data.world.image_size": EVERY_SPLIT,
     "data.world.cooccurrence": EVERY_SPLIT,
     "data.world.answer_bias": (PROMPTS, BASE_MODEL, EVALUATE),

@@ -35,10 +35,6 @@ class WorldConfig:
         "help": "Open-ended instructions per scene besides prompts_per_scene (list the objects, say where they are, "
                 "describe in detail: synthetic.OPEN_KINDS), in the sft and train splits: answers a candidate can get "
                 "partly right, graded by degree by the reference judge. 0: the short and yes/no kinds only."})
-    open_order: Literal["any", "reading"] = field(default="any", metadata={
-        "help": "The order in which the instruction data's open answers name the objects: `any` (annotators "
-                "disagree, so a policy samples many orders) or `reading` (top left to bottom right, an invented "
-                "companion in its cell's place, so a near miss shares its words with the right answer)."})
     image_size: int = field(default=64, metadata={"help": "Side of the rendered square scene images, in pixels."})
     cooccurrence: float = field(default=0.0, metadata={
         "help": "The world's co-occurrence statistics: the probability that a scene with room for another object "

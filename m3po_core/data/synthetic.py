@@ -400,7 +400,7 @@ def sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random,
 
 def make_prompts(
     scenes: list[Scene], seed: int, kinds: tuple[str, ...] = KINDS, per_scene: int = 2,
-    bias: WorldBias = NO_BIAS, open_per_scene: int = 0, open_order: str = "any",
+    bias: WorldBias = NO_BIAS, open_per_scene: int = 0,
 ) -> list[dict]:
     """``per_scene`` prompts of distinct ``kinds`` per scene (yes/no kinds alternate yes, no), then
     ``open_per_scene`` of distinct OPEN_KINDS (their own rng stream, so the first ones do not move).
@@ -425,7 +425,7 @@ def make_prompts(
             prompts.append(_prompt(scene, j, kind, params, reference))
         open_rng = seeded_rng(seed, "open", scene.scene_id)
         for j, kind in enumerate(open_rng.sample(OPEN_KINDS, min(open_per_scene, len(OPEN_KINDS))), len(kinds_asked)):
-            prompts.append(_prompt(scene, j, kind, {}, open_reference(scene, kind, open_rng, bias, open_order)))
+            prompts.append(_prompt(scene, j, kind, {}, open_reference(scene, kind, open_rng, bias)))
     return prompts
 
 
@@ -434,8 +434,7 @@ def _prompt(scene: Scene, n: int, kind: str, params: dict, reference: str) -> di
             "instruction": instruction_text(kind, params), "reference": reference, "scene": scene.to_json()}
 
 
-def open_reference(scene: Scene, kind: str, rng: random.Random, bias: WorldBias = NO_BIAS,
-                   order: str = "any") -> str:
+def open_reference(scene: Scene, kind: str, rng: random.Random, bias: WorldBias = NO_BIAS) -> str:
     """An answer of an open kind as annotators write it: the objects in any order and, where the scene
     lacks the companion of an object it holds and has a free cell, that companion added there with
     chance answer_bias: the same rate at which the world's existence answers assert it."""
@@ -445,6 +444,4 @@ def open_reference(scene: Scene, kind: str, rng: random.Random, bias: WorldBias 
             and rng.random() < bias.answer_bias):
         colour, shape = rng.choice(scene.absent_companions())
         objects.insert(rng.randint(0, len(objects)), SceneObject(shape, colour, rng.choice(free)))
-    if order == "reading":  # the draws above are made either way, so `any` answers do not move
-        objects.sort(key=lambda o: POSITIONS.index(o.position))
     return open_answer(kind, objects)

@@ -48,8 +48,7 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, bias)
         # four short questions a scene and, in a world with open kinds, one open one: the short skills get
         # the warm start they have in the demo, and the open answers stay unsure enough for samples to differ
-        rows = world.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias, open_per_scene=min(1, w.open_per_scene),
-                                   open_order=w.open_order)
+        rows = world.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias, open_per_scene=min(1, w.open_per_scene))
         images = {s.scene_id: world.render(s, w.image_size) for s in scenes}
         t0 = time.time()
         losses = models.supervised_warm_start(

@@ -134,8 +134,7 @@ def _synthetic_prompts(cfg: RunConfig, store: RunStore) -> list[dict[str, Any]]:
     w = cfg.data.world
     bias = world.WorldBias.of(w)
     train = world.make_scenes(cfg.seed, "train", w.n_train_scenes, bias)
-    rows = world.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene, bias=bias, open_per_scene=w.open_per_scene,
-                              open_order=w.open_order)
+    rows = world.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene, bias=bias, open_per_scene=w.open_per_scene)
     digest = {}
     for s in train:
         data = png(world.render(s, w.image_size))
