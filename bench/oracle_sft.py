@@ -54,6 +54,8 @@ def main():
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         ap.error(str(e))
+    if cfg.data.source != "synthetic":
+        ap.error(f"data.source is {cfg.data.source!r}: the true answers come from the synthetic world's scene graphs")
     run = RunStore(args.root, args.run_id)
     if not run.exists("pairs.parquet"):
         ap.error(f"{run.path('pairs.parquet')} does not exist: run `m3po run` for this run id first")

@@ -87,7 +87,11 @@ def main():
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         ap.error(str(e))
+    if cfg.data.source != "synthetic":
+        ap.error(f"data.source is {cfg.data.source!r}: the validation split is the synthetic world's")
     store = RunStore(args.root, args.run_id)
+    if not store.exists("pairs.parquet"):
+        ap.error(f"{store.path('pairs.parquet')} does not exist: run `m3po run` for this run id first")
     from m3po_core.stages.base_models import ensure_base_model
 
     model_ref = f"{args.root}/{ensure_base_model(cfg, store).split(':', 1)[1]}"  # the run's own base
@@ -110,6 +114,7 @@ def main():
               f"{stats['diagnostics']['share_rejected_differs_from_alpha0']:.1%} of the prompts")
         store = cell
     pairs = store.read_table("pairs.parquet").to_pylist()
+    decoded = {id(p): load_image(p["image"], "pairs.parquet") for p in pairs}  # once; the subsets hold these rows
     subsets = pair_subsets(RunStore(args.root, args.run_id), pairs, args.pair_kinds)
     images, benches = val_benchmarks(cfg)
     lengths = cfg.evaluation.max_new_tokens, cfg.evaluation.open_max_new_tokens
@@ -126,7 +131,7 @@ def main():
         model, processor = models.load_vlm(model_ref)
         chosen_pairs = subsets[subset]
         with tempfile.TemporaryDirectory() as d:
-            train_lora_dpo(model, processor, pairs_dataset([load_image(p["image"], "pairs.parquet") for p in chosen_pairs],
+            train_lora_dpo(model, processor, pairs_dataset([decoded[id(p)] for p in chosen_pairs],
                                                            [p["instruction"] for p in chosen_pairs], chosen_pairs),
                            tcfg.training, d)
         model.eval()  # PEFT injected the trained adapters into `model` itself
