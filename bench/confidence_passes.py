@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
     from m3po_core.models import build_tiny_llava
     from m3po_core.sampling import SamplingParams
     from m3po_core.sampling.transformers_backend import TransformersSampler
@@ -34,7 +35,7 @@ def main() -> None:
     # model's layers itself, so a hook on the top module would see the prefill only)
     model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     scenes = world.make_scenes(0, "eval", args.prompts)
-    prompts = world.make_prompts(scenes, 0, per_scene=1)
+    prompts = synthetic_prompts.make_prompts(scenes, 0, per_scene=1)
     images = {s.scene_id: world.render(s) for s in scenes}
     sampler = TransformersSampler(model, processor)
     out = sampler.sample([images[p["scene_id"]] for p in prompts], [p["instruction"] for p in prompts],

@@ -85,9 +85,10 @@ def build_llava(shape: dict, device: str):
 def world_prompts(count: int):
     """(images, instructions) of `count` synthetic-world prompts, one per scene."""
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
 
     scenes = world.make_scenes(0, "train", count)
-    rows = world.make_prompts(scenes, 0, per_scene=1)[:count]
+    rows = synthetic_prompts.make_prompts(scenes, 0, per_scene=1)[:count]
     images = {s.scene_id: world.render(s, 64) for s in scenes}
     return [images[r["scene_id"]] for r in rows], [r["instruction"] for r in rows]
 

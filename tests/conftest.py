@@ -23,9 +23,10 @@ def tiny_vlm():
 @pytest.fixture(scope="session")
 def world_batch():
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
 
     scenes = world.make_scenes(0, "train", 6)
-    prompts = world.make_prompts(scenes, 0, per_scene=1)
+    prompts = synthetic_prompts.make_prompts(scenes, 0, per_scene=1)
     images = {s.scene_id: world.render(s, 64) for s in scenes}
     return [images[p["scene_id"]] for p in prompts], [p["instruction"] for p in prompts]
 

@@ -2,6 +2,7 @@
 import pytest
 
 from m3po_core.data import synthetic
+from m3po_core.data import synthetic_prompts
 from m3po_core.data.synthetic_benchmarks import chair_prompts
 from m3po_core.evaluation import chair, paired
 
@@ -28,7 +29,7 @@ def test_chair_counts_invented_objects_per_description_and_per_object():
 def test_a_model_that_invents_less_gets_an_interval_below_zero_and_is_better():
     scenes = synthetic.make_scenes(0, "eval", 150, synthetic.WorldBias(0.7, 0.0))
     truth = [q["answer"] for q in chair_prompts(scenes)]
-    invents = [synthetic.open_reference(s, "describe_detail", synthetic.seeded_rng(1, s.scene_id),
+    invents = [synthetic_prompts.open_reference(s, "describe_detail", synthetic.seeded_rng(1, s.scene_id),
                                         synthetic.WorldBias(0.7, 1.0)) for s in scenes]
     base, trained = _answers(invents, scenes), _answers(truth, scenes)
     ci = paired.intervals("chair", base, trained, seed=0)

@@ -111,6 +111,7 @@ def test_long_responses_are_scored_in_chunks_not_truncated(trained: tuple) -> No
 
 def _open_captions(split: str, n: int, negatives: int):
     from m3po_core.data import synthetic
+    from m3po_core.data import synthetic_prompts
     from m3po_core.data.wrong_answers import wrong_descriptions
 
     scenes = make_scenes(0, split, n, synthetic.WorldBias(0.7, 0.0))
@@ -119,7 +120,7 @@ def _open_captions(split: str, n: int, negatives: int):
         rng = synthetic.seeded_rng(0, s.scene_id)
         kind = "list"  # what fits the tiny CLIP's 32-token context
         images.append(render(s))
-        captions.append(synthetic.open_reference(s, kind, rng))
+        captions.append(synthetic_prompts.open_reference(s, kind, rng))
         wrong.append(wrong_descriptions(s, kind, rng, negatives))
     return images, captions, wrong
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from m3po.flows.cli import main as cli
 from m3po_core.data import synthetic as world
+from m3po_core.data import synthetic_prompts
 from m3po_core.errors import InputError
 from m3po_core.evaluation import ift
 from m3po_core.evaluation.public import load_public_benchmark
@@ -84,7 +85,7 @@ def test_bad_constraints_are_named():
 def test_synthetic_reference_answers_meet_every_rule_constraint():
     """The world's IFT constraints are satisfiable: each reference answer meets all of its rules."""
     scenes = world.make_scenes(0, "eval", 40)
-    prompts = world.make_prompts(scenes, 0, per_scene=len(world.KINDS))
+    prompts = synthetic_prompts.make_prompts(scenes, 0, per_scene=len(world.KINDS))
     assert {p["kind"] for p in prompts} == set(world.KINDS)
     for p in prompts:
         constraints = ift.synthetic_constraints(*world.parse_instruction(p["instruction"]))

@@ -7,6 +7,7 @@ from PIL import Image
 
 from m3po_core import ipa
 from m3po_core.data import synthetic as world
+from m3po_core.data import synthetic_prompts
 from openai_server import FakeOpenAIServer, Reply, request_text
 
 TINY = Path(__file__).parent / "tiny.yaml"
@@ -15,7 +16,7 @@ TINY = Path(__file__).parent / "tiny.yaml"
 def _scene_prompt(kind: str):
     scenes = world.make_scenes(3, "eval", 30)
     for scene in scenes:
-        for p in world.make_prompts([scene], 3, per_scene=len(world.KINDS)):
+        for p in synthetic_prompts.make_prompts([scene], 3, per_scene=len(world.KINDS)):
             if p["kind"] == kind and (kind != "describe" or len(scene.objects) >= 2):
                 return p
     raise AssertionError(kind)
@@ -279,14 +280,15 @@ def test_the_reference_verifier_and_ift_rules_read_the_open_kinds():
     conditions and its IFT rules; one that invents an absent companion is caught as a contradiction."""
     from m3po_core import ipa
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
     from m3po_core.evaluation import ift
     from m3po_core.scoring.judge import named_objects
 
     scenes = world.make_scenes(0, "train", 60, world.WorldBias(0.7, 0.8))
     verifier, invented = ipa.ReferenceVerifier(), 0
-    for p in world.make_prompts(scenes, 0, per_scene=0, open_per_scene=3):
+    for p in synthetic_prompts.make_prompts(scenes, 0, per_scene=0, open_per_scene=3):
         scene = world.Scene.from_json(p["scene"])
-        biased = world.open_reference(scene, p["kind"], world.seeded_rng(1, p["prompt_id"]), world.WorldBias(0.7, 1.0))
+        biased = synthetic_prompts.open_reference(scene, p["kind"], world.seeded_rng(1, p["prompt_id"]), world.WorldBias(0.7, 1.0))
         true, other = verifier.verify([ipa.Item(p["prompt_id"], None, p["instruction"], r, p["reference"], p["scene"])
                                        for r in (p["reference"], biased)])
         assert true.entailment and true.completeness and true.no_contradiction and true.compliance, p

@@ -1,6 +1,7 @@
 import pytest
 
-from m3po_core.data.synthetic import KINDS, Scene, SceneObject, make_prompts, make_scenes
+from m3po_core.data.synthetic import KINDS, Scene, SceneObject, make_scenes
+from m3po_core.data.synthetic_prompts import make_prompts
 from m3po_core.errors import InputError
 from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
 

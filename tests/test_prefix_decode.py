@@ -21,9 +21,10 @@ def carried():
 @pytest.fixture(scope="module")
 def prompts():
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
 
     scenes = world.make_scenes(3, "train", 5)
-    rows = world.make_prompts(scenes, 3, per_scene=1)
+    rows = synthetic_prompts.make_prompts(scenes, 3, per_scene=1)
     images = {s.scene_id: world.render(s, 64) for s in scenes}
     return [images[r["scene_id"]] for r in rows], [r["instruction"] for r in rows]
 

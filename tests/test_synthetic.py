@@ -11,15 +11,16 @@ from m3po_core.data.synthetic import (
     Scene,
     caption,
     instruction_text,
-    make_prompts,
     make_scenes,
     parse_instruction,
     reference_answer,
     render,
     vocabulary,
 )
+from m3po_core.data.synthetic_prompts import make_prompts
 from m3po_core.data.synthetic_benchmarks import mme_questions, pope_questions
 from m3po_core.data import synthetic
+from m3po_core.data import synthetic_prompts
 from m3po_core.errors import ConfigError
 
 
@@ -210,8 +211,8 @@ def test_pope_adversarial_negatives_are_absent_companions_first_in_a_biased_worl
 def test_open_kinds_are_added_after_the_short_ones_without_moving_them():
     bias = synthetic.WorldBias(0.7, 0.8)
     scenes = synthetic.make_scenes(0, "train", 60, bias)
-    short = synthetic.make_prompts(scenes, 0, per_scene=1, bias=bias)
-    both = synthetic.make_prompts(scenes, 0, per_scene=1, bias=bias, open_per_scene=2)
+    short = synthetic_prompts.make_prompts(scenes, 0, per_scene=1, bias=bias)
+    both = synthetic_prompts.make_prompts(scenes, 0, per_scene=1, bias=bias, open_per_scene=2)
     assert [p for p in both if p["kind"] not in synthetic.OPEN_KINDS] == short
     by_scene = {}
     for p in both:
@@ -234,7 +235,7 @@ def test_biased_open_answers_name_an_absent_companion_and_true_ones_never_invent
     scenes = synthetic.make_scenes(0, "train", 600, bias)
     for world_bias, expect in ((bias, True), (synthetic.NO_BIAS, False)):
         invented, eligible = 0, 0
-        for p in synthetic.make_prompts(scenes, 0, per_scene=0, bias=world_bias, open_per_scene=3):
+        for p in synthetic_prompts.make_prompts(scenes, 0, per_scene=0, bias=world_bias, open_per_scene=3):
             scene = synthetic.Scene.from_json(p["scene"])
             named = set(named_objects(p["reference"]))
             extra = named - scene.pairs()
@@ -259,7 +260,7 @@ def test_wrong_descriptions_each_get_the_scene_wrong_by_the_judge():
             rng = synthetic.seeded_rng(0, scene.scene_id, kind)
             instruction = synthetic.instruction_text(kind, {})
             wrong = wrong_descriptions(scene, kind, rng, 3)
-            truth = synthetic.open_reference(scene, kind, rng)
+            truth = synthetic_prompts.open_reference(scene, kind, rng)
             scores = judge.score([JudgeItem("p", instruction, t, meta={"scene": scene.to_json()})
                                   for t in [truth, *wrong]])
             assert scores[0].accuracy == 1.0

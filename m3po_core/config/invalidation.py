@@ -8,6 +8,9 @@ where, or under which key name (concurrency, batch sizes of encoders, API key va
 and budgets, the execution section), not what. Where a value matters only under another setting
 (alpha with strategy mas_gap, the adaptive knobs without sampling.adaptive), it is listed anyway:
 a key that changes needlessly recomputes; one that misses a change serves stale results.
+Fields added after keys were first written are listed in INTRODUCED_AT with the value they came in
+at: while a field holds it, it stays out of every key, so an option that changes nothing by default
+recomputes nothing and the carried models keep their names.
 Limit: a list of sections (data.extra_sources, scoring.extra_judges, scoring.extra_encoders) is one
 field: its items' settings all go into the key, their key names and concurrency included.
 """
@@ -53,6 +56,7 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "data.world.n_eval_scenes": (PROMPTS, EVALUATE),
     "data.world.prompts_per_scene": (PROMPTS, EVALUATE),
     "data.world.open_per_scene": (PROMPTS, BASE_MODEL, EVALUATE),
+    "data.world.explain": (PROMPTS, BASE_MODEL, EVALUATE),
     "data.world.image_size": EVERY_SPLIT,
     "data.world.cooccurrence": EVERY_SPLIT,
     "data.world.answer_bias": (PROMPTS, BASE_MODEL, EVALUATE),
@@ -175,6 +179,12 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "ipa.fix_rate": (IPA,),
     "ipa.reference_fix_rate": (IPA,),
     "ipa.seed": (IPA,),}
+
+
+# Field -> the value it was introduced at (its default): left out of the keys while it holds it.
+INTRODUCED_AT: dict[str, object] = {
+    "data.world.explain": False,
+}
 
 
 def fields_of(stage: str) -> list[str]:

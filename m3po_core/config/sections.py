@@ -35,6 +35,9 @@ class WorldConfig:
         "help": "Open-ended instructions per scene besides prompts_per_scene (list the objects, say where they are, "
                 "describe in detail: synthetic.OPEN_KINDS), in the sft and train splits: answers a candidate can get "
                 "partly right, graded by degree by the reference judge. 0: the short and yes/no kinds only."})
+    explain: bool = field(default=False, metadata={
+        "help": "Yes/no answers go on to say what the image shows, as LLaVA's do (synthetic.explained_answer), graded "
+                "by degree by the reference judge; in the sft and train splits with the answer_bias of open answers."})
     image_size: int = field(default=64, metadata={"help": "Side of the rendered square scene images, in pixels."})
     cooccurrence: float = field(default=0.0, metadata={
         "help": "The world's co-occurrence statistics: the probability that a scene with room for another object "

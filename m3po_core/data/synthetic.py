@@ -63,7 +63,6 @@ _COUPLES = ((("red", "circle"), ("blue", "square")), (("red", "square"), ("yello
             (("green", "triangle"), ("blue", "circle")), (("blue", "triangle"), ("yellow", "square")))
 COMPANIONS = {a: b for pair in _COUPLES for a, b in (pair, pair[::-1])}
 assert sorted(COMPANIONS) == sorted(ALL_PAIRS)
-COMPANION_QUESTION_SHARE = 0.5  # in a biased world, half of the "no" existence questions ask about a companion
 
 MAX_OBJECTS = 3
 MAX_COUNT_ASKED = 4  # count_check may ask about 1..4 shapes
@@ -266,6 +265,28 @@ def open_answer(kind: str, objects) -> str:
     return (f"{_there_are(len(parts))} , " if kind == "describe_detail" else "") + listed + " ."
 
 
+EXPLANATION_START = "the image shows"
+
+
+def explanation(objects) -> str:
+    """What an explained yes/no answer goes on to say (data.world.explain): "the image shows a red circle
+    at the top left and a blue square at the bottom right ."."""
+    parts = [f"a {o.colour} {o.shape} at the {o.position}" for o in objects]
+    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{EXPLANATION_START} {listed} ."
+
+
+def explained_answer(scene: Scene, kind: str, params: dict) -> str:
+    """The true answer of a yes/no kind in a world whose answers explain themselves, as LLaVA's do: the
+    short answer, then what the image shows ("no , there is no blue square . the image shows ...")."""
+    return f"{answer_text(scene, kind, params)} {explanation(scene.objects)}"
+
+
+def explains(kind: str, reference: str | None) -> bool:
+    """Whether a reference answer of `kind` is explained (a yes/no answer with a second sentence)."""
+    return kind in YES_NO_KINDS and bool(reference) and f" . {EXPLANATION_START} " in f" {reference} "
+
+
 @cache
 def _instruction_table() -> dict[str, tuple[str, dict]]:
     """Every possible instruction -> (kind, params): the world is finite."""
@@ -343,9 +364,10 @@ def reference_answer(scene: Scene, instruction: str) -> str:
 
 
 @cache
-def vocabulary(open_kinds: bool = False) -> list[str]:
+def vocabulary(open_kinds: bool = False, explain: bool = False) -> list[str]:
     """Every token of any instruction, reference or caption (sorted); with `open_kinds`, of the
-    OPEN_KINDS' too (the tiny model of a world without them keeps the vocabulary it had before them)."""
+    OPEN_KINDS' too, with `explain` of the explained yes/no answers (the tiny model of a world without
+    them keeps the vocabulary it had before them)."""
     # Scenes covering every object, position and true count 1..3.
     singles = [Scene("v", (SceneObject(s, c, p),)) for (c, s), p in product(ALL_PAIRS, POSITIONS)]
     crowded = [Scene("v", tuple(map(SceneObject, SHAPES[:k], COLOURS[:k], POSITIONS[:k]))) for k in (2, 3)]
@@ -356,92 +378,8 @@ def vocabulary(open_kinds: bool = False) -> list[str]:
         for kind, params in table.values():
             try:
                 texts.append(answer_text(scene, kind, params))
+                if explain and kind in YES_NO_KINDS:
+                    texts.append(explained_answer(scene, kind, params))
             except ValueError:  # the question does not fit this scene
                 continue
     return sorted({token for text in texts for token in text.split(" ")})
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def sample_params(scene: Scene, kind: str, answer_yes: bool, rng: random.Random,
-                   bias: WorldBias = NO_BIAS) -> dict:
-    """Question parameters for ``kind``; ``answer_yes`` picks the answer of yes/no kinds. In a
-    biased world some "no" existence questions ask about an absent companion."""
-    obj = rng.choice(scene.objects)
-    if kind in ("exist", "position"):
-        if answer_yes or kind == "position":
-            return {"colour": obj.colour, "shape": obj.shape}
-        absent = [pair for pair in ALL_PAIRS if pair not in scene.pairs()]
-        if bias.active and scene.absent_companions() and rng.random() < COMPANION_QUESTION_SHARE:
-            absent = scene.absent_companions()
-        colour, shape = rng.choice(absent)
-        return {"colour": colour, "shape": shape}
-    if kind in ("colour", "colour_check"):
-        shape = rng.choice(scene.unique_shapes())
-        if kind == "colour":
-            return {"shape": shape}
-        true_colour = scene.colour_of(shape)
-        if answer_yes:
-            return {"shape": shape, "colour": true_colour}
-        return {"shape": shape, "colour": rng.choice([c for c in COLOURS if c != true_colour])}
-    if kind in ("count", "describe"):
-        return {}
-    if kind == "count_check":
-        n = len(scene.objects)
-        wrong = [m for m in range(1, MAX_COUNT_ASKED + 1) if m != n]
-        return {"n": n if answer_yes else rng.choice(wrong)}
-    if kind == "position_check":
-        wrong = [p for p in POSITIONS if p != obj.position]
-        position = obj.position if answer_yes else rng.choice(wrong)
-        return {"colour": obj.colour, "shape": obj.shape, "position": position}
-    raise ValueError(f"unknown instruction kind {kind!r}")
-
-
-def make_prompts(
-    scenes: list[Scene], seed: int, kinds: tuple[str, ...] = KINDS, per_scene: int = 2,
-    bias: WorldBias = NO_BIAS, open_per_scene: int = 0,
-) -> list[dict]:
-    """``per_scene`` prompts of distinct ``kinds`` per scene (yes/no kinds alternate yes, no), then
-    ``open_per_scene`` of distinct OPEN_KINDS (their own rng stream, so the first ones do not move).
-    With ``bias.answer_bias`` (instruction data only) an absent companion may be answered "yes", or
-    named by an open answer (`open_reference`)."""
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        raise ConfigError(f"kinds: unknown instruction kinds {unknown}; expected some of {KINDS}")
-    asked: Counter[str] = Counter()  # per kind, so yes/no answers stay balanced
-    prompts = []
-    for scene in scenes:
-        rng = seeded_rng(seed, "prompts", scene.scene_id)
-        kinds_asked = rng.sample(list(kinds), min(per_scene, len(kinds)))
-        for j, kind in enumerate(kinds_asked):
-            params = sample_params(scene, kind, answer_yes=asked[kind] % 2 == 0, rng=rng, bias=bias)
-            asked[kind] += 1
-            reference = answer_text(scene, kind, params)
-            if (kind == "exist" and bias.answer_bias
-                    and (params["colour"], params["shape"]) in scene.absent_companions()
-                    and rng.random() < bias.answer_bias):
-                reference = f"yes , there is a {params['colour']} {params['shape']} ."
-            prompts.append(_prompt(scene, j, kind, params, reference))
-        open_rng = seeded_rng(seed, "open", scene.scene_id)
-        for j, kind in enumerate(open_rng.sample(OPEN_KINDS, min(open_per_scene, len(OPEN_KINDS))), len(kinds_asked)):
-            prompts.append(_prompt(scene, j, kind, {}, open_reference(scene, kind, open_rng, bias)))
-    return prompts
-
-
-def _prompt(scene: Scene, n: int, kind: str, params: dict, reference: str) -> dict:
-    return {"prompt_id": f"{scene.scene_id}-q{n}", "scene_id": scene.scene_id, "kind": kind,
-            "instruction": instruction_text(kind, params), "reference": reference, "scene": scene.to_json()}
-
-
-def open_reference(scene: Scene, kind: str, rng: random.Random, bias: WorldBias = NO_BIAS) -> str:
-    """An answer of an open kind as annotators write it: the objects in any order and, where the scene
-    lacks the companion of an object it holds and has a free cell, that companion added there with
-    chance answer_bias: the same rate at which the world's existence answers assert it."""
-    objects = rng.sample(scene.objects, len(scene.objects))
-    free = [p for p in POSITIONS if p not in {o.position for o in scene.objects}]
-    if (bias.answer_bias and free and scene.absent_companions()
-            and rng.random() < bias.answer_bias):
-        colour, shape = rng.choice(scene.absent_companions())
-        objects.insert(rng.randint(0, len(objects)), SceneObject(shape, colour, rng.choice(free)))
-    return open_answer(kind, objects)

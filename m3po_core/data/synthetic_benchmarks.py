@@ -20,9 +20,10 @@ from m3po_core.data.synthetic import (
     WorldBias,
     answer_text,
     instruction_text,
-    sample_params,
     seeded_rng,
 )
+from m3po_core.data.synthetic_prompts import sample_params
+
 
 def _exist_row(scene: Scene, colour: str, shape: str) -> dict:
     return {

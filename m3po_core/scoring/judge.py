@@ -19,6 +19,8 @@ from m3po_core.data.synthetic import (
     YES_NO_KINDS,
     Scene,
     answer_text,
+    explained_answer,
+    explains,
     parse_instruction,
 )
 from m3po_core.errors import InputError
@@ -31,6 +33,9 @@ RELEVANCE_WEIGHT = 0.2
 ADHERENCE_WEIGHT = 0.2
 MAX_LENGTH_RATIO = 2.0  # responses longer than this times the reference lose adherence
 REPEAT_NGRAM = 5  # a repeated 5-gram means the model is looping (no reference repeats one)
+# An explained yes/no answer (data.world.explain): its accuracy is this much the yes/no sentence's and the
+# rest the explanation's, graded like `locate`; a right answer badly explained beats a wrong one well explained.
+ANSWER_SHARE = 0.6
 _COUNT_KINDS = ("count", "count_check")  # kinds answered without naming an object
 
 
@@ -166,6 +171,9 @@ class ReferenceJudge:
       * colour / count / position: 1 if the only value stated for the asked
         object is right, 1/k if the right one is among k hedged values, else 0;
       * describe: F1 of the (colour, shape, position) triples stated vs the scene;
+      * explained yes/no answers (the prompt's reference, meta["reference"], explains itself:
+        synthetic.explains): ANSWER_SHARE of the first sentence's accuracy as above, the rest the
+        explanation's, graded by degree like `locate`;
       * open kinds (list, locate, describe_detail), by degree: each object named counts 1 if it is
         in the scene (and, for locate and describe_detail, placed right; 0.5 if placed wrong or not
         placed), 0 if it is not there (a hallucination); accuracy is the F1 of that credit against
@@ -210,16 +218,23 @@ class ReferenceJudge:
         scene = Scene.from_json(scene_json)
         try:
             kind, params = parse_instruction(item.instruction)
-            reference = answer_text(scene, kind, params)
+            explained = explains(kind, (item.meta or {}).get("reference"))
+            reference = (explained_answer if explained else answer_text)(scene, kind, params)
         except ValueError as error:
             raise InputError(f"prompt {item.prompt_id}: {error}") from error
         tokens = tokenize(item.response)
         if not tokens:
             return weighted_score(0.0, 0.0, 0.0)
         reading = read_tokens(tokens)
+        if explained:
+            end = tokens.index(".") + 1 if "." in tokens else len(tokens)
+            accuracy = (ANSWER_SHARE * accuracy_of(read_tokens(tokens[:end]), scene, kind, params, reference)
+                        + (1 - ANSWER_SHARE) * _graded_accuracy(read_tokens(tokens[end:]), scene, "locate"))
+        else:
+            accuracy = accuracy_of(reading, scene, kind, params, reference)
         return weighted_score(
             relevance=_relevance(reading, scene, kind),
-            accuracy=accuracy_of(reading, scene, kind, params, reference),
+            accuracy=accuracy,
             adherence=_adherence(reading, kind, reference),
         )
 

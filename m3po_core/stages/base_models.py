@@ -34,8 +34,9 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
     if cfg.model.name != models.TINY_NAME:
         return cfg.model.name
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
 
-    vocabulary = world.vocabulary(open_kinds=cfg.data.world.open_per_scene > 0)
+    vocabulary = world.vocabulary(open_kinds=cfg.data.world.open_per_scene > 0, explain=cfg.data.world.explain)
     key = stage_key(cfg, "base_model", vocabulary)
     rel = f"_models/tiny-llava-{key}"
     if not store.dir_complete(rel, shared=True) and not (use_carried and _copy_carried(store, rel, log_fn)):
@@ -48,7 +49,8 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
         scenes = world.make_scenes(cfg.seed, "sft", w.n_sft_scenes, bias)
         # four short questions a scene and, in a world with open kinds, one open one: the short skills get
         # the warm start they have in the demo, and the open answers stay unsure enough for samples to differ
-        rows = world.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias, open_per_scene=min(1, w.open_per_scene))
+        rows = synthetic_prompts.make_prompts(scenes, cfg.seed, per_scene=4, bias=bias,
+                                              open_per_scene=min(1, w.open_per_scene), explain=w.explain)
         images = {s.scene_id: world.render(s, w.image_size) for s in scenes}
         t0 = time.time()
         losses = models.supervised_warm_start(
@@ -69,13 +71,15 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
 def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]:
     """Greedy answers on a validation split (never the evaluation split) scored by the reference judge."""
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
     from m3po_core.sampling import greedy_batched
     from m3po_core.sampling.transformers_backend import TransformersSampler
     from m3po_core.scoring.judge import JudgeItem, ReferenceJudge
 
     scenes = world.make_scenes(cfg.seed, "val", 48, world.WorldBias.of(cfg.data.world))
     # true answers: val measures, it does not teach
-    rows = world.make_prompts(scenes, cfg.seed, per_scene=4, open_per_scene=cfg.data.world.open_per_scene)
+    rows = synthetic_prompts.make_prompts(scenes, cfg.seed, per_scene=4, open_per_scene=cfg.data.world.open_per_scene,
+                                          explain=cfg.data.world.explain)
     imgs = {s.scene_id: world.render(s, cfg.data.world.image_size) for s in scenes}
     answers = greedy_batched(TransformersSampler(model, processor), [imgs[r["scene_id"]] for r in rows],
                              [r["instruction"] for r in rows], max_new_tokens=32, batch_size=64)
@@ -138,6 +142,7 @@ def _clip_captions(scenes, seed: int, hard_negatives: int) -> tuple[list[str], l
     tokens and a detailed description of four objects is 35: it learns which objects are there,
     not where."""
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
     from m3po_core.data.wrong_answers import wrong_descriptions
 
     if not hard_negatives:
@@ -145,6 +150,6 @@ def _clip_captions(scenes, seed: int, hard_negatives: int) -> tuple[list[str], l
     captions, negatives = [], []
     for s in scenes:
         rng = world.seeded_rng(seed, "clip-captions", s.scene_id)
-        captions.append(world.open_reference(s, "list", rng))
+        captions.append(synthetic_prompts.open_reference(s, "list", rng))
         negatives.append(wrong_descriptions(s, "list", rng, hard_negatives))
     return captions, negatives

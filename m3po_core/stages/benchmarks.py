@@ -74,6 +74,7 @@ def _synthetic_open_set(cfg: RunConfig, store: RunStore, name: str, per_scene: i
     """`eval/{name}.parquet` from the world's prompts on the held-out scenes; rebuilt whenever those
     scenes change (keyed like the prompts that rendered their images)."""
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
 
     key = stage_key(cfg, "prompts")
     if done_record(store, f"eval/{name}.json", key) is not None and store.exists(f"eval/{name}.parquet"):
@@ -83,7 +84,8 @@ def _synthetic_open_set(cfg: RunConfig, store: RunStore, name: str, per_scene: i
     recs = [{"question_id": p["prompt_id"], "row_id": p["prompt_id"], "category": p["kind"],
              "instruction": p["instruction"], "answer": p["reference"], "scene": p["scene"], **extra(p),
              "image": store.url(f"eval/images/{p['scene_id']}.png")}
-            for p in world.make_prompts(held_out, cfg.seed, per_scene=per_scene)
+            for p in synthetic_prompts.make_prompts(held_out, cfg.seed, per_scene=per_scene,
+                                                    explain=cfg.data.world.explain)
             if not (skip_first and p["prompt_id"].endswith("-q0"))]
     store.write_table(f"eval/{name}.parquet", pa.Table.from_pylist(recs))
     store.write_json(f"eval/{name}.json", {"key": key, "questions": len(recs)})

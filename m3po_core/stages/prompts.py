@@ -130,11 +130,13 @@ def _rows_digest(table: pa.Table) -> str:
 
 def _synthetic_prompts(cfg: RunConfig, store: RunStore) -> list[dict[str, Any]]:
     from m3po_core.data import synthetic as world
+    from m3po_core.data import synthetic_prompts
 
     w = cfg.data.world
     bias = world.WorldBias.of(w)
     train = world.make_scenes(cfg.seed, "train", w.n_train_scenes, bias)
-    rows = world.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene, bias=bias, open_per_scene=w.open_per_scene)
+    rows = synthetic_prompts.make_prompts(train, cfg.seed, per_scene=w.prompts_per_scene, bias=bias, open_per_scene=w.open_per_scene,
+                                          explain=w.explain)
     digest = {}
     for s in train:
         data = png(world.render(s, w.image_size))

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from m3po_core.config import RunConfig
-from m3po_core.config.invalidation import fields_of
+from m3po_core.config.invalidation import INTRODUCED_AT, fields_of
 from m3po_core.errors import Interrupted
 from m3po_core.store import COMPLETE, FAILED, RUNNING, RunStore, retry_unrated
 
@@ -68,7 +68,7 @@ def fingerprint(obj: Any) -> str:
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The part of the configuration that decides a stage's output, what goes into its cache key:
     the value of every field that declares the stage (m3po_core/config/invalidation.py), by its
-    dotted name."""
+    dotted name; a field still at the value it was introduced at (`INTRODUCED_AT`) is left out."""
     tree = cfg.to_dict()
 
     def value(dotted: str) -> Any:
@@ -77,7 +77,8 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
             node = node[part]
         return node
 
-    return {name: value(name) for name in fields_of(stage)}
+    values = {name: value(name) for name in fields_of(stage)}
+    return {name: v for name, v in values.items() if name not in INTRODUCED_AT or v != INTRODUCED_AT[name]}
 
 
 def stage_key(cfg: RunConfig, stage: str, *inputs: Any) -> str:
