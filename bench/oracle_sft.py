@@ -34,7 +34,9 @@ def oracle_pairs(run: RunStore, tokenizer) -> list[dict]:
     pairs = run.read_table("pairs.parquet").to_pylist()
     for p in pairs:
         q = prompts[p["prompt_id"]]
-        truth = world.reference_answer(world.Scene.from_json(q["scene"]), q["instruction"])
+        kind, params = world.parse_instruction(q["instruction"])
+        true_answer = world.explained_answer if world.explains(kind, q["reference"]) else world.answer_text
+        truth = true_answer(world.Scene.from_json(q["scene"]), kind, params)
         p["chosen"] = truth
         p["chosen_token_ids"] = tokenizer(truth, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return pairs

@@ -132,6 +132,12 @@ class ReferenceVerifier:
         tokens = j.tokenize(item.response)
         if not tokens:
             return Verdict(False, False, False, False)
+        explained = world.explains(kind, item.reference)
+        if explained:  # its answer is the first sentence, its explanation the rest
+            end = tokens.index(".") + 1 if "." in tokens else len(tokens)
+            tokens, explanation = tokens[:end], j.read_tokens(tokens[end:])
+        else:
+            explanation = None
         reading = j.read_tokens(tokens)
         reference = world.answer_text(scene, kind, params)
         accuracy = j.accuracy_of(reading, scene, kind, params, reference)
@@ -158,7 +164,11 @@ class ReferenceVerifier:
             else:
                 completeness = True
             no_contradiction = not false_claim and accuracy != 0.5  # 0.5: a wrong fact beside a right answer
-        rules = [c for c in ift.synthetic_constraints(kind, params) if c["type"] != "judge"]
+        if explained:  # the explanation must name every object in its place, and nothing else
+            said = {(m.colour, m.shape, m.position) for m in explanation.mentions if not m.negated}
+            completeness = completeness and truth <= said
+            no_contradiction = no_contradiction and said <= truth
+        rules = [c for c in ift.synthetic_constraints(kind, params, explained) if c["type"] != "judge"]
         compliance = all(ift.check(item.response, c) for c in rules)
         return Verdict(entailment, completeness, no_contradiction, compliance)
 

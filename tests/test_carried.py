@@ -1,27 +1,28 @@
 """The demo's carried models (m3po_core/stages/carried.py): the same bytes on every machine."""
-import shutil
 from pathlib import Path
 
 import pytest
 
 from m3po_core.config import load_config
-from m3po_core.data import synthetic as world
 from m3po_core.errors import InputError
 from m3po_core.stages import carried
-from m3po_core.stages.base_models import ensure_base_model, ensure_clip
+from m3po_core.stages.base_models import base_vocabulary, ensure_base_model, ensure_clip
 from m3po_core.stages.runner import stage_key
 from m3po_core.store import RunStore
 
 TINY = Path(__file__).parent / "tiny.yaml"
 DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
+SHORT = Path(__file__).parent.parent / "configs" / "short.yaml"  # the demo world before issue 29
 
 
-@pytest.mark.parametrize("overrides", [[], ["data.world.answer_bias=0"]], ids=["demo", "control"])
-def test_the_repository_carries_the_demo_worlds_models_under_the_keys_a_build_would_get(overrides):
+@pytest.mark.parametrize("config,overrides", [(DEMO, []), (DEMO, ["data.world.answer_bias=0"]), (SHORT, []),
+                                              (SHORT, ["data.world.answer_bias=0"])],
+                         ids=["demo", "control", "short", "short-control"])
+def test_the_repository_carries_the_demo_worlds_models_under_the_keys_a_build_would_get(config, overrides):
     # a change to the world, the warm start or a cache key that would make the demo build its own
     # base (machine-dependent) fails here: rebuild with `python -m m3po_core.stages.build_carried`
-    cfg = load_config(DEMO, overrides)
-    for rel in (f"_models/tiny-llava-{stage_key(cfg, 'base_model', world.vocabulary())}",
+    cfg = load_config(config, overrides)
+    for rel in (f"_models/tiny-llava-{stage_key(cfg, 'base_model', base_vocabulary(cfg))}",
                 f"_models/tiny-clip-{stage_key(cfg, 'clip')}"):
         assert carried.carried(rel) is not None, f"no carried {rel}"
 

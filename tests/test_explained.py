@@ -90,7 +90,7 @@ def test_the_judge_grades_an_explained_answer_by_its_answer_first_then_its_expla
 
 
 def test_a_new_option_at_its_introduced_value_moves_no_cache_key():
-    cfg = load_config(None)
+    cfg = load_config(None, ["data.world.explain=false"])
     assert set(INTRODUCED_AT) <= set(FIELD_STAGES)
     defaults = {f.name: f.default for f in dataclasses.fields(type(cfg.data.world))}
     assert INTRODUCED_AT["data.world.explain"] is defaults["explain"] is False
@@ -100,3 +100,28 @@ def test_a_new_option_at_its_introduced_value_moves_no_cache_key():
         changed.data.world.explain = True
         assert stage_config(changed, stage)["data.world.explain"] is True
         assert stage_key(changed, stage) != stage_key(cfg, stage)
+
+
+def test_ipa_s_reference_verifier_and_ift_rules_read_explained_answers():
+    from m3po_core import ipa
+    from m3po_core.evaluation import ift
+
+    scenes = synthetic.make_scenes(0, "train", 40, BIAS)
+    verifier = ipa.ReferenceVerifier()
+    for p in make_prompts(scenes, 0, per_scene=4, explain=True):
+        if p["kind"] not in synthetic.YES_NO_KINDS:
+            continue
+        scene = synthetic.Scene.from_json(p["scene"])
+        head = p["reference"].split(" . ", 1)[0] + " ."
+        absent = next(pair for pair in synthetic.ALL_PAIRS if pair not in scene.pairs())
+        invented = p["reference"][:-2] + f", and a {absent[0]} {absent[1]} ."
+        true, short, wrong = verifier.verify([ipa.Item(p["prompt_id"], None, p["instruction"], r, p["reference"],
+                                                       p["scene"]) for r in (p["reference"], head, invented)])
+        assert true.entailment and true.completeness and true.no_contradiction and true.compliance, p
+        assert short.entailment and not short.completeness, p
+        assert wrong.entailment and not wrong.no_contradiction, p
+        rules = [c for c in ift.synthetic_constraints(*synthetic.parse_instruction(p["instruction"]), explained=True)
+                 if c["type"] != "judge"]
+        assert all(ift.check(p["reference"], c) for c in rules)
+        assert any(c == {"type": "max_words", "n": 12} for c in ift.synthetic_constraints(
+            *synthetic.parse_instruction(p["instruction"])))

@@ -172,16 +172,19 @@ def score(records: Sequence[Mapping[str, Any]], ratings: Sequence[Any] | None = 
 JUDGE_CONTENT = {"type": "judge", "aspect": "accuracy", "min": 0.5}
 
 
-def synthetic_constraints(kind: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+def synthetic_constraints(kind: str, params: Mapping[str, Any], explained: bool = False) -> list[dict[str, Any]]:
     """The synthetic world's IFT: its model reads only the world's closed vocabulary, so constraints
     cannot be added as new phrases. Instead each instruction's own wording is made checkable: a
     yes/no question must be answered yes/no first, "how many" with a number, "what colour" with a
     colour, "where" with a position, "briefly" in one sentence of at most 24 words, every answer
     short (the open kinds: one sentence, "where are" with a position, "in detail" with the count);
-    and its content must be right (the judge)."""
+    and its content must be right (the judge). In a world whose yes/no answers explain themselves
+    (`explained`, data.world.explain) a yes/no answer is two sentences of at most 48 words."""
     from m3po_core.data import synthetic as world
 
-    if kind in world.YES_NO_KINDS:
+    if kind in world.YES_NO_KINDS and explained:
+        rules = [{"type": "yes_no_first"}, {"type": "max_sentences", "n": 2}, {"type": "max_words", "n": 48}]
+    elif kind in world.YES_NO_KINDS:
         rules = [{"type": "yes_no_first"}, {"type": "max_words", "n": 12}]
     elif kind == "count":
         rules = [{"type": "include_any", "options": list(world.NUMBER_WORDS[1:])}, {"type": "max_words", "n": 8}]

@@ -36,7 +36,7 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
     from m3po_core.data import synthetic as world
     from m3po_core.data import synthetic_prompts
 
-    vocabulary = world.vocabulary(open_kinds=cfg.data.world.open_per_scene > 0, explain=cfg.data.world.explain)
+    vocabulary = base_vocabulary(cfg)
     key = stage_key(cfg, "base_model", vocabulary)
     rel = f"_models/tiny-llava-{key}"
     if not store.dir_complete(rel, shared=True) and not (use_carried and _copy_carried(store, rel, log_fn)):
@@ -66,6 +66,13 @@ def ensure_base_model(cfg: RunConfig, store: RunStore, log_fn: Callable[[str], N
                 json.dump({"key": key, "final_loss": losses[-1], "losses": losses, **quality}, f)
             store.put_dir(tmp, rel, shared=True)
     return STORE_REF + rel
+
+
+def base_vocabulary(cfg: RunConfig) -> list[str]:
+    """The tiny base's words: the world's, with those of the kinds of answer its configuration asks for."""
+    from m3po_core.data import synthetic as world
+
+    return world.vocabulary(open_kinds=cfg.data.world.open_per_scene > 0, explain=cfg.data.world.explain)
 
 
 def _measure_base_accuracy(cfg: RunConfig, model, processor) -> dict[str, float]:

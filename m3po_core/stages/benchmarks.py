@@ -49,7 +49,8 @@ def _synthetic_ift_set(cfg: RunConfig, store: RunStore) -> None:
     from m3po_core.evaluation import ift
 
     _synthetic_open_set(cfg, store, "ift", per_scene=3, skip_first=True, extra=lambda p: {
-        "constraints": json.dumps(ift.synthetic_constraints(*world.parse_instruction(p["instruction"])))})
+        "constraints": json.dumps(ift.synthetic_constraints(
+            *world.parse_instruction(p["instruction"]), explained=world.explains(p["kind"], p["reference"])))})
 
 
 def _synthetic_chair_set(cfg: RunConfig, store: RunStore) -> None:
