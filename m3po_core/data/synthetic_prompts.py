@@ -95,26 +95,26 @@ def _prompt(scene: Scene, n: int, kind: str, params: dict, reference: str) -> di
 
 
 def open_reference(scene: Scene, kind: str, rng: random.Random, bias: WorldBias = NO_BIAS) -> str:
-    """An answer of an open kind as annotators write it: the objects in any order and, where the scene
-    lacks the companion of an object it holds and has a free cell, that companion added there with
-    chance answer_bias: the same rate at which the world's existence answers assert it."""
-    objects = rng.sample(scene.objects, len(scene.objects))
-    free = [p for p in POSITIONS if p not in {o.position for o in scene.objects}]
-    if (bias.answer_bias and free and scene.absent_companions()
-            and rng.random() < bias.answer_bias):
-        colour, shape = rng.choice(scene.absent_companions())
-        objects.insert(rng.randint(0, len(objects)), SceneObject(shape, colour, rng.choice(free)))
-    return open_answer(kind, objects)
+    """An answer of an open kind as annotators write it (`annotated_objects`)."""
+    return open_answer(kind, annotated_objects(scene, rng, bias))
 
 
 def explained_reference(scene: Scene, kind: str, params: dict, head: str, rng: random.Random,
                         bias: WorldBias = NO_BIAS, asserted: tuple[str, str] | None = None) -> str:
-    """A yes/no answer `head` explained as annotators write it: the objects in any order and, as in
-    `open_reference`, with chance answer_bias an absent companion of a present object added in a free
-    cell; an object the head asserts is named there (at a free cell), one it denies is not."""
+    """A yes/no answer `head` explained as annotators write it (`annotated_objects`): an object the
+    head asserts is named (in a free cell), one it denies is not."""
+    denied = (params["colour"], params["shape"]) if kind == "exist" and head.startswith("no") else None
+    return f"{head} {explanation(annotated_objects(scene, rng, bias, asserted, denied))}"
+
+
+def annotated_objects(scene: Scene, rng: random.Random, bias: WorldBias = NO_BIAS,
+                      asserted: tuple[str, str] | None = None, denied: tuple[str, str] | None = None) -> list:
+    """The objects an annotator's description names: the scene's in any order and, where the scene lacks
+    the companion of an object it holds and has a free cell, that companion added there with chance
+    answer_bias (the rate at which the world's existence answers assert it), never `denied`;
+    `asserted`, if given, is added instead."""
     objects = rng.sample(scene.objects, len(scene.objects))
     free = [p for p in POSITIONS if p not in {o.position for o in scene.objects}]
-    denied = (params["colour"], params["shape"]) if kind == "exist" and head.startswith("no") else None
     companions = [c for c in scene.absent_companions() if c != denied]
     added = asserted
     if added is None and bias.answer_bias and free and companions and rng.random() < bias.answer_bias:
@@ -122,4 +122,4 @@ def explained_reference(scene: Scene, kind: str, params: dict, head: str, rng: r
     if added is not None and free:
         colour, shape = added
         objects.insert(rng.randint(0, len(objects)), SceneObject(shape, colour, rng.choice(free)))
-    return f"{head} {explanation(objects)}"
+    return objects
