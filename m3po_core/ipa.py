@@ -133,11 +133,10 @@ class ReferenceVerifier:
         if not tokens:
             return Verdict(False, False, False, False)
         explained = world.explains(kind, item.reference)
+        explanation = None
         if explained:  # its answer is the first sentence, its explanation the rest
-            end = tokens.index(".") + 1 if "." in tokens else len(tokens)
-            tokens, explanation = tokens[:end], j.read_tokens(tokens[end:])
-        else:
-            explanation = None
+            tokens, rest = j.split_explained(tokens)
+            explanation = j.read_tokens(rest)
         reading = j.read_tokens(tokens)
         reference = world.answer_text(scene, kind, params)
         accuracy = j.accuracy_of(reading, scene, kind, params, reference)

@@ -45,7 +45,8 @@ class JudgeItem:
     instruction: str
     response: str
     image: Image.Image | None = None
-    # The reference judge reads meta["scene"] (Scene.to_json()); other keys are ignored.
+    # The reference judge reads meta["scene"] (Scene.to_json()) and, for the form of a yes/no answer
+    # (explained or not), meta["reference"]; other keys are ignored.
     meta: dict | None = None
 
 
@@ -227,9 +228,9 @@ class ReferenceJudge:
             return weighted_score(0.0, 0.0, 0.0)
         reading = read_tokens(tokens)
         if explained:
-            end = tokens.index(".") + 1 if "." in tokens else len(tokens)
-            accuracy = (ANSWER_SHARE * accuracy_of(read_tokens(tokens[:end]), scene, kind, params, reference)
-                        + (1 - ANSWER_SHARE) * _graded_accuracy(read_tokens(tokens[end:]), scene, "locate"))
+            answer, explanation = split_explained(tokens)
+            accuracy = (ANSWER_SHARE * accuracy_of(read_tokens(answer), scene, kind, params, reference)
+                        + (1 - ANSWER_SHARE) * _graded_accuracy(read_tokens(explanation), scene, "locate"))
         else:
             accuracy = accuracy_of(reading, scene, kind, params, reference)
         return weighted_score(
@@ -237,6 +238,12 @@ class ReferenceJudge:
             accuracy=accuracy,
             adherence=_adherence(reading, kind, reference),
         )
+
+
+def split_explained(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """An explained answer's tokens: (its first sentence, up to and with the first ".", the rest)."""
+    end = tokens.index(".") + 1 if "." in tokens else len(tokens)
+    return tokens[:end], tokens[end:]
 
 
 def _relevance(reading: Reading, scene: Scene, kind: str) -> float:
