@@ -222,11 +222,15 @@ def _there_are(n: int) -> str:
     return f"there {'is' if n == 1 else 'are'} {_shapes_phrase(n)}"
 
 
+def _joined(parts: list[str]) -> str:
+    """"a , b and c": how every answer of the world lists things."""
+    return parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def caption(scene: Scene) -> str:
     """E.g. "a red circle at the top left and a blue square at the bottom right ."."""
     parts = [f"a {o.colour} {o.shape} at the {o.position}" for o in scene.objects]
-    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
-    return listed + " ."
+    return _joined(parts) + " ."
 
 
 def instruction_text(kind: str, params: dict) -> str:
@@ -261,8 +265,7 @@ def open_answer(kind: str, objects) -> str:
     a red circle at the top left and ..."."""
     phrase = {"list": "a {c} {s}", "locate": "the {c} {s} is at the {p}", "describe_detail": "a {c} {s} at the {p}"}[kind]
     parts = [phrase.format(c=o.colour, s=o.shape, p=o.position) for o in objects]
-    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
-    return (f"{_there_are(len(parts))} , " if kind == "describe_detail" else "") + listed + " ."
+    return (f"{_there_are(len(parts))} , " if kind == "describe_detail" else "") + _joined(parts) + " ."
 
 
 EXPLANATION_START = "the image shows"
@@ -272,8 +275,7 @@ def explanation(objects) -> str:
     """What an explained yes/no answer goes on to say (data.world.explain): "the image shows a red circle
     at the top left and a blue square at the bottom right ."."""
     parts = [f"a {o.colour} {o.shape} at the {o.position}" for o in objects]
-    listed = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{EXPLANATION_START} {listed} ."
+    return f"{EXPLANATION_START} {_joined(parts)} ."
 
 
 def explained_answer(scene: Scene, kind: str, params: dict) -> str:
